@@ -1,0 +1,19 @@
+"""ecg-mlflow: patient-specific ECG beat classification with transfer learning, tracked in MLflow.
+
+Modules, in the order data flows through them:
+
+- ``records``  — locate, download, validate and read WFDB records (fixed lead order, resampling).
+- ``labels``   — label schemes (``aami``, ``raw``) with fixed class codes.
+- ``beats``    — one window per reference beat annotation, with RR-interval context.
+- ``splits``   — subjects, the fine-tune/test time split, leave-one-subject-out folds.
+- ``dataset``  — the prepared, cached beat table (Parquet) and its MLflow dataset record.
+- ``models``   — Keras model builders.
+- ``training`` — base training and transfer (fine-tuning the head).
+- ``metrics``  — confusion matrices, accuracy, macro-F1, AAMI EC57 VEB/SVEB statistics.
+- ``tracking`` — MLflow logging helpers (figures, confusion matrices, models).
+- ``registry`` — model-registry entries per patient.
+- ``loso``     — the leave-one-subject-out experiment.
+- ``compare``  — transfer against no-transfer across patients.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""One sample per reference beat annotation: a window around the R peak plus rhythm context.
+
+Rules (those of the AAMI EC57 reference scorer):
+
+- only beat annotations are beats (:data:`ecg_mlflow.labels.BEAT_SYMBOLS`); rhythm, noise
+  and other markers (``+ ~ | " x`` ...) are not;
+- ``!`` (ventricular flutter wave) and every annotation inside a ``[ ... ]`` flutter episode
+  are excluded;
+- a beat whose window leaves the record is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ecg_mlflow.labels import BEAT_SYMBOLS
+from ecg_mlflow.records import Record
+
+RR_LOCAL_BEATS = 10  # local mean RR over this many preceding intervals
+
+
+@dataclass
+class RecordBeats:
+    """Beats of one record.
+
+    x: float32, shape ``(n, window, 2)``, mV.  sample: int64 ``(n,)``.  symbol: object ``(n,)``.
+    rr_prev, rr_next, rr_local: float32 ``(n,)`` seconds (NaN where there is no neighbour).
+    dropped: counts of beats not kept, by reason (``'edge'``, ``'flutter'``).
+    """
+
+    record: str
+    x: np.ndarray
+    sample: np.ndarray
+    symbol: np.ndarray
+    rr_prev: np.ndarray
+    rr_next: np.ndarray
+    rr_local: np.ndarray
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def flutter_mask(symbols: np.ndarray) -> np.ndarray:
+    """True for annotations EC57 leaves out: ``!`` and everything from ``[`` to the next ``]``."""
+    out = np.zeros(len(symbols), dtype=bool)
+    inside = False
+    for i, s in enumerate(symbols.tolist()):
+        if s == "[":
+            inside = True
+        out[i] = inside or s == "!"
+        if s == "]":
+            inside = False
+    return out
+
+
+def rr_intervals(sample: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Previous, next and local-mean RR interval (s) for beats at ``sample`` (sorted), each ``(n,)``."""
+    rr = np.diff(sample).astype(np.float64) / fs
+    nan = np.array([np.nan])
+    rr_prev = np.concatenate([nan, rr])
+    rr_next = np.concatenate([rr, nan])
+    # Causal mean of the last RR_LOCAL_BEATS intervals (fewer at the start of the record).
+    csum = np.concatenate([[0.0], np.cumsum(rr)])
+    k = np.arange(len(rr))  # interval k ends at beat k + 1
+    lo = np.maximum(0, k + 1 - RR_LOCAL_BEATS)
+    local = (csum[k + 1] - csum[lo]) / (k + 1 - lo)
+    rr_local = np.concatenate([nan, local])
+    return rr_prev.astype(np.float32), rr_next.astype(np.float32), rr_local.astype(np.float32)
+
+
+def extract_beats(rec: Record, window: int) -> RecordBeats:
+    """Cut a ``window``-sample window around every scorable beat of ``rec``.
+
+    The window starts ``window // 2`` samples before the annotated R peak.
+    """
+    if window <= 0:
+        raise ValueError(f"window must be a positive number of samples, got {window}")
+    is_beat = np.fromiter((s in BEAT_SYMBOLS for s in rec.ann_symbol.tolist()), dtype=bool,
+                          count=len(rec.ann_symbol))
+    excluded = flutter_mask(rec.ann_symbol)
+    # RR context uses every real beat, also those dropped at the record's edges.
+    beat_idx = np.flatnonzero(is_beat & ~excluded)
+    sample = rec.ann_sample[beat_idx]
+    rr_prev, rr_next, rr_local = rr_intervals(sample, rec.fs)
+
+    start = sample - window // 2
+    inside = (start >= 0) & (start + window <= len(rec.signal))
+    keep = np.flatnonzero(inside)
+    offsets = start[keep][:, None] + np.arange(window)[None, :]
+    x = rec.signal[offsets]  # (n, window, 2)
+    return RecordBeats(
+        record=rec.name,
+        x=np.ascontiguousarray(x, dtype=np.float32),
+        sample=sample[keep],
+        symbol=rec.ann_symbol[beat_idx][keep],
+        rr_prev=rr_prev[keep],
+        rr_next=rr_next[keep],
+        rr_local=rr_local[keep],
+        dropped={"edge": int((~inside).sum()), "flutter": int((is_beat & excluded).sum())},
+    )

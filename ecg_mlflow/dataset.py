@@ -1,0 +1,286 @@
+"""The prepared beat dataset: built from raw records, cached as one Parquet file.
+
+One row per beat. Columns: ``record``, ``subject``, ``sample`` (annotation index at 360 Hz),
+``time_s``, ``symbol``, ``label`` (class code of the scheme), ``rr_prev``, ``rr_next``,
+``rr_local`` (s), ``part`` (``'finetune'`` / ``'test'``), ``signal`` (fixed-size list of
+``window * 2`` float32 mV values, row-major ``(window, 2)``, MLII first).
+
+The file lives under a key derived from the input files' SHA-256 checksums and the
+parameters, is written atomically (temporary file, then rename) and reused when nothing changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ecg_mlflow import beats as beats_mod
+from ecg_mlflow.labels import PACED_RECORDS, get_scheme, LabelScheme
+from ecg_mlflow.records import (
+    TARGET_FS, DataError, check_record, default_cache_dir, ensure_records, parse_records,
+    read_record, record_files, resolve_data_dir,
+)
+from ecg_mlflow.splits import FINETUNE, TEST, subject_of, time_split
+
+FORMAT_VERSION = 1  # bump when the file layout or extraction rules change
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Parameters of ``prepare``. ``include_paced=None`` means: excluded under ``aami``, kept under ``raw``."""
+
+    data_dir: str | None = None
+    records: str | tuple[str, ...] | None = None
+    window: int = 160
+    label_scheme: str = "aami"
+    include_paced: bool | None = None
+    finetune_minutes: float = 10.0
+    cache_dir: str | None = None
+    download: bool = True
+
+    def validated(self) -> "PrepareConfig":
+        if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
+            raise ValueError(f"window must be a positive whole number of samples, got {self.window!r}")
+        if self.window > 10 * TARGET_FS:
+            raise ValueError(f"window must be at most {10 * TARGET_FS} samples (10 s), got {self.window}")
+        get_scheme(self.label_scheme)
+        if not (isinstance(self.finetune_minutes, (int, float)) and self.finetune_minutes > 0):
+            raise ValueError(f"finetune_minutes must be a positive number, got {self.finetune_minutes!r}")
+        return self
+
+
+@dataclass
+class BeatDataset:
+    """A prepared beat table held as NumPy arrays.
+
+    x: float32 ``(n, window, 2)`` mV.  label: int16 ``(n,)``.  record, subject, symbol, part:
+    object ``(n,)``.  sample: int64 ``(n,)``.  time_s: float64 ``(n,)``.  rr_prev, rr_next,
+    rr_local: float32 ``(n,)``.  ``meta`` holds the parameters, classes, lead names, counts.
+    """
+
+    x: np.ndarray
+    label: np.ndarray
+    record: np.ndarray
+    subject: np.ndarray
+    symbol: np.ndarray
+    part: np.ndarray
+    sample: np.ndarray
+    time_s: np.ndarray
+    rr_prev: np.ndarray
+    rr_next: np.ndarray
+    rr_local: np.ndarray
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @property
+    def scheme(self) -> LabelScheme:
+        return get_scheme(self.meta["label_scheme"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def digest(self) -> str:
+        return self.meta["digest"]
+
+    @property
+    def records(self) -> list[str]:
+        return list(self.meta["records"])
+
+    def rr_features(self) -> np.ndarray:
+        """Rhythm context, float32 ``(n, 3)``: previous, next and local-mean RR relative to the
+        local mean (unitless; 1.0 where a neighbour is missing)."""
+        local = np.where(np.isfinite(self.rr_local) & (self.rr_local > 0), self.rr_local, np.nan)
+        feats = np.stack([self.rr_prev / local, self.rr_next / local, self.rr_local], axis=1)
+        feats[:, 2] = self.rr_local
+        return np.nan_to_num(feats, nan=1.0).astype(np.float32)
+
+    def frame(self) -> pd.DataFrame:
+        """Every column but the signal, as a DataFrame (one row per beat)."""
+        return pd.DataFrame({
+            "record": self.record, "subject": self.subject, "sample": self.sample, "time_s": self.time_s,
+            "symbol": self.symbol, "label": self.label, "rr_prev": self.rr_prev, "rr_next": self.rr_next,
+            "rr_local": self.rr_local, "part": self.part,
+        })
+
+    def summary(self) -> pd.DataFrame:
+        """Beats per class per record and part, with dropped-beat counts; one row per record."""
+        df = self.frame()
+        df["cls"] = np.asarray(self.classes, dtype=object)[self.label.astype(int)]
+        counts = pd.crosstab(df["record"], df["cls"]).reindex(columns=self.classes, fill_value=0)
+        parts = pd.crosstab(df["record"], df["part"]).reindex(columns=[FINETUNE, TEST], fill_value=0)
+        parts.columns = [f"{c}_beats" for c in parts.columns]
+        dropped = pd.DataFrame(self.meta["dropped"]).T.reindex(counts.index).fillna(0).astype(int)
+        dropped.columns = [f"dropped_{c}" for c in dropped.columns]
+        leads = pd.DataFrame(self.meta["leads"], index=["lead_0", "lead_1"]).T.reindex(counts.index)
+        out = pd.concat([counts, parts, dropped, leads], axis=1)
+        out.insert(0, "subject", [subject_of(r) for r in out.index])
+        out.index.name = "record"
+        return out.reset_index()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_key(cfg: PrepareConfig, data_dir: Path, records: list[str]) -> str:
+    """SHA-256 over the format version, the parameters and every input file's checksum."""
+    h = hashlib.sha256()
+    params = {"format": FORMAT_VERSION, "window": int(cfg.window), "label_scheme": cfg.label_scheme,
+              "finetune_minutes": float(cfg.finetune_minutes), "records": records, "fs": TARGET_FS}
+    h.update(json.dumps(params, sort_keys=True).encode())
+    for r in records:
+        for kind, path in sorted(record_files(data_dir, r).items()):
+            h.update(f"{r}.{kind}:{_file_sha256(path)}".encode())
+    return h.hexdigest()
+
+
+def select_records(cfg: PrepareConfig, data_dir: Path) -> tuple[list[str], list[str]]:
+    """(records to use, paced records left out) for a config."""
+    wanted = parse_records(cfg.records, data_dir)
+    include_paced = cfg.include_paced if cfg.include_paced is not None else cfg.label_scheme != "aami"
+    excluded = [] if include_paced else [r for r in wanted if r in PACED_RECORDS]
+    kept = [r for r in wanted if r not in excluded]
+    if not kept:
+        raise DataError(f"no records left to prepare: {wanted} are all paced and include_paced is off")
+    return kept, excluded
+
+
+def _extract(args: tuple[str, str, int, str, float]) -> dict:
+    data_dir, record, window, scheme_name, finetune_minutes = args
+    rec = read_record(Path(data_dir), record)
+    rb = beats_mod.extract_beats(rec, window)
+    scheme = get_scheme(scheme_name)
+    label = scheme.encode(rb.symbol)
+    mapped = label >= 0
+    time_s = rb.sample / rec.fs
+    return {
+        "record": record, "x": rb.x[mapped], "label": label[mapped], "symbol": rb.symbol[mapped],
+        "sample": rb.sample[mapped], "time_s": time_s[mapped], "rr_prev": rb.rr_prev[mapped],
+        "rr_next": rb.rr_next[mapped], "rr_local": rb.rr_local[mapped],
+        "part": time_split(time_s[mapped], finetune_minutes),
+        "dropped": {**rb.dropped, "unmapped": int((~mapped).sum())},
+        "leads": list(rec.lead_names), "has_primary_lead": rec.has_primary_lead,
+    }
+
+
+def _to_table(parts: list[dict], meta: dict) -> pa.Table:
+    window = meta["window"]
+    x = np.concatenate([p["x"] for p in parts]).reshape(-1, window * 2)
+    signal = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), type=pa.float32()), window * 2)
+    cat = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
+    records = np.concatenate([np.full(len(p["label"]), p["record"], dtype=object) for p in parts])
+    table = pa.table({
+        "record": pa.array(records.tolist(), type=pa.string()),
+        "subject": pa.array([subject_of(r) for r in records.tolist()], type=pa.string()),
+        "sample": pa.array(cat("sample"), type=pa.int64()),
+        "time_s": pa.array(cat("time_s"), type=pa.float64()),
+        "symbol": pa.array(cat("symbol").tolist(), type=pa.string()),
+        "label": pa.array(cat("label"), type=pa.int16()),
+        "rr_prev": pa.array(cat("rr_prev"), type=pa.float32()),
+        "rr_next": pa.array(cat("rr_next"), type=pa.float32()),
+        "rr_local": pa.array(cat("rr_local"), type=pa.float32()),
+        "part": pa.array(cat("part").tolist(), type=pa.string()),
+        "signal": signal,
+    })
+    return table.replace_schema_metadata({"ecg_mlflow": json.dumps(meta)})
+
+
+def load(path: str | os.PathLike) -> BeatDataset:
+    """Read a prepared Parquet file into a :class:`BeatDataset` (memory-mapped read)."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path, memory_map=True)
+        meta = json.loads(table.schema.metadata[b"ecg_mlflow"])
+    except Exception as exc:
+        raise DataError(f"cannot read prepared dataset {path}: {exc}") from exc
+    window = meta["window"]
+    sig = table.column("signal").combine_chunks()
+    x = sig.flatten().to_numpy(zero_copy_only=False).reshape(-1, window, 2)
+    col = lambda name: table.column(name).to_numpy()  # noqa: E731
+    obj = lambda name: np.asarray(table.column(name).to_pylist(), dtype=object)  # noqa: E731
+    return BeatDataset(
+        x=x, label=col("label"), record=obj("record"), subject=obj("subject"), symbol=obj("symbol"),
+        part=obj("part"), sample=col("sample"), time_s=col("time_s"), rr_prev=col("rr_prev"),
+        rr_next=col("rr_next"), rr_local=col("rr_local"), meta=meta, path=path,
+    )
+
+
+def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, verbose: bool = False) -> BeatDataset:
+    """Build (or reuse) the beat dataset for ``cfg``.
+
+    Validates parameters and every record's files before reading any signal; raises
+    ``ValueError``/:class:`DataError` naming the parameter or file at fault.
+    """
+    cfg = (cfg or PrepareConfig()).validated()
+    data_dir = resolve_data_dir(cfg.data_dir)
+    records, paced_excluded = select_records(cfg, data_dir)
+    ensure_records(data_dir, records, download=cfg.download)
+    infos = [check_record(data_dir, r) for r in records]
+    for info in infos:
+        if cfg.finetune_minutes * 60.0 >= info.duration_s:
+            raise ValueError(
+                f"finetune_minutes={cfg.finetune_minutes} leaves no test part: record {info.name} "
+                f"lasts {info.duration_s / 60:.2f} minutes"
+            )
+    key = cache_key(cfg, data_dir, records)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "beats"
+    path = cache_dir / f"beats-{cfg.label_scheme}-w{cfg.window}-{key[:16]}.parquet"
+    if path.is_file():
+        try:
+            ds = load(path)
+            if verbose:
+                print(f"prepare: cached dataset {path} ({len(ds)} beats)")
+            return ds
+        except DataError:
+            path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt, never trusted
+
+    jobs = [(str(data_dir), r, int(cfg.window), cfg.label_scheme, float(cfg.finetune_minutes)) for r in records]
+    workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(_extract, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        parts = [_extract(j) for j in jobs]
+
+    scheme = get_scheme(cfg.label_scheme)
+    meta = {
+        "format": FORMAT_VERSION, "digest": key[:16], "label_scheme": scheme.name, "classes": list(scheme.classes),
+        "window": int(cfg.window), "fs": TARGET_FS, "finetune_minutes": float(cfg.finetune_minutes),
+        "records": records, "paced_excluded": paced_excluded, "source": str(data_dir.resolve()),
+        "dropped": {p["record"]: p["dropped"] for p in parts},
+        "leads": {p["record"]: p["leads"] for p in parts},
+        "missing_primary_lead": [p["record"] for p in parts if not p["has_primary_lead"]],
+    }
+    table = _to_table(parts, meta)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".beats-", suffix=".tmp", dir=cache_dir)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="none")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if verbose:
+        print(f"prepare: wrote {path} ({table.num_rows} beats from {len(records)} records)")
+    return load(path)
+
+
+def config_dict(cfg: PrepareConfig) -> dict:
+    return asdict(cfg)
