@@ -17,12 +17,13 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 venv: $(BIN)/.installed
 
 ## The main job: the whole leave-one-subject-out experiment on the embedded store sqlite:///mlflow.db.
+# P adds parameters, e.g. make loso P="-P records=100,101,200 -P epochs=1".
 loso: venv
-	$(BIN)/mlflow run . -e loso --env-manager local --experiment-name ecg-loso $(if $(P),$(P),)
+	PATH="$(abspath $(BIN)):$$PATH" mlflow run . -e loso --env-manager local --experiment-name ecg-loso $(P)
 
 ## The test suite (the same command CI runs).
 test: venv
-	$(BIN)/python -m pytest -q tests
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q tests
 
 bench: venv
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -1,0 +1,98 @@
+"""Command-line plumbing shared by the entry points in ``entrypoints/``.
+
+MLproject passes every parameter as text (``float`` parameters as ``"160.0"``), so the
+parsers here accept integral floats for whole numbers and reject anything else with a
+message that names the parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from ecg_mlflow.dataset import PrepareConfig
+from ecg_mlflow.records import DataError
+from ecg_mlflow.training import TrainConfig
+
+
+def whole_number(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}")
+        return int(value)
+
+    return parse
+
+
+def number(name: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+
+    return parse
+
+
+def tri_state(name: str) -> Callable[[str], bool | None]:
+    def parse(text: str) -> bool | None:
+        value = text.strip().lower()
+        if value in ("auto", "", "none"):
+            return None
+        if value in ("true", "1", "yes"):
+            return True
+        if value in ("false", "0", "no"):
+            return False
+        raise argparse.ArgumentTypeError(f"{name} must be auto, true or false, got {text!r}")
+
+    return parse
+
+
+def add_prepare_args(p: argparse.ArgumentParser) -> None:
+    d = PrepareConfig()
+    p.add_argument("--data-dir", default="", help="WFDB record directory (default: $ECG_DATA_DIR, else download cache)")
+    p.add_argument("--records", default="all", help="record ids separated by commas, or 'all'")
+    p.add_argument("--label-scheme", default=d.label_scheme, help="aami or raw")
+    p.add_argument("--include-paced", type=tri_state("include_paced"), default=None,
+                   help="auto (excluded under aami), true or false")
+    p.add_argument("--window", type=whole_number("window"), default=d.window, help="samples per beat window")
+    p.add_argument("--finetune-minutes", type=number("finetune_minutes"), default=d.finetune_minutes)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--epochs", type=whole_number("epochs"), default=d.epochs)
+    p.add_argument("--batch-size", type=whole_number("batch_size"), default=d.batch_size)
+    p.add_argument("--learning-rate", type=number("learning_rate"), default=d.learning_rate)
+    p.add_argument("--finetune-epochs", type=whole_number("finetune_epochs"), default=d.finetune_epochs)
+    p.add_argument("--finetune-batch-size", type=whole_number("finetune_batch_size"), default=d.finetune_batch_size)
+    p.add_argument("--finetune-learning-rate", type=number("finetune_learning_rate"), default=d.finetune_learning_rate)
+    p.add_argument("--seed", type=whole_number("seed"), default=d.seed)
+    p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
+
+
+def prepare_config(a: argparse.Namespace) -> PrepareConfig:
+    return PrepareConfig(data_dir=a.data_dir or None, records=a.records, window=a.window,
+                         label_scheme=a.label_scheme, include_paced=a.include_paced,
+                         finetune_minutes=a.finetune_minutes)
+
+
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate,
+                       finetune_epochs=a.finetune_epochs, finetune_batch_size=a.finetune_batch_size,
+                       finetune_learning_rate=a.finetune_learning_rate, seed=a.seed)
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run an entry point; bad input exits 2 with one line naming the culprit, not a traceback."""
+    try:
+        main()
+    except (ValueError, DataError, ConnectionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

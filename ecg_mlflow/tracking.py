@@ -1,0 +1,110 @@
+"""MLflow logging helpers: reachability check, epoch metrics, confusion matrices, Keras models.
+
+Every function logs to the active run; the run tree itself is built by :mod:`ecg_mlflow.loso`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+import mlflow
+from mlflow.models import infer_signature
+
+ROLE_TAG = "ecg.role"
+
+
+def check_tracking_server(timeout_s: float = 5.0) -> str:
+    """The tracking URI in force, after checking that an HTTP server answers its ``/health``.
+
+    Raises ``ConnectionError`` naming the URI when it does not, so no work starts against a
+    server that cannot take the results.
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise ConnectionError(f"tracking server {uri} answered {resp.status} on /health")
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (401, 403):  # an authenticated server is up, just asking for credentials
+                raise ConnectionError(f"tracking server {uri} answered HTTP {exc.code} on /health") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConnectionError(
+                f"tracking server {uri} is unreachable ({exc}); start it or set MLFLOW_TRACKING_URI"
+            ) from exc
+    return uri
+
+
+def log_new_params(params: dict[str, object]) -> None:
+    """Log the params the active run does not have yet. ``mlflow run`` has already logged the entry
+    point's parameters as given on the command line; logging them again with normalised values
+    (``10`` vs ``10.0``) would be an error."""
+    run = mlflow.get_run(mlflow.active_run().info.run_id)
+    mlflow.log_params({k: v for k, v in params.items() if k not in run.data.params})
+
+
+def log_epoch_metrics(epoch: int, logs: dict[str, float]) -> None:
+    """Per-epoch training metrics on the active run, ``step`` = epoch (0-based)."""
+    mlflow.log_metrics({k: v for k, v in logs.items() if np.isfinite(v)}, step=epoch)
+
+
+def log_confusion(cm: np.ndarray, classes: list[str], name: str = "confusion_matrix", title: str = "") -> None:
+    """``<name>.json`` (``{"labels", "matrix"}``, rows = true, columns = predicted) and ``<name>.png``."""
+    from ecg_mlflow.figures import plot_confusion
+
+    mlflow.log_dict({"labels": list(classes), "matrix": np.asarray(cm).astype(int).tolist(),
+                     "rows": "true", "columns": "predicted"}, f"{name}.json")
+    fig = plot_confusion(np.asarray(cm), list(classes), title or name)
+    mlflow.log_figure(fig, f"{name}.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged Keras model (given, so MLflow skips slow inference)."""
+    reqs = []
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "numpy"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if not any(r.startswith("tensorflow") for r in reqs):
+        raise RuntimeError("TensorFlow is not installed; cannot log a Keras model")
+    return reqs
+
+
+def log_keras_model(model, example_x: np.ndarray, name: str = "model") -> str:
+    """Log a Keras model under ``name`` with a signature inferred from ``example_x`` ``(k, window, leads)``.
+
+    Returns the logged model's URI.
+    """
+    example_x = np.asarray(example_x[:8], dtype=np.float32)
+    signature = infer_signature(example_x, model.predict(example_x, verbose=0))
+    info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=pip_requirements())
+    return info.model_uri
+
+
+def log_json(obj: dict, path: str) -> None:
+    mlflow.log_dict(obj, path)
+
+
+def log_text_file(text: str, path: str) -> None:
+    """Log ``text`` as artifact ``path`` (written through a temporary file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / Path(path).name
+        p.write_text(text)
+        mlflow.log_artifact(str(p), os.path.dirname(path) or None)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
