@@ -27,7 +27,8 @@ class RecordBeats:
 
     x: float32, shape ``(n, window, 2)``, mV.  sample: int64 ``(n,)``.  symbol: object ``(n,)``.
     rr_prev, rr_next, rr_local: float32 ``(n,)`` seconds (NaN where there is no neighbour).
-    dropped: counts of beats not kept, by reason (``'edge'``, ``'flutter'``).
+    dropped: counts of beats not kept, by reason: ``'edge'`` (window leaves the record),
+    ``'flutter'`` (``!`` flutter waves and beats inside ``[ ... ]``).
     """
 
     record: str
@@ -54,7 +55,15 @@ def flutter_mask(symbols: np.ndarray) -> np.ndarray:
 
 
 def rr_intervals(sample: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Previous, next and local-mean RR interval (s) for beats at ``sample`` (sorted), each ``(n,)``."""
+    """Previous, next and local-mean RR interval (s) for beats at ``sample`` (sorted), each ``(n,)``.
+
+    ``rr_prev[i]`` is the interval ending at beat ``i``, ``rr_next[i]`` the one starting there,
+    ``rr_local[i]`` the mean of the (up to) ``RR_LOCAL_BEATS`` intervals ending at beat ``i``
+    (so it never looks ahead); NaN where a beat has no such neighbour.
+    """
+    if len(sample) == 0:
+        empty = np.zeros(0, dtype=np.float32)
+        return empty, empty.copy(), empty.copy()
     rr = np.diff(sample).astype(np.float64) / fs
     nan = np.array([np.nan])
     rr_prev = np.concatenate([nan, rr])
@@ -71,7 +80,9 @@ def rr_intervals(sample: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray,
 def extract_beats(rec: Record, window: int) -> RecordBeats:
     """Cut a ``window``-sample window around every scorable beat of ``rec``.
 
-    The window starts ``window // 2`` samples before the annotated R peak.
+    The window is ``rec.signal[s - window // 2 : s - window // 2 + window]`` for a beat at
+    sample ``s``: the annotated R peak sits at index ``window // 2`` of the window.
+    Returns :class:`RecordBeats` with ``x`` of shape ``(n, window, 2)``.
     """
     if window <= 0:
         raise ValueError(f"window must be a positive number of samples, got {window}")
@@ -96,5 +107,7 @@ def extract_beats(rec: Record, window: int) -> RecordBeats:
         rr_prev=rr_prev[keep],
         rr_next=rr_next[keep],
         rr_local=rr_local[keep],
-        dropped={"edge": int((~inside).sum()), "flutter": int((is_beat & excluded).sum())},
+        # `!` is a beat annotation in MIT-BIH (a flutter wave), so it counts as a dropped beat.
+        dropped={"edge": int((~inside).sum()),
+                 "flutter": int(((is_beat | (rec.ann_symbol == "!")) & excluded).sum())},
     )

@@ -7,14 +7,18 @@ One row per beat. Columns: ``record``, ``subject``, ``sample`` (annotation index
 
 The file lives under a key derived from the input files' SHA-256 checksums and the
 parameters, is written atomically (temporary file, then rename) and reused when nothing changed.
+:func:`log_to_mlflow` records it in an MLflow run (dataset input, ``data.*`` params and metrics,
+summary table).
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import json
 import os
 import tempfile
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +36,7 @@ from ecg_mlflow.records import (
 )
 from ecg_mlflow.splits import FINETUNE, TEST, subject_of, time_split
 
-FORMAT_VERSION = 1  # bump when the file layout or extraction rules change
+FORMAT_VERSION = 2  # bump when the file layout or extraction rules change
 
 
 @dataclass(frozen=True)
@@ -49,14 +53,44 @@ class PrepareConfig:
     download: bool = True
 
     def validated(self) -> "PrepareConfig":
-        if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
+        """``self`` if every parameter is usable; else ``ValueError`` naming the parameter."""
+        # bool is an int subclass; window=True is a mistake, not a 1-sample window.
+        if isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer)) or self.window <= 0:
             raise ValueError(f"window must be a positive whole number of samples, got {self.window!r}")
         if self.window > 10 * TARGET_FS:
             raise ValueError(f"window must be at most {10 * TARGET_FS} samples (10 s), got {self.window}")
         get_scheme(self.label_scheme)
-        if not (isinstance(self.finetune_minutes, (int, float)) and self.finetune_minutes > 0):
+        if isinstance(self.finetune_minutes, bool) or not (
+                isinstance(self.finetune_minutes, (int, float, np.integer, np.floating))
+                and np.isfinite(self.finetune_minutes) and self.finetune_minutes > 0):
             raise ValueError(f"finetune_minutes must be a positive number, got {self.finetune_minutes!r}")
+        if self.include_paced not in (None, True, False):
+            raise ValueError(f"include_paced must be True, False or None (auto), got {self.include_paced!r}")
         return self
+
+
+def window_from_param(value: str | float | int) -> int:
+    """A ``window`` entry-point parameter as a sample count: MLproject passes floats such as
+    ``'160.0'``; whole numbers are accepted, anything else is a ``ValueError`` naming ``window``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be a positive whole number of samples, got {value!r}") from None
+    if not np.isfinite(number) or number != int(number) or number <= 0:
+        raise ValueError(f"window must be a positive whole number of samples, got {value!r}")
+    return int(number)
+
+
+def include_paced_from_param(value: str | bool | None) -> bool | None:
+    """An ``include_paced`` parameter: ``'auto'`` -> ``None`` (out under ``aami``, in under ``raw``),
+    ``'true'`` / ``'false'`` -> ``True`` / ``False``."""
+    if value is None or isinstance(value, bool):
+        return value
+    table = {"auto": None, "true": True, "false": False}
+    key = str(value).strip().lower()
+    if key not in table:
+        raise ValueError(f"include_paced must be one of auto, true, false; got {value!r}")
+    return table[key]
 
 
 @dataclass
@@ -102,8 +136,8 @@ class BeatDataset:
         return list(self.meta["records"])
 
     def rr_features(self) -> np.ndarray:
-        """Rhythm context, float32 ``(n, 3)``: previous, next and local-mean RR relative to the
-        local mean (unitless; 1.0 where a neighbour is missing)."""
+        """Rhythm context, float32 ``(n, 3)``: previous and next RR relative to the local mean
+        (unitless), and the local-mean RR itself (s); 1.0 where a value is missing."""
         local = np.where(np.isfinite(self.rr_local) & (self.rr_local > 0), self.rr_local, np.nan)
         feats = np.stack([self.rr_prev / local, self.rr_next / local, self.rr_local], axis=1)
         feats[:, 2] = self.rr_local
@@ -118,15 +152,21 @@ class BeatDataset:
         })
 
     def summary(self) -> pd.DataFrame:
-        """Beats per class per record and part, with dropped-beat counts; one row per record."""
+        """One row per prepared record (also those left with no beats): ``record``, ``subject``,
+        beats per class (one column per class, scheme order), ``finetune_beats``, ``test_beats``,
+        ``dropped_<reason>``, the stored leads ``lead_0``/``lead_1`` and ``has_mlii``."""
         df = self.frame()
         df["cls"] = np.asarray(self.classes, dtype=object)[self.label.astype(int)]
-        counts = pd.crosstab(df["record"], df["cls"]).reindex(columns=self.classes, fill_value=0)
-        parts = pd.crosstab(df["record"], df["part"]).reindex(columns=[FINETUNE, TEST], fill_value=0)
+        index = pd.Index(self.records, name="record")
+        counts = (pd.crosstab(df["record"], df["cls"])
+                  .reindex(index=index, columns=self.classes, fill_value=0))
+        parts = pd.crosstab(df["record"], df["part"]).reindex(index=index, columns=[FINETUNE, TEST], fill_value=0)
         parts.columns = [f"{c}_beats" for c in parts.columns]
-        dropped = pd.DataFrame(self.meta["dropped"]).T.reindex(counts.index).fillna(0).astype(int)
+        dropped = pd.DataFrame(self.meta["dropped"]).T.reindex(index).fillna(0).astype(int)
         dropped.columns = [f"dropped_{c}" for c in dropped.columns]
-        leads = pd.DataFrame(self.meta["leads"], index=["lead_0", "lead_1"]).T.reindex(counts.index)
+        leads = pd.DataFrame(self.meta["leads"], index=["lead_0", "lead_1"]).T.reindex(index)
+        missing = set(self.meta.get("missing_primary_lead", []))
+        leads["has_mlii"] = [r not in missing for r in index]
         out = pd.concat([counts, parts, dropped, leads], axis=1)
         out.insert(0, "subject", [subject_of(r) for r in out.index])
         out.index.name = "record"
@@ -204,21 +244,28 @@ def _to_table(parts: list[dict], meta: dict) -> pa.Table:
 def load(path: str | os.PathLike) -> BeatDataset:
     """Read a prepared Parquet file into a :class:`BeatDataset` (memory-mapped read)."""
     path = Path(path)
+    # Any failure (not Parquet, truncated, no metadata, another layout) is one DataError, so a
+    # bad cache entry can be recognised and rebuilt.
     try:
         table = pq.read_table(path, memory_map=True)
         meta = json.loads(table.schema.metadata[b"ecg_mlflow"])
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"file format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+        window = meta["window"]
+        sig = table.column("signal").combine_chunks()
+        x = sig.flatten().to_numpy(zero_copy_only=False).reshape(-1, window, 2)
+        col = lambda name: table.column(name).to_numpy()  # noqa: E731
+        obj = lambda name: np.asarray(table.column(name).to_pylist(), dtype=object)  # noqa: E731
+        ds = BeatDataset(
+            x=x, label=col("label"), record=obj("record"), subject=obj("subject"), symbol=obj("symbol"),
+            part=obj("part"), sample=col("sample"), time_s=col("time_s"), rr_prev=col("rr_prev"),
+            rr_next=col("rr_next"), rr_local=col("rr_local"), meta=meta, path=path,
+        )
     except Exception as exc:
-        raise DataError(f"cannot read prepared dataset {path}: {exc}") from exc
-    window = meta["window"]
-    sig = table.column("signal").combine_chunks()
-    x = sig.flatten().to_numpy(zero_copy_only=False).reshape(-1, window, 2)
-    col = lambda name: table.column(name).to_numpy()  # noqa: E731
-    obj = lambda name: np.asarray(table.column(name).to_pylist(), dtype=object)  # noqa: E731
-    return BeatDataset(
-        x=x, label=col("label"), record=obj("record"), subject=obj("subject"), symbol=obj("symbol"),
-        part=obj("part"), sample=col("sample"), time_s=col("time_s"), rr_prev=col("rr_prev"),
-        rr_next=col("rr_next"), rr_local=col("rr_local"), meta=meta, path=path,
-    )
+        raise DataError(f"cannot read prepared dataset {path}: {type(exc).__name__}: {exc}") from exc
+    if len(ds.x) != len(ds.label):
+        raise DataError(f"cannot read prepared dataset {path}: {len(ds.x)} signals for {len(ds.label)} labels")
+    return ds
 
 
 def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, verbose: bool = False) -> BeatDataset:
@@ -253,7 +300,8 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
     jobs = [(str(data_dir), r, int(cfg.window), cfg.label_scheme, float(cfg.finetune_minutes)) for r in records]
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # forkserver: workers start from a clean process, never a fork of one running TensorFlow threads.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             parts = list(pool.map(_extract, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
     else:
         parts = [_extract(j) for j in jobs]
@@ -273,6 +321,7 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="none")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -284,3 +333,89 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
 
 def config_dict(cfg: PrepareConfig) -> dict:
     return asdict(cfg)
+
+
+def log_to_mlflow(ds: BeatDataset, context: str = "prepare") -> None:
+    """Log ``ds`` to the active MLflow run (one is started if none is active).
+
+    - a dataset input (name, ``digest`` = the cache key prefix, ``source`` = the Parquet file)
+      with ``context`` as its context tag;
+    - params ``data.*`` (records, label scheme and classes, window, sampling rate,
+      finetune_minutes, digest, records left out or lacking MLII); prefixed so they never
+      collide with an entry point's own parameters of the same name;
+    - metrics ``data.n_beats``, ``data.n_records``, ``data.n_finetune``, ``data.n_test`` and
+      ``data.dropped_<reason>`` (summed over records);
+    - artifacts ``dataset_summary.csv`` and ``dataset_summary.html`` (:meth:`BeatDataset.summary`).
+    """
+    import mlflow  # imported here: preparing data must not pay for importing MLflow
+
+    if ds.path is None:
+        raise ValueError("log_to_mlflow needs a dataset read from its file (prepare() or load())")
+    meta = ds.meta
+    name = f"mitdb-beats-{meta['label_scheme']}-w{meta['window']}"
+    with warnings.catch_warnings():
+        # A local path matches two equivalent source types, and schema inference hints at integer
+        # columns; both warnings are noise here.
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(ds.frame(), source=str(ds.path), targets="label", name=name,
+                                          digest=ds.digest)
+        mlflow.log_input(dataset, context=context)
+
+    dropped: dict[str, int] = {}
+    for counts in meta["dropped"].values():
+        for reason, n in counts.items():
+            dropped[reason] = dropped.get(reason, 0) + int(n)
+    mlflow.log_params({
+        "data.records": ",".join(ds.records),
+        "data.label_scheme": meta["label_scheme"],
+        "data.classes": ",".join(ds.classes),
+        "data.window": meta["window"],
+        "data.fs": meta["fs"],
+        "data.finetune_minutes": meta["finetune_minutes"],
+        "data.digest": ds.digest,
+        "data.paced_excluded": ",".join(meta["paced_excluded"]) or "none",
+        "data.missing_mlii": ",".join(meta["missing_primary_lead"]) or "none",
+    })
+    mlflow.log_metrics({
+        "data.n_beats": len(ds),
+        "data.n_records": len(ds.records),
+        "data.n_finetune": int(np.sum(ds.part == FINETUNE)),
+        "data.n_test": int(np.sum(ds.part == TEST)),
+        **{f"data.dropped_{reason}": n for reason, n in sorted(dropped.items())},
+    })
+
+    summary = ds.summary()
+    mlflow.log_text(summary.to_csv(index=False), "dataset_summary.csv")
+    mlflow.log_text(summary_html(ds, summary), "dataset_summary.html")
+
+
+def summary_html(ds: BeatDataset, summary: pd.DataFrame | None = None) -> str:
+    """A standalone HTML page: the dataset's facts, then :meth:`BeatDataset.summary` with a total row."""
+    import html
+
+    summary = ds.summary() if summary is None else summary
+    numeric = summary.select_dtypes("number").columns
+    total = pd.DataFrame([{"record": "total", "subject": "", **summary[numeric].sum().to_dict()}])
+    table = pd.concat([summary, total], ignore_index=True)
+    meta = ds.meta
+    facts = {
+        "beats": f"{len(ds):,}",
+        "records": f"{len(ds.records)} ({', '.join(ds.records)})",
+        "label scheme": f"{meta['label_scheme']}: " + ", ".join(f"{i} {c}" for i, c in enumerate(ds.classes)),
+        "window": f"{meta['window']} samples at {meta['fs']} Hz, R peak at index {meta['window'] // 2}",
+        "fine-tune part": f"first {meta['finetune_minutes']:g} minutes of each record",
+        "paced records left out": ", ".join(meta["paced_excluded"]) or "none",
+        "records without MLII": ", ".join(meta["missing_primary_lead"]) or "none",
+        "digest": ds.digest,
+        "file": str(ds.path),
+    }
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts.items())
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Beat dataset summary</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>\n"
+        f"<h1>Beat dataset {html.escape(ds.digest)}</h1>\n<table>{rows}</table>\n"
+        "<h2>Beats per record</h2>\n"
+        + table.to_html(index=False, na_rep="")
+        + "\n</body></html>\n"
+    )

@@ -107,9 +107,22 @@ def fit_base(ds: BeatDataset, fold: Fold, cfg: LosoConfig, loso_run_id: str | No
     return BaseModel(model, fold.subject, run_id, model_uri, train_records)
 
 
+def test_metric_names(classes: list[str]) -> list[str]:
+    """Every test metric a variant run logs (without the ``test_`` prefix), whatever its values."""
+    per_class = [f"{kind}_{metrics_mod.metric_name(c)}" for c in classes for kind in ("precision", "recall")]
+    return ["accuracy", "macro_f1", "n_beats", *per_class, *metrics_mod.EC57_COUNTS, *metrics_mod.EC57_STATS]
+
+
+def with_missing_as_nan(values: dict[str, float], names: list[str]) -> dict[str, float]:
+    """``values`` over exactly ``names``: a statistic without a denominator is logged as NaN, so both
+    variants carry identical metric names and the value reads as missing (never as 0)."""
+    return {k: float(values.get(k, np.nan)) for k in names}
+
+
 def _log_test_results(ds: BeatDataset, mask: np.ndarray, pred: np.ndarray, title: str) -> tuple[dict, np.ndarray]:
     m, cm = metrics_mod.evaluate(ds.label[mask], pred, ds.classes)
-    mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()})
+    logged = with_missing_as_nan(m, test_metric_names(ds.classes))
+    mlflow.log_metrics({f"test_{k}": v for k, v in logged.items()})
     tracking.log_confusion(cm, ds.classes, title=title)
     return m, cm
 
@@ -158,7 +171,8 @@ def aggregate(results: list[PatientResult], classes: list[str]) -> dict[str, flo
         if not rs:
             continue
         agg = metrics_mod.gross_and_average([r.metrics for r in rs], [r.cm for r in rs], classes)
-        for key, value in agg.items():
+        names = [f"{kind}_{stat}" for kind in ("gross", "avg") for stat in metrics_mod.SUMMARY_STATS]
+        for key, value in with_missing_as_nan(agg, names).items():
             kind, stat = key.split("_", 1)  # 'gross_veb_se' -> ('gross', 'veb_se')
             out[f"{kind}_{variant}_{stat}"] = float(value)
     return out
@@ -224,8 +238,8 @@ def _print_summary(summary: dict[str, float]) -> None:
     print(f"{'':24s}" + "".join(f"{v:>14s}" for v in VARIANTS))
     for kind in ("gross", "avg"):
         for stat in HEADLINE:
-            vals = [summary.get(f"{kind}_{v}_{stat}") for v in VARIANTS]
-            print(f"{kind + ' ' + stat:24s}" + "".join(f"{100 * x:14.2f}" if x is not None else f"{'-':>14s}"
+            vals = [summary.get(f"{kind}_{v}_{stat}", np.nan) for v in VARIANTS]
+            print(f"{kind + ' ' + stat:24s}" + "".join(f"{100 * x:14.2f}" if np.isfinite(x) else f"{'-':>14s}"
                                                       for x in vals))
 
 

@@ -93,12 +93,27 @@ def record_files(data_dir: Path, record: str) -> dict[str, Path]:
     dat = data_dir / f"{record}.dat"
     if header.is_file():
         # The header names its signal file(s); usually <record>.dat.
-        names = {line.split()[0] for line in header.read_text(errors="replace").splitlines()[1:]
-                 if line.strip() and not line.startswith("#")}
+        names = set(_header_signal_files(header))
         if len(names) == 1:
             dat = data_dir / names.pop()
     files["dat"] = dat
     return files
+
+
+def _header_signal_files(header: Path) -> list[str]:
+    """Signal file names a header lists, or ``[]`` unless its record line reads ``name n_sig ...``
+    and each name is a plain file name: a corrupt header must be reported as such by
+    :func:`check_record`, not send us looking for (or downloading) a file named by garbage.
+    (A light parse on purpose: ``wfdb.rdheader`` costs milliseconds and this runs on every call.)"""
+    lines = [line.split() for line in header.read_text(errors="replace").splitlines()]
+    lines = [t for t in lines if t and not t[0].startswith("#")]
+    if not lines or len(lines[0]) < 2 or not lines[0][1].isdigit():
+        return []
+    n_sig = int(lines[0][1])
+    names = [t[0] for t in lines[1:1 + n_sig]]
+    if len(names) != n_sig or not all(n.isprintable() and Path(n).name == n for n in names):
+        return []
+    return names
 
 
 def ensure_records(data_dir: Path, records: list[str], download: bool = True) -> None:

@@ -30,10 +30,28 @@ def mitdb_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def dataset_cache(tmp_path_factory) -> Path:
-    """One prepared-dataset cache for the whole session, so real data is prepared once."""
+def cache_root(tmp_path_factory) -> Path:
+    """The ECG_CACHE_DIR of the whole session (CI sets one; else a temporary one)."""
     env = os.environ.get("ECG_CACHE_DIR")
-    return Path(env) / "beats" if env else tmp_path_factory.mktemp("ecg-cache")
+    return Path(env) if env else tmp_path_factory.mktemp("ecg-cache")
+
+
+@pytest.fixture(scope="session")
+def dataset_cache(cache_root) -> Path:
+    """One prepared-dataset cache for the whole session, so real data is prepared once."""
+    return cache_root / "beats"
+
+
+def entry_env(tracking_uri: str, data_dir: Path, cache_root: Path, **extra: str) -> dict[str, str]:
+    """Environment for running an entry point as a subprocess: this interpreter's bin first on
+    PATH (``mlflow run --env-manager local`` calls plain ``python``), the store, data and cache."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               MLFLOW_TRACKING_URI=tracking_uri, ECG_DATA_DIR=str(data_dir), ECG_CACHE_DIR=str(cache_root),
+               PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return env
 
 
 @pytest.fixture()

@@ -1,0 +1,245 @@
+"""The LOSO experiment end to end: `mlflow run . -e loso` on three real records, then everything it
+left in the store and the registry is read back and checked against the data."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlflow
+from mlflow import MlflowClient
+
+from conftest import REPO, entry_env
+from ecg_mlflow.dataset import PrepareConfig, prepare
+from ecg_mlflow.splits import subject_of
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+
+RECORDS = ["100", "201", "202"]  # 201 and 202 are one subject: held out together
+SUBJECTS = ["100", "201"]
+EPOCHS, FT_EPOCHS = 1, 2
+
+
+def run_entry(entry: str, params: dict[str, object], env: dict[str, str], experiment: str = "t") -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def loso_store(tmp_path_factory, mitdb_dir, cache_root):
+    """One LOSO run over RECORDS in a fresh SQLite store; yields (tracking uri, parent run id, env)."""
+    tmp = tmp_path_factory.mktemp("loso")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = entry_env(uri, mitdb_dir, cache_root)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "loso", "--env-manager", "local",
+         "--experiment-name", "loso-test", "-P", f"records={','.join(RECORDS)}", "-P", f"epochs={EPOCHS}",
+         "-P", f"finetune_epochs={FT_EPOCHS}", "-P", "seed=7"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("loso-test")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`ecg.role` = 'loso'")
+    yield uri, parent, client, proc.stdout
+    mlflow.set_tracking_uri(None)
+
+
+def children(client, parent, role=None):
+    flt = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    if role:
+        flt += f" and tags.`ecg.role` = '{role}'"
+    return client.search_runs([parent.info.experiment_id], flt, max_results=1000)
+
+
+def test_run_tree_and_tags(loso_store):
+    _, parent, client, stdout = loso_store
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["epochs"] == str(EPOCHS)
+    bases = children(client, parent, "base")
+    assert sorted(r.data.tags["subject"] for r in bases) == SUBJECTS
+    variants = children(client, parent, "variant")
+    pairs = sorted((r.data.tags["patient"], r.data.tags["variant"]) for r in variants)
+    assert pairs == sorted((rec, v) for rec in RECORDS for v in ("no_transfer", "transfer"))
+    base_of = {r.data.tags["subject"]: r.info.run_id for r in bases}
+    for r in variants:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["subject"] == subject_of(r.data.tags["patient"])
+        assert r.data.tags["base_run_id"] == base_of[r.data.tags["subject"]]
+    # progress a person can follow
+    assert "[loso 1/2]" in stdout and "[loso 2/2]" in stdout and "left" in stdout
+
+
+def test_metric_names_identical_across_variants_and_history(loso_store):
+    _, parent, client, _ = loso_store
+    variants = children(client, parent, "variant")
+    names = {r.data.tags["variant"]: set() for r in variants}
+    for r in variants:
+        test_names = {k for k in r.data.metrics if k.startswith("test_")}
+        assert {"test_accuracy", "test_macro_f1", "test_n_beats", "test_veb_tp", "test_sveb_fn",
+                "test_precision_N", "test_recall_N"} <= test_names
+        names[r.data.tags["variant"]] |= test_names
+        if r.data.tags["variant"] == "transfer":
+            hist = client.get_metric_history(r.info.run_id, "finetune_loss")
+            assert [m.step for m in hist] == list(range(FT_EPOCHS))
+    assert names["transfer"] == names["no_transfer"]
+    for b in children(client, parent, "base"):
+        assert [m.step for m in client.get_metric_history(b.info.run_id, "loss")] == list(range(EPOCHS))
+    for v in ("no_transfer", "transfer"):
+        for stat in ("veb_se", "sveb_fpr", "accuracy", "macro_f1"):
+            assert f"gross_{v}_{stat}" in parent.data.metrics
+            assert f"avg_{v}_{stat}" in parent.data.metrics
+
+
+def test_confusion_matrices_match_metrics_and_parent_sums(loso_store, tmp_path):
+    _, parent, client, _ = loso_store
+    sums = {}
+    for r in children(client, parent, "variant"):
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"confusion_matrix.json", "confusion_matrix.png"} <= arts
+        cm_doc = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/confusion_matrix.json")
+        cm = np.array(cm_doc["matrix"])
+        assert cm_doc["labels"] == ["N", "S", "V", "F", "Q"]
+        assert cm.sum() == r.data.metrics["test_n_beats"]
+        assert np.trace(cm) / cm.sum() == pytest.approx(r.data.metrics["test_accuracy"])
+        assert cm[2, 2] == r.data.metrics["test_veb_tp"]
+        v = r.data.tags["variant"]
+        sums[v] = sums.get(v, 0) + cm
+    for v, total in sums.items():
+        doc = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/confusion_matrix_{v}.json")
+        np.testing.assert_array_equal(np.array(doc["matrix"]), total)
+        assert np.trace(total) / total.sum() == pytest.approx(parent.data.metrics[f"gross_{v}_accuracy"])
+
+
+def test_registry_versions_and_served_model_classifies_its_patient(loso_store, mitdb_dir, dataset_cache):
+    uri, parent, client, _ = loso_store
+    transfer_runs = {r.data.tags["patient"]: r for r in children(client, parent, "variant")
+                     if r.data.tags["variant"] == "transfer"}
+    for rec in RECORDS:
+        v = client.get_model_version_by_alias(f"ecg-transfer-{rec}", "newest")
+        assert v.tags["loso_run_id"] == parent.info.run_id
+        assert v.tags["run_id"] == transfer_runs[rec].info.run_id == v.run_id
+        assert v.tags["base_model_uri"].startswith("models:/")
+    for s in SUBJECTS:
+        v = client.get_model_version_by_alias(f"ecg-base-{s}", "newest")
+        assert v.tags["subject"] == s and v.tags["loso_run_id"] == parent.info.run_id
+    logged = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert len(logged) == len(RECORDS) + len(SUBJECTS)
+
+    # The registered transfer model of 201, loaded as a plain pyfunc, classifies 201's test beats
+    # exactly as logged: same accuracy as the run's test_accuracy.
+    ds = prepare(PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS), cache_dir=str(dataset_cache)))
+    test = (ds.record == "201") & (ds.part == "test")
+    model = mlflow.pyfunc.load_model("models:/ecg-transfer-201@newest")
+    logits = np.asarray(model.predict(ds.x[test]))
+    assert logits.shape == (test.sum(), 5)
+    acc = float((logits.argmax(1) == ds.label[test]).mean())
+    assert acc == pytest.approx(transfer_runs["201"].data.metrics["test_accuracy"], abs=1e-9)
+
+
+def test_heldout_subject_never_reaches_base_training(loso_store, mitdb_dir, dataset_cache):
+    _, parent, client, _ = loso_store
+    ds = prepare(PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS), cache_dir=str(dataset_cache)))
+    for b in children(client, parent, "base"):
+        subject = b.data.tags["subject"]
+        held = set(b.data.tags["heldout_records"].split(","))
+        trained = set(b.data.tags["train_records"].split(","))
+        assert held == {r for r in RECORDS if subject_of(r) == subject}
+        assert not held & trained and all(subject_of(r) != subject for r in trained)
+        # the beat count actually trained on is every beat of the other subjects, nothing more
+        assert int(b.data.params["n_train_beats"]) == int(np.isin(ds.record, sorted(trained)).sum())
+        assert int(b.data.params["n_train_beats"]) == int((ds.subject != subject).sum())
+
+
+def test_seed_repeats_metrics_and_new_version_moves_alias(loso_store, cache_root, mitdb_dir):
+    """A second LOSO run with the same seed, in-process, gives identical per-patient metrics and a
+    second registered version that the alias now points at."""
+    from ecg_mlflow.loso import LosoConfig, run_loso
+    from ecg_mlflow.training import TrainConfig
+
+    uri, parent, client, _ = loso_store
+    cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
+                                           cache_dir=str(cache_root / "beats")),
+                     train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=7))
+    mlflow.set_experiment(experiment_id=parent.info.experiment_id)
+    second = run_loso(cfg)
+    first_m = {(r.data.tags["patient"], r.data.tags["variant"]): r.data.metrics for r in children(client, parent, "variant")}
+    second_run = client.get_run(second)
+    second_m = {(r.data.tags["patient"], r.data.tags["variant"]): r.data.metrics
+                for r in children(client, second_run, "variant")}
+    assert first_m.keys() == second_m.keys()
+    for key in first_m:
+        for name, value in first_m[key].items():
+            if name.startswith("test_"):  # NaN (no denominator) must repeat as NaN
+                assert second_m[key][name] == value or (np.isnan(value) and np.isnan(second_m[key][name])), (key, name)
+    v = client.get_model_version_by_alias("ecg-transfer-100", "newest")
+    assert str(v.version) == "2" and v.tags["loso_run_id"] == second
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--epochs", "0"], "epochs"),
+    (["--epochs", "1.5"], "epochs"),
+    (["--learning-rate", "-1"], "learning_rate"),
+    (["--records", "100,999"], "999"),
+    (["--label-scheme", "ahaa"], "label_scheme"),
+    (["--finetune-minutes", "31"], "finetune_minutes"),
+    (["--holdout", "105"], "105"),
+])
+def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tmp_path, mitdb_dir, cache_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "loso.py"), "--records", "100,101", *args],
+                          env=entry_env(uri, mitdb_dir, cache_root), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and culprit in last
+    assert "Traceback" not in proc.stderr
+    # nothing half-written: no run was started
+    client = MlflowClient(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_unreachable_tracking_server_is_named_before_work(tmp_path, mitdb_dir, cache_root):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "loso.py"), "--records", "100,101"],
+                          env=entry_env(uri, mitdb_dir, cache_root), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert uri in proc.stderr.strip().splitlines()[-1] and "unreachable" in proc.stderr
+
+
+def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tmp_path, mitdb_dir, cache_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = entry_env(uri, mitdb_dir, cache_root)
+    common = {"records": "100,101", "epochs": 1, "finetune_epochs": 1}
+    for holdout in ("100", "101"):
+        proc = run_entry("train_base", {**common, "holdout": holdout}, env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-100@newest", "patient": "100"}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    variants = client.search_runs([exp.experiment_id], "tags.`ecg.role` = 'variant'")
+    assert sorted(r.data.tags["variant"] for r in variants) == ["no_transfer", "transfer"]
+    assert {r.data.tags["patient"] for r in variants} == {"100"}
+    assert client.get_model_version_by_alias("ecg-transfer-100", "newest").tags["base_model_uri"] == \
+        "models:/ecg-base-100@newest"
+    # The base model that held out 101 was trained on 100: using it for patient 100 would leak.
+    proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-101@newest", "patient": "100"}, env)
+    assert proc.returncode != 0
+    assert "ecg-base-101" in proc.stderr and "subject 100" in proc.stderr

@@ -1,0 +1,369 @@
+"""The data layer (records, labels, beats, splits, dataset) on tiny WFDB records written here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import wfdb
+import wfdb.io.download
+
+from ecg_mlflow import dataset as dataset_mod
+from ecg_mlflow.beats import RR_LOCAL_BEATS, extract_beats, rr_intervals
+from ecg_mlflow.dataset import (
+    PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
+)
+from ecg_mlflow.labels import AAMI, BEAT_SYMBOLS, RAW, get_scheme
+from ecg_mlflow.records import DataError, read_record
+from ecg_mlflow.splits import FINETUNE, TEST, loso_folds, subject_of
+from wfdb_records import regular_beats, write_record, write_records_list
+
+CLOSED_PORT_URL = "http://127.0.0.1:9/"  # port 9 (discard) is closed on loopback: downloads fail at once
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No test here may reach PhysioNet or the user's cache: wfdb's URLs point at a closed
+    loopback port (dl_database builds them from PN_CONTENT_URL and config.db_index_url)."""
+    monkeypatch.setattr(wfdb.io.download, "PN_CONTENT_URL", CLOSED_PORT_URL)
+    monkeypatch.setattr(wfdb.io.download.config, "db_index_url", CLOSED_PORT_URL)
+    monkeypatch.delenv("ECG_DATA_DIR", raising=False)
+    monkeypatch.setenv("ECG_CACHE_DIR", str(tmp_path / "user-cache"))
+
+
+@pytest.fixture()
+def db(tmp_path) -> Path:
+    return tmp_path / "db"
+
+
+def cfg(db: Path, records, **kw) -> PrepareConfig:
+    kw.setdefault("finetune_minutes", 0.1)  # 6 s: the tiny records last 20 s
+    kw.setdefault("cache_dir", str(db.parent / "cache"))
+    kw.setdefault("download", False)
+    return PrepareConfig(data_dir=str(db), records=records, **kw)
+
+
+# ---------------------------------------------------------------- windows
+
+
+def test_window_edges_and_content(db):
+    # 10 s at 360 Hz = 3600 samples; window 160 -> [s - 80, s + 80).
+    samples = [79, 80, 1000, 3520, 3521]
+    write_record(db, "100", seconds=10, samples=samples, lead_names=("V5", "MLII"))
+    ds = prepare(cfg(db, "100", finetune_minutes=0.1), workers=1)
+
+    assert ds.sample.tolist() == [80, 1000, 3520]  # 79 starts at -1, 3521 ends at 3601
+    assert ds.meta["dropped"]["100"]["edge"] == 2
+    assert ds.x.shape == (3, 160, 2)
+    raw = wfdb.rdrecord(str(db / "100")).p_signal  # stored V5, MLII
+    for i, s in enumerate(ds.sample):
+        np.testing.assert_array_equal(ds.x[i], raw[s - 80:s + 80, ::-1].astype(np.float32))
+    np.testing.assert_array_equal(ds.time_s, np.array([80, 1000, 3520]) / 360)
+
+
+@pytest.mark.parametrize("window", [7, 8])
+def test_r_peak_sits_at_window_half(db, window):
+    write_record(db, "100", seconds=2, samples=[100, 400])
+    rec = read_record(db, "100")
+    rb = extract_beats(rec, window)
+    for i, s in enumerate(rb.sample):
+        assert rb.x[i, window // 2, 0] == rec.signal[s, 0]
+        np.testing.assert_array_equal(rb.x[i], rec.signal[s - window // 2: s - window // 2 + window])
+
+
+def test_non_beat_annotations_and_flutter_are_excluded(db):
+    ann = [(500, "N"), (600, "+"), (700, "~"), (900, "N"), (1000, "|"), (1100, "x"), (1200, '"'),
+           (1500, "["), (1600, "!"), (1700, "V"), (1800, "!"), (1900, "]"),
+           (2100, "N"), (2400, "!"), (2700, "V")]
+    samples, symbols = zip(*ann)
+    write_record(db, "100", seconds=10, samples=samples, symbols=symbols)
+    ds = prepare(cfg(db, "100", label_scheme="raw"), workers=1)
+
+    assert ds.sample.tolist() == [500, 900, 2100, 2700]
+    assert ds.symbol.tolist() == ["N", "N", "N", "V"]
+    # three `!` waves (two inside, one outside the episode) and the V inside [ ... ]
+    assert ds.meta["dropped"]["100"] == {"edge": 0, "flutter": 4, "unmapped": 0}
+    # RR context skips excluded beats: 900 -> 2100 is one interval
+    np.testing.assert_allclose(ds.rr_prev[1:], np.array([400, 1200, 600]) / 360, rtol=1e-6)
+
+
+def test_rr_intervals_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    sample = np.cumsum(rng.integers(200, 400, size=30))
+    prev, nxt, local = rr_intervals(sample, 360.0)
+    rr = np.diff(sample) / 360.0
+    for i in range(len(sample)):
+        assert np.isnan(prev[i]) if i == 0 else prev[i] == pytest.approx(rr[i - 1], rel=1e-6)
+        assert np.isnan(nxt[i]) if i == len(sample) - 1 else nxt[i] == pytest.approx(rr[i], rel=1e-6)
+        window = rr[max(0, i - RR_LOCAL_BEATS):i]
+        assert np.isnan(local[i]) if i == 0 else local[i] == pytest.approx(window.mean(), rel=1e-6)
+    for n in (0, 1):
+        out = rr_intervals(sample[:n], 360.0)
+        assert [len(a) for a in out] == [n, n, n]
+
+
+# ---------------------------------------------------------------- labels
+
+
+def test_class_codes_are_fixed():
+    assert AAMI.classes == ("N", "S", "V", "F", "Q")
+    expected_aami = {"N": 0, "L": 0, "R": 0, "e": 0, "j": 0, "B": 0, "A": 1, "a": 1, "J": 1, "S": 1, "n": 1,
+                     "V": 2, "E": 2, "r": 2, "F": 3, "/": 4, "f": 4, "Q": 4, "?": 4}
+    assert {s: AAMI.code_of(s) for s in BEAT_SYMBOLS} == expected_aami
+    assert "".join(RAW.classes) == "NLRejAaJSVEF/fQ"
+    assert [RAW.code_of(s) for s in "NLRejAaJSVEF/fQ"] == list(range(15))
+    assert [RAW.code_of(s) for s in "Br?n!+"] == [-1] * 6
+    # codes do not depend on which symbols a record happens to contain, or their order
+    assert AAMI.encode(np.array(["V", "N", "Q"], dtype=object)).tolist() == [2, 0, 4]
+    assert AAMI.encode(np.array(["Q"], dtype=object)).tolist() == [4]
+    with pytest.raises(ValueError, match="label_scheme"):
+        get_scheme("AAMI5")
+
+
+def test_unmapped_symbols_are_dropped_and_counted(db):
+    symbols = ["N", "B", "r", "?", "V", "N"]
+    write_record(db, "100", seconds=10, samples=[300, 600, 900, 1200, 1500, 1800], symbols=symbols)
+    raw = prepare(cfg(db, "100", label_scheme="raw"), workers=1)
+    assert raw.symbol.tolist() == ["N", "V", "N"]
+    assert raw.label.tolist() == [0, 9, 0]
+    assert raw.meta["dropped"]["100"]["unmapped"] == 3
+    aami = prepare(cfg(db, "100"), workers=1)
+    assert aami.label.tolist() == [0, 0, 2, 4, 2, 0]
+    assert aami.meta["dropped"]["100"]["unmapped"] == 0
+
+
+# ---------------------------------------------------------------- leads, subjects, splits
+
+
+def test_mlii_is_stored_first_and_missing_mlii_is_reported(db):
+    beats = regular_beats(360, 20)
+    write_record(db, "114", samples=beats, lead_names=("V5", "MLII"))
+    write_record(db, "102", samples=beats, lead_names=("V5", "V2"))
+    ds = prepare(cfg(db, "114,102", include_paced=True), workers=1)
+
+    assert ds.meta["leads"] == {"114": ["MLII", "V5"], "102": ["V5", "V2"]}
+    assert ds.meta["missing_primary_lead"] == ["102"]
+    raw = wfdb.rdrecord(str(db / "114")).p_signal
+    s = ds.sample[ds.record == "114"][3]
+    np.testing.assert_array_equal(ds.x[ds.record == "114"][3, :, 0], raw[s - 80:s + 80, 1].astype(np.float32))
+    summary = ds.summary().set_index("record")
+    assert summary.loc["114", "has_mlii"] and not summary.loc["102", "has_mlii"]
+    assert summary.loc["102", "lead_0"] == "V5"
+
+
+def test_subjects_time_split_and_loso_folds(db):
+    for r in ("100", "201", "202"):
+        write_record(db, r, samples=regular_beats(360, 20))
+    ds = prepare(cfg(db, "100,201,202", finetune_minutes=0.1), workers=1)
+
+    assert subject_of("202") == "201" and subject_of("201") == "201" and subject_of("100") == "100"
+    assert set(ds.subject[ds.record == "202"]) == {"201"}
+    np.testing.assert_array_equal(ds.part == FINETUNE, ds.time_s < 6.0)
+    assert set(ds.part) == {FINETUNE, TEST}
+
+    folds = {f.subject: f for f in loso_folds(ds.record, ds.part)}
+    assert list(folds) == ["100", "201"]
+    f = folds["201"]
+    assert f.records == ("201", "202")
+    assert not np.any(f.train & np.isin(ds.record, ["201", "202"]))
+    np.testing.assert_array_equal(f.train, ds.record == "100")
+    for r in ("201", "202"):
+        np.testing.assert_array_equal(f.finetune[r] | f.test[r], ds.record == r)
+        assert not np.any(f.finetune[r] & f.test[r])
+        assert ds.time_s[f.finetune[r]].max() < 6.0 <= ds.time_s[f.test[r]].min()
+    with pytest.raises(ValueError, match="subjects"):
+        loso_folds(ds.record, ds.part, subjects=["202"])
+
+
+def test_paced_records_follow_the_scheme_unless_configured(db):
+    for r in ("100", "102"):
+        write_record(db, r, samples=regular_beats(360, 20))
+    kept, out = select_records(cfg(db, "100,102"), db)
+    assert (kept, out) == (["100"], ["102"])
+    assert select_records(cfg(db, "100,102", include_paced=True), db) == (["100", "102"], [])
+    assert select_records(cfg(db, "100,102", label_scheme="raw"), db) == (["100", "102"], [])
+    assert select_records(cfg(db, "100,102", label_scheme="raw", include_paced=False), db) == (["100"], ["102"])
+    with pytest.raises(DataError, match="include_paced"):
+        prepare(cfg(db, "102"), workers=1)
+
+
+# ---------------------------------------------------------------- resampling
+
+
+@pytest.mark.parametrize("fs", [250.0, 128.0])
+def test_other_rates_are_resampled_to_360_hz(db, fs):
+    beats = regular_beats(fs, 20, rr_s=0.77)
+    write_record(db, "100", fs=fs, seconds=20, samples=beats, spike_mv=2.0, lead_names=("V1", "MLII"))
+    # the spike is on the first stored lead (V1); read it from the second column after MLII-first
+    ds = prepare(cfg(db, "100"), workers=1)
+
+    assert ds.meta["fs"] == 360
+    np.testing.assert_allclose(ds.time_s, beats[:len(ds)] / fs, atol=0.5 / 360)
+    peaks = np.argmax(ds.x[:, :, 1], axis=1)
+    assert np.all(np.abs(peaks - 80) <= 1), peaks
+    rec = read_record(db, "100")
+    assert rec.fs == 360 and abs(len(rec.signal) - 20 * 360) <= 1
+
+
+# ---------------------------------------------------------------- cache and file
+
+
+def test_cache_is_reused_and_keyed_on_inputs_and_parameters(db):
+    write_record(db, "100", samples=regular_beats(360, 20))
+    first = prepare(cfg(db, "100"), workers=1)
+    stat = first.path.stat()
+    again = prepare(cfg(db, "100"), workers=1)
+    assert again.path == first.path and again.digest == first.digest
+    assert (again.path.stat().st_mtime_ns, again.path.stat().st_ino) == (stat.st_mtime_ns, stat.st_ino)
+
+    other_window = prepare(cfg(db, "100", window=100), workers=1)
+    other_minutes = prepare(cfg(db, "100", finetune_minutes=0.2), workers=1)
+    assert len({first.digest, other_window.digest, other_minutes.digest}) == 3
+
+    # a changed annotation file: new key, new content
+    write_record(db, "100", samples=regular_beats(360, 20, rr_s=0.9))
+    changed = prepare(cfg(db, "100"), workers=1)
+    assert changed.digest != first.digest and len(changed) != len(first)
+    assert first.path.is_file()  # the old entry is left alone
+
+
+def test_corrupt_cache_file_is_rebuilt(db):
+    write_record(db, "100", samples=regular_beats(360, 20))
+    good = prepare(cfg(db, "100"), workers=1)
+    expected = good.x.copy()
+    for damage in (b"not parquet at all", good.path.read_bytes()[: good.path.stat().st_size // 2]):
+        good.path.write_bytes(damage)
+        with pytest.raises(DataError, match=str(good.path.name)):
+            load(good.path)
+        rebuilt = prepare(cfg(db, "100"), workers=1)
+        assert rebuilt.path == good.path
+        np.testing.assert_array_equal(rebuilt.x, expected)
+
+
+def test_write_is_atomic(db, monkeypatch):
+    write_record(db, "100", samples=regular_beats(360, 20))
+    real_write = pq.write_table
+
+    def write_then_fail(table, where, **kw):  # the disk fills up after the data is written
+        real_write(table, where, **kw)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(dataset_mod.pq, "write_table", write_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        prepare(cfg(db, "100"), workers=1)
+    cache = db.parent / "cache"
+    assert list(cache.iterdir()) == []  # no partial file, no temporary left behind
+
+    monkeypatch.setattr(dataset_mod.pq, "write_table", real_write)
+    ds = prepare(cfg(db, "100"), workers=1)
+    assert [p.name for p in cache.iterdir()] == [ds.path.name]
+    assert ds.path.stat().st_mode & 0o777 == 0o644
+    table = pq.read_table(ds.path)
+    assert table.num_rows == len(ds) and table.column("signal").type.list_size == 320
+
+
+def test_parallel_and_serial_builds_agree(db, tmp_path):
+    for r in ("100", "101"):
+        write_record(db, r, samples=regular_beats(360, 20, rr_s=0.7 if r == "100" else 0.9))
+    serial = prepare(cfg(db, "100,101", cache_dir=str(tmp_path / "c1")), workers=1)
+    pooled = prepare(cfg(db, "100,101", cache_dir=str(tmp_path / "c2")), workers=2)
+    assert serial.digest == pooled.digest
+    np.testing.assert_array_equal(serial.x, pooled.x)
+    np.testing.assert_array_equal(serial.record, pooled.record)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def two_records(db: Path) -> None:
+    for r in ("100", "101"):
+        write_record(db, r, samples=regular_beats(360, 20))
+    write_records_list(db, ["100", "101"])
+
+
+@pytest.mark.parametrize("ext", ["hea", "dat", "atr"])
+def test_missing_file_is_named(db, ext):
+    two_records(db)
+    (db / f"101.{ext}").unlink()
+    with pytest.raises(DataError, match=rf"missing record file.*{db / ('101.' + ext)}"):
+        prepare(cfg(db, "100,101"), workers=1)
+
+
+def test_failed_download_says_where_to_put_the_files(tmp_path):
+    # No data_dir and no ECG_DATA_DIR: the records belong in the download cache, which is empty.
+    with pytest.raises(DataError) as err:
+        prepare(PrepareConfig(records="100", cache_dir=str(tmp_path / "cache")), workers=1)
+    msg = str(err.value)
+    target = tmp_path / "user-cache" / "mitdb"
+    assert "download" in msg and "127.0.0.1" in msg  # it really tried, at the closed port
+    assert f"in {target}" in msg and "ECG_DATA_DIR" in msg
+
+
+def test_truncated_signal_file_is_named(db):
+    two_records(db)
+    os.truncate(db / "101.dat", 1000)
+    with pytest.raises(DataError, match=rf"{db / '101.dat'} is truncated"):
+        prepare(cfg(db, "100,101"), workers=1)
+
+
+def test_header_length_that_does_not_match_the_data_is_named(db):
+    two_records(db)
+    hea = db / "101.hea"
+    lines = hea.read_text().splitlines()
+    lines[0] = lines[0].replace(" 7200", " 7000")  # record line: name, signals, fs, length
+    hea.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{db / '101.dat'} does not match its header {hea}"):
+        prepare(cfg(db, "100,101"), workers=1)
+
+
+def test_corrupt_header_is_named(db):
+    two_records(db)
+    (db / "101.hea").write_bytes(b"\x00\x13garbage header\nnot a signal line\n")
+    with pytest.raises(DataError, match=rf"corrupt header {db / '101.hea'}"):
+        prepare(cfg(db, "100,101", download=True), workers=1)  # and no download is attempted
+
+
+def test_corrupt_annotation_file_is_named(db):
+    two_records(db)
+    (db / "101.atr").write_bytes(b"\xff\xff\x00garbage" * 10)
+    with pytest.raises(DataError, match=rf"{db / '101.atr'}"):
+        prepare(cfg(db, "100,101"), workers=1)
+
+
+def test_unknown_record_ids_are_named(db):
+    two_records(db)
+    with pytest.raises(DataError, match=r"unknown record id\(s\) \['999'\] in 'records'"):
+        prepare(cfg(db, "100,999"), workers=1)
+
+
+def test_finetune_minutes_longer_than_a_record_is_named(db):
+    two_records(db)
+    with pytest.raises(ValueError, match=r"finetune_minutes=0.5 .* record 100 lasts 0.33 minutes"):
+        prepare(cfg(db, "100,101", finetune_minutes=0.5), workers=1)
+
+
+@pytest.mark.parametrize("window", [0, -160, 160.0, 160.5, True, "160"])
+def test_bad_window_is_named_before_any_file_is_read(tmp_path, window):
+    with pytest.raises(ValueError, match="window must be a positive whole number"):
+        prepare(PrepareConfig(data_dir=str(tmp_path / "nowhere"), window=window, download=False))
+
+
+@pytest.mark.parametrize("bad", [dict(label_scheme="aami5"), dict(finetune_minutes=0),
+                                 dict(finetune_minutes=float("nan")), dict(include_paced="yes")])
+def test_bad_parameters_are_named(tmp_path, bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        prepare(PrepareConfig(data_dir=str(tmp_path / "nowhere"), download=False, **bad))
+
+
+def test_entry_point_parameter_parsing():
+    assert window_from_param("160.0") == 160 and window_from_param(160) == 160
+    for bad in ("160.5", "0", "-3", "abc", "nan", "inf"):
+        with pytest.raises(ValueError, match="window"):
+            window_from_param(bad)
+    assert [include_paced_from_param(v) for v in ("auto", "true", "FALSE")] == [None, True, False]
+    with pytest.raises(ValueError, match="include_paced"):
+        include_paced_from_param("maybe")
