@@ -1,0 +1,454 @@
+"""The `compare` entry point on LOSO runs logged with known metrics into a real SQLite store.
+
+`log_loso` below builds the run tree of the tracking contract (README, "What is logged where")
+through the MLflow API: a parent tagged ecg.role=loso and variant children with the tags,
+`test_*` metrics and `confusion_matrix.json` that the LOSO experiment logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from ecg_mlflow import compare as C
+from ecg_mlflow import figures
+from ecg_mlflow.labels import AAMI
+from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, ec57_counts, ec57_stats, gross_and_average, metrics_from_cm
+from ecg_mlflow.splits import subject_of
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = list(AAMI.classes)  # N S V F Q
+N, S, V, F, Q = range(5)
+N_BOOT = 2000  # fewer resamples than the default keeps the tests fast; the code path is the same
+
+
+# --------------------------------------------------------------------------------------------
+# Builder: LOSO runs with known confusion matrices and metrics
+# --------------------------------------------------------------------------------------------
+
+def patient_cms(seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Confusion matrices (5, 5) per patient and variant, with classes missing on purpose:
+    '100' has no V beats and nothing called V (VEB Se, +P undefined); '101' has no S beats
+    (SVEB Se undefined) and only its transfer variant calls beats S; transfer improves the diagonal."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p in ("100", "101", "105", "201", "202", "208"):
+        base = rng.integers(0, 12, (5, 5))
+        base[:, Q] = 0
+        np.fill_diagonal(base, rng.integers(20, 200, 5))
+        cms = {"no_transfer": base.copy(), "transfer": base.copy()}
+        cms["transfer"][np.diag_indices(5)] += rng.integers(0, 15, 5)  # transfer gets more right
+        cms["transfer"][N, S] = max(0, int(base[N, S]) - int(rng.integers(-3, 6)))
+        for cm in cms.values():
+            if p == "100":
+                cm[V, :] = 0
+                cm[:, V] = 0
+            if p == "101":
+                cm[S, :] = 0
+                cm[:, S] = 0
+        if p == "101":
+            cms["transfer"][N, S] = 3
+        out[p] = cms
+    return out
+
+
+def log_loso(cms: dict[str, dict[str, np.ndarray]], *, experiment: str = "ecg-loso", name: str = "loso",
+             params: dict | None = None, parent_metrics: bool = True, role: str = "loso",
+             variants: tuple[str, ...] = C.VARIANTS, undefined: str = "nan") -> str:
+    """Log a LOSO parent run and its variant children; return the parent's run id.
+
+    Child metrics are ``test_<k>`` for every key of ``metrics_from_cm``; the parent gets
+    ``gross_<variant>_<stat>`` / ``avg_<variant>_<stat>``. A statistic without a denominator is
+    logged as NaN (``undefined="nan"``, the contract) or left out (``"absent"``, older runs).
+    The client API with batched logging keeps this at a few calls per run.
+    """
+    def complete(values: dict[str, float], names) -> dict[str, float]:
+        return {k: values.get(k, math.nan) for k in names} if undefined == "nan" else values
+
+    test_names = list(metrics_from_cm(np.eye(5, dtype=int), CLASSES))  # every class present: every name
+    summary_names = [f"{kind}_{v}_{s}" for kind in ("gross", "avg") for v in variants for s in SUMMARY_STATS]
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    parent = client.create_run(exp_id, run_name=name, tags={"ecg.role": role}).info.run_id
+    params = params or {"label_scheme": "aami", "finetune_minutes": 5, "model": "seed_cnn"}
+    summary = {}
+    for variant in variants:
+        per = [metrics_from_cm(cms[p][variant], CLASSES) for p in cms]
+        agg = gross_and_average(per, [cms[p][variant] for p in cms], CLASSES)
+        summary.update({f"{k.split('_', 1)[0]}_{variant}_{k.split('_', 1)[1]}": v for k, v in agg.items()})
+        for p, m in zip(cms, per):
+            child = client.create_run(exp_id, run_name=f"{p}-{variant}", tags={
+                "mlflow.parentRunId": parent, "ecg.role": "variant", "patient": p, "subject": subject_of(p),
+                "variant": variant, "base_run_id": "b"}).info.run_id
+            client.log_batch(child, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in complete(m, test_names).items()])
+            client.log_dict(child, {"labels": CLASSES, "matrix": cms[p][variant].tolist()}, "confusion_matrix.json")
+            client.set_terminated(child)
+    client.log_batch(parent, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, v, 0, 0) for k, v in complete(summary, summary_names).items()]
+                     if parent_metrics else [])
+    client.set_terminated(parent)
+    return parent
+
+
+def known(cms, patient: str, variant: str, metric: str) -> float:
+    """What the builder logged as ``test_<metric>`` (NaN when not logged)."""
+    return metrics_from_cm(cms[patient][variant], CLASSES).get(metric, math.nan)
+
+
+def n_runs() -> int:
+    return len(mlflow.search_runs(search_all_experiments=True))
+
+
+@pytest.fixture()
+def cms():
+    return patient_cms(0)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty, fully migrated SQLite store, made once: creating the tables takes seconds."""
+    db = tmp_path_factory.mktemp("store") / "empty.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture()
+def tracking_uri(tracking_uri, empty_store) -> str:
+    """conftest's fresh store per test, started from a copy of the migrated empty store."""
+    shutil.copyfile(empty_store, tracking_uri.removeprefix("sqlite:///"))
+    return tracking_uri
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+def test_tables_hold_the_logged_values(tracking_uri, cms):
+    loso_id = log_loso(cms)
+    res = C.compare(loso_runs=loso_id, n_boot=N_BOOT, echo=False)
+    (a,) = res.analyses
+    pp = a.per_patient
+    assert list(pp.index) == sorted(cms, key=int)
+    assert pp.loc["202", "subject"] == "201"
+    for p in cms:
+        for m in C.HEADLINE:
+            nt, t = known(cms, p, "no_transfer", m), known(cms, p, "transfer", m)
+            for col, want in ((f"{m}_no_transfer", nt), (f"{m}_transfer", t), (f"{m}_diff", t - nt)):
+                got = pp.at[p, col]
+                assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want), (p, col)
+    # Missing statistics stay missing, never zero.
+    assert math.isnan(pp.at["100", "veb_se_transfer"]) and math.isnan(pp.at["100", "veb_ppv_no_transfer"])
+    assert math.isnan(pp.at["101", "sveb_se_transfer"]) and math.isnan(pp.at["101", "sveb_ppv_no_transfer"])
+    assert pp.at["101", "sveb_ppv_transfer"] == 0.0 and math.isnan(pp.at["101", "sveb_ppv_diff"])
+
+    agg = a.aggregate
+    for v in C.VARIANTS:
+        total = sum(cms[p][v] for p in cms)
+        counts = {k: sum(int(known(cms, p, v, k)) for p in cms) for k in EC57_COUNTS}
+        assert counts == ec57_counts(total, CLASSES)
+        gross = ec57_stats(counts)
+        gross["accuracy"] = np.trace(total) / total.sum()
+        for s in SUMMARY_STATS:
+            values = [known(cms, p, v, s) for p in cms]
+            present = [x for x in values if not math.isnan(x)]
+            assert agg.at[s, f"avg_{v}"] == pytest.approx(np.mean(present))
+            assert agg.at[s, f"n_{v}"] == len(present)
+            if s in gross:
+                assert agg.at[s, f"gross_{v}"] == pytest.approx(gross[s])
+            assert agg.at[s, f"parent_gross_{v}"] == pytest.approx(agg.at[s, f"gross_{v}"])
+    assert agg.at["veb_se", "n_transfer"] == len(cms) - 1  # patient 100 has no V beats
+    assert agg.at["sveb_se", "n_no_transfer"] == len(cms) - 1  # patient 101 has no S beats
+    np.testing.assert_allclose(agg.gross_diff, agg.gross_transfer - agg.gross_no_transfer)
+    assert a.run.notes == []  # logged counts, matrices and parent metrics all agree
+    np.testing.assert_array_equal(a.run.cms["transfer"], sum(cms[p]["transfer"] for p in cms))
+
+
+def test_parent_gross_cross_check_flags_a_mismatch(tracking_uri, cms):
+    # Runs that leave undefined statistics out (rather than logging NaN) read the same.
+    loso_id = log_loso(cms, parent_metrics=False, undefined="absent")
+    MlflowClient().log_metric(loso_id, "gross_transfer_veb_se", 0.123)
+    (a,) = C.compare(loso_runs=loso_id, n_boot=N_BOOT, echo=False).analyses
+    assert math.isnan(a.per_patient.at["100", "veb_se_transfer"])
+    assert a.per_patient.at["105", "veb_se_diff"] == pytest.approx(
+        known(cms, "105", "transfer", "veb_se") - known(cms, "105", "no_transfer", "veb_se"))
+    assert math.isnan(a.aggregate.at["veb_ppv", "parent_gross_transfer"])  # not logged: not checked
+    assert len(a.run.notes) == 1 and "gross transfer veb_se" in a.run.notes[0] and "0.123" in a.run.notes[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+def test_paired_statistics_match_scipy(tracking_uri, cms):
+    loso_id = log_loso(cms)
+    (a,) = C.compare(loso_runs=loso_id, n_boot=N_BOOT, seed=3, echo=False).analyses
+    for m in C.HEADLINE:
+        nt = np.array([known(cms, p, "no_transfer", m) for p in sorted(cms, key=int)])
+        t = np.array([known(cms, p, "transfer", m) for p in sorted(cms, key=int)])
+        ok = ~(np.isnan(nt) | np.isnan(t))
+        row = a.tests.loc[m]
+        assert row.n == ok.sum() and row.n_left_out == (~ok).sum()
+        d = t[ok] - nt[ok]
+        assert row.mean_diff == pytest.approx(d.mean())
+        ref = stats.wilcoxon(t[ok], nt[ok])
+        assert row.wilcoxon_W == pytest.approx(ref.statistic) and row.p_value == pytest.approx(ref.pvalue)
+        # Rank-biserial from scipy's one-sided statistic R+ (zero differences dropped):
+        # r = (R+ - R-) / (R+ + R-), R+ + R- = n'(n' + 1) / 2.
+        nz = int((d != 0).sum())
+        r_plus = stats.wilcoxon(t[ok], nt[ok], alternative="greater").statistic
+        total = nz * (nz + 1) / 2
+        assert row.rank_biserial == pytest.approx((2 * r_plus - total) / total)
+        # The documented resampling recipe reproduces the CI exactly.
+        idx = np.random.default_rng(3).integers(0, d.size, (N_BOOT, d.size))
+        assert (row.ci_low, row.ci_high) == pytest.approx(tuple(np.percentile(d[idx].mean(1), [2.5, 97.5])))
+    assert a.tests.loc["veb_se"].n == len(cms) - 1 and a.tests.loc["sveb_ppv"].n_left_out == 1
+    # What the report and the terminal show: the same numbers, rates in percent.
+    shown = C.display_tests(a).loc["VEB Se"]
+    row = a.tests.loc["veb_se"]
+    assert shown["n"] == str(len(cms) - 1) and shown["left out"] == "1"
+    assert shown["p"] == f"{row.p_value:.3g}" and shown["rank-biserial r"] == f"{row.rank_biserial:+.2f}"
+    assert shown["mean Δ (pp)"] == f"{100 * row.mean_diff:+.1f}"
+    assert shown["95% CI (pp)"] == f"[{100 * row.ci_low:+.1f}, {100 * row.ci_high:+.1f}]"
+    assert shown["mean T (%)"] == f"{100 * row.mean_transfer:.1f}"
+
+
+def test_bootstrap_ci_agrees_with_scipy_and_is_seeded():
+    d = np.random.default_rng(7).normal(0.05, 0.1, 40)
+    lo, hi = C.bootstrap_ci(d, 10_000, seed=0)
+    ref = stats.bootstrap((d,), np.mean, n_resamples=10_000, method="percentile", rng=1).confidence_interval
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    assert abs(lo - ref.low) < 0.15 * se and abs(hi - ref.high) < 0.15 * se
+    assert lo < d.mean() < hi
+    assert C.bootstrap_ci(d, 10_000, seed=0) == (lo, hi)
+    assert C.bootstrap_ci(d, 10_000, seed=1) != (lo, hi)
+    assert C.bootstrap_ci(np.array([0.2]), 100) == (0.2, 0.2)
+    assert all(math.isnan(x) for x in C.bootstrap_ci(np.array([]), 100))
+
+
+def test_paired_test_edge_cases():
+    # Hand example: d = +0.1, -0.2, +0.3, 0 -> ranks of |d| (zero dropped) 1, 2, 3; R+ = 4, R- = 2.
+    out = C.paired_test(np.array([0.5, 0.5, 0.2, 0.4, np.nan]), np.array([0.6, 0.3, 0.5, 0.4, 0.9]), n_boot=200)
+    assert out["n"] == 4 and out["n_left_out"] == 1 and out["n_nonzero"] == 3
+    assert out["rank_biserial"] == pytest.approx((4 - 2) / 6)
+    assert out["mean_diff"] == pytest.approx(0.2 / 4)
+    same = C.paired_test(np.array([0.5, 0.7]), np.array([0.5, 0.7]), n_boot=200)
+    assert same["mean_diff"] == 0.0 and same["p_value"] == 1.0 and math.isnan(same["rank_biserial"])
+    none = C.paired_test(np.array([np.nan, 0.5]), np.array([0.5, np.nan]), n_boot=200)
+    assert none["n"] == 0 and none["n_left_out"] == 2
+    assert all(math.isnan(none[k]) for k in ("mean_diff", "ci_low", "p_value", "wilcoxon_W", "rank_biserial"))
+    with pytest.raises(ValueError, match="one length"):
+        C.paired_test(np.zeros(2), np.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------
+# The compare run: artifacts, tags, several LOSO runs, default run
+# --------------------------------------------------------------------------------------------
+
+def _artifact(run_id: str, path: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+
+
+def test_compare_run_artifacts_and_links(tracking_uri, cms, capsys):
+    loso_id = log_loso(cms)
+    res = C.compare(loso_runs=loso_id, n_boot=N_BOOT)
+    run = MlflowClient().get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.experiment_id == MlflowClient().get_run(loso_id).info.experiment_id
+    assert run.data.tags["ecg.role"] == "compare"
+    assert run.data.tags["loso_run_ids"] == loso_id and run.data.tags["loso_run_id.0"] == loso_id
+    a = res.analyses[0]
+    assert run.data.metrics["loso0_accuracy_mean_diff"] == pytest.approx(a.tests.at["accuracy", "mean_diff"])
+    assert run.data.metrics["loso0_veb_se_n"] == len(cms) - 1
+
+    report = _artifact(res.run_id, "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 3 and "<script" not in report
+    assert "Kiranyaz" in report and "Jiang &amp; Kong" in report and "Zhai &amp; Tin" in report
+    assert loso_id in report and "gross (pooled)" in report
+    # A percent value from the per-patient table, formatted as the report shows it.
+    assert f"{100 * known(cms, '208', 'transfer', 'accuracy'):.1f}" in report
+
+    pp = pd.read_csv(_artifact(res.run_id, "tables/per_patient.csv"), dtype={"patient": str, "subject": str})
+    assert (pp.loso_run_id == loso_id).all()
+    pd.testing.assert_frame_equal(pp.drop(columns="loso_run_id").set_index("patient"), a.per_patient,
+                                  check_names=False, check_dtype=False)
+    tests = pd.read_csv(_artifact(res.run_id, "tables/paired_tests.csv")).set_index("metric")
+    assert tests.at["veb_se", "p_value"] == pytest.approx(a.tests.at["veb_se", "p_value"])
+    summary = json.loads(_artifact(res.run_id, "summary.json").read_text())
+    s0 = summary["loso_runs"][0]
+    assert s0["run_id"] == loso_id and s0["aggregate"]["veb_se"]["gross_transfer"] == pytest.approx(
+        a.aggregate.at["veb_se", "gross_transfer"])
+    assert s0["per_patient"][0]["patient"] == "100" and s0["per_patient"][0]["veb_se_transfer"] is None
+    for name in ("difference_bars", "scatter", "confusion"):
+        png = _artifact(res.run_id, f"figures/0_{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    out = capsys.readouterr().out
+    assert "Paired statistics" in out and "VEB Se" in out and res.run_id in out
+    assert f"{100 * a.aggregate.at['veb_se', 'gross_transfer']:.1f}" in out
+
+
+def test_several_loso_runs_side_by_side(tracking_uri, cms):
+    first = log_loso(cms, name="loso-5min", params={"label_scheme": "aami", "finetune_minutes": 5, "model": "a"})
+    second = log_loso(patient_cms(1), name="loso-10min",
+                      params={"label_scheme": "aami", "finetune_minutes": 10, "model": "b"})
+    res = C.compare(loso_runs=f"{first}, {second}", n_boot=N_BOOT, echo=False)
+    tags = MlflowClient().get_run(res.run_id).data.tags
+    assert tags["loso_run_ids"] == f"{first},{second}"
+    assert tags["loso_run_id.0"] == first and tags["loso_run_id.1"] == second
+    sbs = pd.read_csv(_artifact(res.run_id, "tables/side_by_side.csv"), index_col=0)
+    assert list(sbs.columns) == ["[0] loso-5min (model=a, label_scheme=aami, finetune_minutes=5)",
+                                 "[1] loso-10min (model=b, label_scheme=aami, finetune_minutes=10)"]
+    for col, a in zip(sbs.columns, res.analyses):
+        assert sbs.at["gross_transfer_veb_se", col] == pytest.approx(a.aggregate.at["veb_se", "gross_transfer"])
+    assert res.analyses[0].aggregate.at["accuracy", "gross_transfer"] != \
+        res.analyses[1].aggregate.at["accuracy", "gross_transfer"]
+    report = _artifact(res.run_id, "report.html").read_text()
+    assert "LOSO runs side by side" in report and report.count("<section>") == 2
+    assert "finetune_minutes=10" in report and report.count("data:image/png;base64,") == 6
+    pp = pd.read_csv(_artifact(res.run_id, "tables/per_patient.csv"))
+    assert sorted(pp.loso_run_id.unique()) == sorted([first, second])
+
+
+def test_default_is_the_newest_finished_loso_run(tracking_uri, cms):
+    tiny = {p: cms[p] for p in ("105", "208")}
+    log_loso(tiny, name="older")
+    newest = log_loso(tiny, name="newer")
+    unfinished = log_loso(tiny, name="newest-but-running")
+    MlflowClient().update_run(unfinished, status="RUNNING")
+    log_loso(tiny, experiment="elsewhere", name="other-experiment")
+    assert C.default_loso_run(MlflowClient()) == newest
+    res = C.compare(n_boot=N_BOOT, echo=False)
+    assert MlflowClient().get_run(res.run_id).data.tags["loso_run_ids"] == newest
+    with pytest.raises(C.CompareError, match="'nope'"):
+        C.compare(experiment="nope", echo=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the run, and no compare run written
+# --------------------------------------------------------------------------------------------
+
+def test_bad_loso_runs_are_rejected_before_anything_is_written(tracking_uri, cms):
+    client = MlflowClient()
+    cms = {p: cms[p] for p in ("105", "208")}
+    good = log_loso(cms)
+    not_loso = log_loso(cms, role="base", name="a-base-run")
+    with mlflow.start_run(run_name="no-tag") as r:
+        pass
+    untagged = r.info.run_id
+    unfinished = log_loso(cms, name="still-running")
+    client.update_run(unfinished, status="RUNNING")
+    failed = log_loso(cms, name="crashed")
+    client.set_terminated(failed, status="FAILED")
+    with mlflow.start_run(run_name="empty-loso") as r:
+        mlflow.set_tag("ecg.role", "loso")
+    empty = r.info.run_id
+    one_sided = log_loso(cms, name="no-transfer-only", variants=("no_transfer",))
+    before = n_runs()
+    cases = [
+        ("0123456789abcdef0123456789abcdef", "not found"),
+        (not_loso, "not a LOSO run: its tag ecg.role is 'base'"),
+        (untagged, "not a LOSO run: its tag ecg.role is None"),
+        (unfinished, "status RUNNING, expected FINISHED"),
+        (failed, "status FAILED, expected FINISHED"),
+        (empty, "has no variant runs"),
+        (one_sided, "has no transfer variant runs"),
+    ]
+    for bad, message in cases:
+        # A bad run next to a good one: nothing is written for the good one either.
+        with pytest.raises(C.CompareError, match=message) as err:
+            C.compare(loso_runs=f"{good},{bad}", n_boot=N_BOOT, echo=False)
+        assert bad in str(err.value)
+    with pytest.raises(C.CompareError, match="more than once"):
+        C.compare(loso_runs=f"{good},{good}", echo=False)
+    assert n_runs() == before
+    assert mlflow.search_runs(search_all_experiments=True, filter_string="tags.`ecg.role` = 'compare'").empty
+
+
+def test_no_loso_run_anywhere(tracking_uri):
+    with pytest.raises(C.CompareError, match="no FINISHED run tagged ecg.role=loso"):
+        C.compare(echo=False)
+
+
+def test_a_child_without_its_confusion_matrix(tracking_uri, cms):
+    loso_id = log_loso({"100": cms["100"]})
+    child = mlflow.search_runs(search_all_experiments=True,
+                               filter_string=f"tags.mlflow.parentRunId = '{loso_id}'").run_id.iloc[0]
+    Path(MlflowClient().get_run(child).info.artifact_uri.removeprefix("file://"), "confusion_matrix.json").unlink()
+    with pytest.raises(C.CompareError, match=f"{child}.*confusion_matrix.json"):
+        C.compare(loso_runs=loso_id, echo=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+def test_figures():
+    fig = figures.plot_difference_bars({"VEB Se": (["100", "101", "105"], [3.0, -2.0, 1.0])}, "pp", "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["101", "105", "100"]  # sorted ascending
+    assert [p.get_width() for p in ax.patches] == [-2.0, 1.0, 3.0]
+    plt.close(fig)
+    fig = figures.plot_paired_scatter({"Accuracy": ([50.0, 90.0], [60.0, 80.0])}, "NT", "T", "t")
+    ax = fig.axes[0]
+    diag = ax.lines[0].get_xydata()
+    assert (diag[:, 0] == diag[:, 1]).all()  # the y = x line
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), [[50, 60], [90, 80]])
+    plt.close(fig)
+    fig = figures.plot_confusion_pair({"a": np.eye(2, dtype=int), "b": 2 * np.eye(2, dtype=int)}, ["N", "S"], "t")
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point, end to end
+# --------------------------------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    """The test's store only, and this interpreter's `python` first on PATH (`mlflow run` calls `python`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_mlflow_run_compare_end_to_end(tracking_uri, cms):
+    loso_id = log_loso(cms)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "compare", "--env-manager", "local",
+         "-P", f"loso_runs={loso_id}", "-P", "bootstrap=500"],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paired statistics" in proc.stdout
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`ecg.role` = 'compare'")
+    assert len(runs) == 1
+    run = MlflowClient().get_run(runs.run_id.iloc[0])
+    assert run.info.status == "FINISHED" and run.data.tags["loso_run_id.0"] == loso_id
+    assert run.data.tags.get("mlflow.project.entryPoint") == "compare"  # the run `mlflow run` created
+    assert run.data.params["bootstrap"] == "500"
+    names = {f.path for f in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"report.html", "summary.json", "tables", "figures"} <= names
+
+
+def test_entry_point_script_rejects_a_bad_run(tracking_uri, cms):
+    not_loso = log_loso({"105": cms["105"]}, role="variant")
+    before = n_runs()
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "compare.py"), "--loso-runs", not_loso],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and not_loso in proc.stderr and "Traceback" not in proc.stderr
+    assert n_runs() == before
