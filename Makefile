@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export ECG_DATA_DIR ?= $(if $(wildcard ../shared/data/mitdb/RECORDS),$(abspath ../shared/data/mitdb),)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: venv loso test bench ui clean
+.PHONY: venv loso test bench ui clean server system-deps
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,21 @@ bench: venv
 ## The MLflow UI on http://127.0.0.1:5000 over the embedded store.
 ui: venv
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+## A local tracking server (UI + REST API + proxied artifacts) on http://127.0.0.1:$(PORT);
+## runs reach it with MLFLOW_TRACKING_URI=http://127.0.0.1:$(PORT). S adds options, e.g. S=--auth.
+PORT ?= 5000
+server: venv
+	$(BIN)/python -m ecg_mlflow.server --port $(PORT) $(S)
+
+## System packages the UI, PostgreSQL and compose tests need (Debian); installs only what is missing.
+SYSTEM_DEPS := chromium postgresql docker-compose
+system-deps:
+	@missing=$$(for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "system-deps: all present ($(SYSTEM_DEPS))"; \
+	elif ! command -v apt-get >/dev/null; then echo "system-deps: no apt-get; install $$missing yourself (their tests skip)"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "system-deps: not root; run 'sudo make system-deps' to install $$missing (their tests skip)"; \
+	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlflow.db .pytest_cache
