@@ -8,7 +8,11 @@ message that names the parameter.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# TensorFlow's C++ start-up chatter (oneDNN, CPU features) buries the entry points' own output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from typing import Callable
 
 from ecg_mlflow.dataset import PrepareConfig
@@ -53,6 +57,16 @@ def tri_state(name: str) -> Callable[[str], bool | None]:
     return parse
 
 
+def boolean(name: str) -> Callable[[str], bool]:
+    def parse(text: str) -> bool:
+        value = tri_state(name)(text)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{name} must be true or false, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
     d = PrepareConfig()
     p.add_argument("--data-dir", default="", help="WFDB record directory (default: $ECG_DATA_DIR, else download cache)")
@@ -74,6 +88,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-batch-size", type=whole_number("finetune_batch_size"), default=d.finetune_batch_size)
     p.add_argument("--finetune-learning-rate", type=number("finetune_learning_rate"), default=d.finetune_learning_rate)
     p.add_argument("--seed", type=whole_number("seed"), default=d.seed)
+    p.add_argument("--class-weight", default=d.class_weight, help="none, balanced or sqrt (loss weight per class)")
+    p.add_argument("--jit-compile", type=boolean("jit_compile"), default=d.jit_compile, help="XLA-compile training")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -86,7 +102,8 @@ def prepare_config(a: argparse.Namespace) -> PrepareConfig:
 def train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate,
                        finetune_epochs=a.finetune_epochs, finetune_batch_size=a.finetune_batch_size,
-                       finetune_learning_rate=a.finetune_learning_rate, seed=a.seed)
+                       finetune_learning_rate=a.finetune_learning_rate, seed=a.seed,
+                       class_weight=a.class_weight, jit_compile=a.jit_compile)
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -19,7 +19,9 @@ import json
 import os
 import tempfile
 import warnings
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,6 +221,18 @@ def _extract(args: tuple[str, str, int, str, float]) -> dict:
     }
 
 
+def _extract_parallel(jobs: list[tuple], workers: int) -> list[dict]:
+    """Extract records in worker processes. Never fork a process that runs TensorFlow's threads
+    (forkserver then); a pool that cannot start (e.g. a caller's script without a ``__main__``
+    guard, which forkserver re-imports) falls back to extracting in this process."""
+    method = "forkserver" if "tensorflow" in sys.modules else "fork"
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+            return list(pool.map(_extract, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    except BrokenProcessPool:
+        return [_extract(j) for j in jobs]
+
+
 def _to_table(parts: list[dict], meta: dict) -> pa.Table:
     window = meta["window"]
     x = np.concatenate([p["x"] for p in parts]).reshape(-1, window * 2)
@@ -300,9 +314,7 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
     jobs = [(str(data_dir), r, int(cfg.window), cfg.label_scheme, float(cfg.finetune_minutes)) for r in records]
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 1:
-        # forkserver: workers start from a clean process, never a fork of one running TensorFlow threads.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-            parts = list(pool.map(_extract, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+        parts = _extract_parallel(jobs, workers)
     else:
         parts = [_extract(j) for j in jobs]
 

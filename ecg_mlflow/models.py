@@ -16,7 +16,10 @@ import keras
 from keras import layers
 
 HEAD_LAYERS: tuple[str, ...] = ("head_dense", "logits")
-MODELS: tuple[str, ...] = ("seed_cnn",)
+# Which inputs each model reads: "beat" ``(window, leads)`` mV; "rr" ``(3,)`` rhythm features
+# (previous and next RR over the local mean RR, local mean RR in s; see BeatDataset.rr_features).
+MODEL_INPUTS: dict[str, tuple[str, ...]] = {"seed_cnn": ("beat",), "rr_cnn": ("beat", "rr")}
+MODELS: tuple[str, ...] = tuple(MODEL_INPUTS)
 
 
 def lead_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,11 +44,36 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
     return keras.Model(inputs, logits, name="seed_cnn")
 
 
-def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray) -> keras.Model:
-    """Build model ``name`` with its normalisation fitted on ``train_x`` ``(n, window, n_leads)``."""
+def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
+                 rr_mean: np.ndarray, rr_variance: np.ndarray) -> keras.Model:
+    """The seed CNN with rhythm context: the three RR features join the flattened beat features
+    before the head, so premature beats (short previous RR) are visible to the classifier."""
+    beat = keras.Input(shape=(window, n_leads), name="beat")
+    rr = keras.Input(shape=(3,), name="rr")
+    x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(beat)
+    for i, filters in enumerate((16, 32, 64), start=1):
+        x = layers.Conv1D(filters, 3, activation="relu", name=f"conv{i}")(x)
+        x = layers.MaxPool1D(2, name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(rr)
+    x = layers.Concatenate(name="features")([x, r])
+    x = layers.Dense(32, activation="relu", name="head_dense")(x)
+    logits = layers.Dense(n_classes, name="logits")(x)
+    return keras.Model({"beat": beat, "rr": rr}, logits, name="rr_cnn")
+
+
+def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
+                train_rr: np.ndarray | None = None) -> keras.Model:
+    """Build model ``name`` with its normalisation fitted on training beats ``train_x``
+    ``(n, window, n_leads)`` (and, for ``rr_cnn``, training RR features ``train_rr`` ``(n, 3)``)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
     mean, variance = lead_stats(train_x)
+    if name == "rr_cnn":
+        if train_rr is None:
+            raise ValueError("model rr_cnn needs the training RR features (n, 3)")
+        rr_mean, rr_var = lead_stats(train_rr[:, None, :])
+        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var)
     return build_seed_cnn(window, n_leads, n_classes, mean, variance)
 
 

@@ -16,7 +16,9 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from ecg_mlflow.models import build_model, transfer_copy, MODELS
+from ecg_mlflow.models import MODEL_INPUTS, MODELS, build_model, transfer_copy
+
+CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class TrainConfig:
     finetune_batch_size: int = 32
     finetune_learning_rate: float = 1e-3
     seed: int = 42
+    class_weight: str = "none"  # none | balanced | sqrt: loss weight per class from training counts
+    jit_compile: bool = False  # XLA-compile the train step
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -49,6 +53,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number in (0, 10), got {v!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weight must be one of {list(CLASS_WEIGHTS)}, got {self.class_weight!r}")
+        if not isinstance(self.jit_compile, bool):
+            raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
 
     def as_params(self) -> dict:
@@ -64,12 +72,84 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool = True) -> tf.data.Dataset:
-    """Batched ``(x, y)`` pipeline: x ``(n, window, leads)`` float32, y ``(n,)`` int."""
-    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+class BeatSource:
+    """Every beat of a prepared dataset as tensors, made once per process; folds select rows by
+    index, so no fold copies the beat array.
+
+    x: ``(n, window, leads)`` float32 mV; y: ``(n,)`` class codes; rr: ``(n, 3)`` RR features or None.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None):
+        if len(x) != len(y) or (rr is not None and len(rr) != len(x)):
+            raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
+                             f"{None if rr is None else len(rr)}")
+        self.x_np, self.y_np, self.rr_np = x, np.asarray(y).astype(np.int32), rr
+        self._tensors: dict[str, tf.Tensor] | None = None
+
+    @classmethod
+    def from_dataset(cls, ds) -> "BeatSource":
+        """A source over a :class:`ecg_mlflow.dataset.BeatDataset`."""
+        return cls(ds.x, ds.label, ds.rr_features())
+
+    def __len__(self) -> int:
+        return len(self.y_np)
+
+    def _t(self) -> dict[str, tf.Tensor]:
+        if self._tensors is None:
+            self._tensors = {"beat": tf.constant(self.x_np), "y": tf.constant(self.y_np)}
+            if self.rr_np is not None:
+                self._tensors["rr"] = tf.constant(self.rr_np)
+        return self._tensors
+
+    def inputs(self, idx: np.ndarray, names: tuple[str, ...] = ("beat",)):
+        """Model inputs of rows ``idx`` as NumPy: the beat array, or a dict when a model reads several."""
+        arrays = {"beat": self.x_np, "rr": self.rr_np}
+        missing = [n for n in names if arrays.get(n) is None]
+        if missing:
+            raise ValueError(f"this beat source has no {missing} input")
+        return self.x_np[idx] if names == ("beat",) else {n: arrays[n][idx] for n in names}
+
+    def labels(self, idx: np.ndarray) -> np.ndarray:
+        return self.y_np[idx]
+
+    def dataset(self, idx: np.ndarray, batch_size: int, seed: int, names: tuple[str, ...] = ("beat",),
+                shuffle: bool = True) -> tf.data.Dataset:
+        """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``."""
+        t = self._t()
+        missing = [n for n in names if n not in t]
+        if missing:
+            raise ValueError(f"this beat source has no {missing} input")
+        ds = tf.data.Dataset.from_tensor_slices(np.asarray(idx, dtype=np.int64))
+        if shuffle:
+            ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
+
+        def gather(i):
+            feats = {n: tf.gather(t[n], i) for n in names}
+            return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], i)
+
+        return ds.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)  # gather is cheap: no parallel map
+
+
+def class_weights(y: np.ndarray, n_classes: int, how: str) -> dict[int, float] | None:
+    """Loss weight per class from the training labels ``y`` ``(n,)``: ``balanced`` = n / (k n_c),
+    ``sqrt`` = its square root (milder); classes absent from ``y`` get 1. Mean weight per beat is 1."""
+    if how == "none":
+        return None
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.ones(n_classes)
+    w[present] = counts[present].sum() / (present.sum() * counts[present])
+    if how == "sqrt":
+        w[present] = np.sqrt(w[present])
+    w[present] /= (w[present] * counts[present]).sum() / counts[present].sum()
+    return {int(c): float(w[c]) for c in range(n_classes)}
+
+
+def _as_source(x, y) -> tuple["BeatSource", np.ndarray]:
+    # Callers pass either (BeatSource, row indices) or plain (beats, labels) arrays.
+    if isinstance(x, BeatSource):
+        return x, np.asarray(y)
+    return BeatSource(np.asarray(x), np.asarray(y)), np.arange(len(x))
 
 
 class _EpochHook(keras.callbacks.Callback):
@@ -82,50 +162,68 @@ class _EpochHook(keras.callbacks.Callback):
             self.on_epoch(epoch, {f"{self.prefix}{k}": float(v) for k, v in (logs or {}).items()})
 
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
+def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        jit_compile=jit_compile,
     )
 
 
-def train_base(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
+def train_base(x, y, n_classes: int, cfg: TrainConfig,
                on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Train a base model from scratch on beats ``x`` ``(n, window, leads)`` with labels ``y`` ``(n,)``.
+    """Train a base model from scratch.
 
-    Returns the model and its history (``loss``, ``accuracy`` per epoch).
+    ``(x, y)`` is either a :class:`BeatSource` and the training row indices ``(n,)``, or beats
+    ``(n, window, leads)`` and labels ``(n,)``. Returns the model and its history (``loss``,
+    ``accuracy`` per epoch).
     """
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need as many labels as beats (> 0), got {len(x)} beats and {len(y)} labels")
+    source, idx = _as_source(x, y)
+    if len(idx) == 0:
+        raise ValueError("need training beats, got none")
+    names = MODEL_INPUTS[cfg.model]
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, x.shape[1], x.shape[2], n_classes, x)
-    _compile(model, cfg.learning_rate)
-    hist = model.fit(make_dataset(x, y, cfg.batch_size, cfg.seed), epochs=cfg.epochs, verbose=0,
+    model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
+                        None if source.rr_np is None else source.rr_np[idx])
+    _compile(model, cfg.learning_rate, cfg.jit_compile)
+    hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0,
+                     class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "")])
     return model, {k: [float(v) for v in vs] for k, vs in hist.history.items()}
 
 
-def fine_tune(base: keras.Model, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
               on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Copy ``base``, freeze all but its head, re-train the head on ``x`` ``(n, window, leads)``, ``y`` ``(n,)``.
-
-    ``base`` itself is left unchanged. Returns the transfer model and its history
-    (``finetune_loss``, ``finetune_accuracy`` per epoch).
-    """
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need fine-tune beats with labels (> 0), got {len(x)} beats and {len(y)} labels")
+    """Copy ``base``, freeze all but its head, re-train the head on the fine-tune beats
+    (``(x, y)`` as in :func:`train_base`). ``base`` itself is left unchanged. Returns the transfer
+    model and its history (``finetune_loss``, ``finetune_accuracy`` per epoch)."""
+    source, idx = _as_source(x, y)
+    if len(idx) == 0:
+        raise ValueError("need fine-tune beats, got none")
+    names = tuple(base.input.keys()) if isinstance(base.input, dict) else ("beat",)
     seed_everything(cfg.seed)
     model = transfer_copy(base)
-    _compile(model, cfg.finetune_learning_rate)
-    hist = model.fit(make_dataset(x, y, cfg.finetune_batch_size, cfg.seed), epochs=cfg.finetune_epochs,
-                     verbose=0, callbacks=[_EpochHook(on_epoch, "finetune_")])
+    _compile(model, cfg.finetune_learning_rate, cfg.jit_compile)
+    n_classes = int(model.output.shape[-1])
+    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, cfg.seed, names), epochs=cfg.finetune_epochs,
+                     verbose=0, class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
+                     callbacks=[_EpochHook(on_epoch, "finetune_")])
     return model, {f"finetune_{k}": [float(v) for v in vs] for k, vs in hist.history.items()}
 
 
-def predict_classes(model: keras.Model, x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-    """Predicted class codes ``(n,)`` for beats ``x`` ``(n, window, leads)``."""
-    if len(x) == 0:
+def model_input_names(model: keras.Model) -> tuple[str, ...]:
+    """The inputs a model reads, in :data:`ecg_mlflow.models.MODEL_INPUTS` terms."""
+    return tuple(model.input.keys()) if isinstance(model.input, dict) else ("beat",)
+
+
+def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:
+    """Predicted class codes ``(n,)`` for beats ``x`` ``(n, window, leads)``, or for rows ``idx`` of a
+    :class:`BeatSource` ``x``."""
+    if isinstance(x, BeatSource):
+        x = x.inputs(np.asarray(idx), model_input_names(model))
+    n = len(x["beat"]) if isinstance(x, dict) else len(x)
+    if n == 0:
         return np.zeros(0, dtype=np.int64)
     logits = model.predict(x, batch_size=batch_size, verbose=0)
     return np.argmax(logits, axis=1).astype(np.int64)

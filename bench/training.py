@@ -1,0 +1,190 @@
+"""Training speed and where LOSO wall time goes, on the real MIT-BIH data.
+
+Prints figures; asserts nothing. In one run it measures:
+
+1. base-model training throughput (beats/s) of the seed notebook's path — its Sequential model
+   (ReLU on the logits, as written) fitted with ``model.fit`` on NumPy arrays at batch 32 —
+   against this project's path (``BeatSource`` tf.data pipeline, ``TrainConfig`` defaults and
+   the variants given by ``--batch-sizes``), on the same beats and epochs, and the ratio;
+2. the time to prepare the dataset (cold, fresh cache directory; and cached);
+3. the share of LOSO wall time spent in tracking calls (every MLflow call of a small in-process
+   LOSO run is timed; a local SQLite store);
+4. the wall time of a full default LOSO: measured with ``--full`` (20+ minutes here), otherwise
+   estimated from the small run's per-subject time and labelled as an estimate.
+
+    python bench/training.py [--data-dir DIR] [--beats 40000] [--epochs 2] [--full]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script without installing the package
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def seed_path_model(window: int, n_classes: int):
+    """The notebook's model exactly as written (including ReLU on the logits)."""
+    from tensorflow.keras import layers, models
+
+    m = models.Sequential([
+        layers.Input((window, 2)),
+        layers.Conv1D(16, 3, activation="relu"), layers.MaxPool1D(2),
+        layers.Conv1D(32, 3, activation="relu"), layers.MaxPool1D(2),
+        layers.Conv1D(64, 3, activation="relu"), layers.MaxPool1D(2),
+        layers.Flatten(), layers.Dense(32, activation="relu"), layers.Dense(n_classes, activation="relu"),
+    ])
+    import tensorflow as tf
+
+    m.compile(optimizer="adam", loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              metrics=["accuracy"])
+    return m
+
+
+def throughput(fit, n_beats: int, epochs: int) -> tuple[float, float]:
+    """(beats/s, final training accuracy) of ``fit(epochs)``, after a one-epoch warm-up that pays tracing."""
+    fit(1)
+    t = time.perf_counter()
+    acc = fit(epochs)
+    return n_beats * epochs / (time.perf_counter() - t), acc
+
+
+def bench_training(ds, n: int, epochs: int, batch_sizes: list[int]) -> None:
+    import keras
+
+    from ecg_mlflow.training import BeatSource, TrainConfig, seed_everything, train_base
+
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
+    x, y = ds.x[idx], ds.label[idx]
+    print(f"\n1. base training throughput: {len(idx)} beats, {epochs} epoch(s) after a warm-up epoch")
+
+    seed_everything(0)
+    seed_model = seed_path_model(ds.x.shape[1], len(ds.classes))
+    # The seed normalised with min-max per lead; that cost is outside fit and not counted.
+    seed_fit = lambda e: seed_model.fit(x, y[:, None], batch_size=32, epochs=e, verbose=0).history["accuracy"][-1]  # noqa: E731
+    seed_bps, seed_acc = throughput(seed_fit, len(idx), epochs)
+    print(f"   {'seed notebook path (fit on NumPy, batch 32)':52s} {seed_bps:9.0f} beats/s   acc {seed_acc:.4f}   1.00x")
+
+    source = BeatSource(x, y)
+    rows = np.arange(len(idx))
+    defaults = TrainConfig()
+    for bs in batch_sizes:
+        for jit in (False, True):
+            cfg = TrainConfig(batch_size=bs, learning_rate=defaults.learning_rate * max(1.0, bs / defaults.batch_size) ** 0.5,
+                              jit_compile=jit)
+            keras.backend.clear_session()
+            # train_base builds and compiles afresh each call; time the whole call for `epochs`
+            # and subtract a 1-epoch call, which leaves the steady per-epoch cost.
+            t0 = time.perf_counter(); train_base(source, rows, len(ds.classes), TrainConfig(**{**cfg.__dict__, "epochs": 1})); t1 = time.perf_counter()
+            _, hist = train_base(source, rows, len(ds.classes), TrainConfig(**{**cfg.__dict__, "epochs": epochs + 1}))
+            t2 = time.perf_counter()
+            bps = len(idx) * epochs / ((t2 - t1) - (t1 - t0))
+            label = f"this project (BeatSource, batch {bs}{', XLA' if jit else ''}{', default' if bs == defaults.batch_size and jit == defaults.jit_compile else ''})"
+            print(f"   {label:52s} {bps:9.0f} beats/s   acc {hist['accuracy'][-1]:.4f}   {bps / seed_bps:.2f}x")
+
+
+class CallTimer:
+    """Wraps MLflow's logging functions and accumulates the time spent inside them."""
+
+    NAMES = ["log_metrics", "log_metric", "log_params", "log_param", "set_tags", "set_tag", "log_dict",
+             "log_figure", "log_artifact", "log_input", "start_run", "end_run", "register_model", "get_run"]
+
+    def __init__(self):
+        self.total = 0.0
+        self.by_name: dict[str, float] = {}
+
+    def install(self) -> None:
+        import mlflow
+        import mlflow.keras
+
+        targets = [(mlflow, n) for n in self.NAMES if hasattr(mlflow, n)] + [(mlflow.keras, "log_model")]
+        from mlflow import MlflowClient
+
+        targets.append((MlflowClient, "set_registered_model_alias"))
+        for owner, name in targets:
+            setattr(owner, name, self._wrap(getattr(owner, name), name))
+
+    def _wrap(self, fn, name):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t
+                self.total += dt
+                self.by_name[name] = self.by_name.get(name, 0.0) + dt
+        return timed
+
+
+def bench_loso(data_dir: str, cache: str, holdout: int, full: bool) -> None:
+    import mlflow
+
+    from ecg_mlflow.dataset import PrepareConfig
+    from ecg_mlflow.loso import LosoConfig, run_loso
+    from ecg_mlflow.splits import subject_of
+    from ecg_mlflow.records import MITDB_RECORDS
+    from ecg_mlflow.labels import PACED_RECORDS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        mlflow.set_experiment("bench")
+        subjects = list(dict.fromkeys(subject_of(r) for r in MITDB_RECORDS if r not in PACED_RECORDS))
+        timer = CallTimer()
+        timer.install()
+        chosen = subjects if full else subjects[:holdout]
+        cfg = LosoConfig(prepare=PrepareConfig(data_dir=data_dir, cache_dir=cache), holdout=",".join(chosen))
+        print(f"\n3. tracking share: LOSO with default parameters, {len(chosen)} of {len(subjects)} held-out subjects"
+              f"{' (the full run)' if full else ''}, base models trained on every other subject")
+        t = time.perf_counter()
+        run_loso(cfg)
+        wall = time.perf_counter() - t
+        print(f"   LOSO wall time {wall:.1f} s; tracking calls {timer.total:.1f} s = {100 * timer.total / wall:.1f} % of it")
+        for name, sec in sorted(timer.by_name.items(), key=lambda kv: -kv[1])[:6]:
+            print(f"      {name:28s} {sec:6.2f} s")
+        print("\n4. full default LOSO (44 non-paced records, 43 subjects, base + transfer):")
+        if full:
+            print(f"   measured: {wall / 60:.1f} min")
+        else:
+            print(f"   estimate from {len(chosen)} subjects: {wall / len(chosen) * len(subjects) / 60:.1f} min "
+                  f"(run with --full to measure)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=os.environ.get("ECG_DATA_DIR", ""))
+    p.add_argument("--beats", type=int, default=40000, help="beats for the throughput comparison")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per throughput measurement")
+    p.add_argument("--batch-sizes", default="256,512", help="this project's batch sizes to time")
+    p.add_argument("--holdout", type=int, default=3, help="held-out subjects in the tracking-share run")
+    p.add_argument("--full", action="store_true", help="time the full 43-subject LOSO (20+ minutes)")
+    a = p.parse_args()
+
+    from ecg_mlflow.dataset import PrepareConfig, prepare
+
+    print(f"machine: {os.cpu_count()} cores")
+    cache = tempfile.mkdtemp(prefix="bench-cache-")
+    t = time.perf_counter()
+    ds = prepare(PrepareConfig(data_dir=a.data_dir or None, cache_dir=cache))
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    prepare(PrepareConfig(data_dir=a.data_dir or None, cache_dir=cache))
+    cached = time.perf_counter() - t
+    bench_training(ds, a.beats, a.epochs, [int(b) for b in a.batch_sizes.split(",")])
+    print(f"\n2. prepare (aami, 44 records, {len(ds)} beats): cold {cold:.2f} s, cached {cached:.2f} s")
+    bench_loso(a.data_dir or None, cache, a.holdout, a.full)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

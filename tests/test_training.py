@@ -1,0 +1,122 @@
+"""Models and training on tiny synthetic beats: logits, normalisation, freezing, seeds, weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ecg_mlflow.models import HEAD_LAYERS, build_model, lead_stats, transfer_copy
+from ecg_mlflow.training import BeatSource, TrainConfig, class_weights, fine_tune, predict_classes, train_base
+
+WINDOW = 32
+
+
+def toy_beats(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three separable classes: a spike at a class-specific position on lead 0, offset lead 1."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(0, 0.05, (n, WINDOW, 2)).astype(np.float32)
+    x[np.arange(n), 8 + 8 * y, 0] += 1.5
+    x[:, :, 1] += 3.0  # a lead far from zero mean: normalisation must handle it
+    rr = np.stack([1 + 0.3 * (y == 1), np.ones(n), np.full(n, 0.8)], axis=1).astype(np.float32)
+    return x, y, rr
+
+
+FAST = TrainConfig(epochs=3, batch_size=32, finetune_epochs=2, learning_rate=3e-3, seed=1)
+
+
+def test_last_layer_gives_logits_and_normalisation_is_fitted_on_training_beats():
+    x, y, _ = toy_beats()
+    model = build_model("seed_cnn", WINDOW, 2, 3, x[:400])
+    assert model.get_layer("logits").get_config()["activation"] == "linear"
+    norm = model.get_layer("normalize")
+    mean, var = lead_stats(x[:400])
+    np.testing.assert_allclose(np.ravel(norm.mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(np.ravel(norm.variance), var, rtol=1e-5)
+    assert not np.allclose(mean, lead_stats(x[400:])[0], rtol=1e-6)  # fitted on training rows only
+    logits = model.predict(x[:50], verbose=0)
+    assert (logits < 0).any()  # a ReLU on the output could never give this
+
+
+def test_trains_to_separate_classes_and_reports_history():
+    x, y, _ = toy_beats()
+    model, hist = train_base(x[:500], y[:500], 3, FAST)
+    assert len(hist["loss"]) == FAST.epochs and hist["loss"][-1] < hist["loss"][0]
+    assert (predict_classes(model, x[500:]) == y[500:]).mean() > 0.9
+
+
+def test_source_with_indices_equals_arrays_and_same_seed_repeats():
+    x, y, rr = toy_beats()
+    src = BeatSource(x, y, rr)
+    idx = np.arange(100, 500)
+    m1, h1 = train_base(src, idx, 3, FAST)
+    m2, h2 = train_base(x[idx], y[idx], 3, FAST)
+    assert h1["loss"] == h2["loss"]
+    for a, b in zip(m1.get_weights(), m2.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    _, h3 = train_base(src, idx, 3, TrainConfig(**{**FAST.__dict__, "seed": 2}))
+    assert h3["loss"] != h1["loss"]
+
+
+def test_beat_source_batches_hold_the_selected_rows():
+    x, y, rr = toy_beats(50)
+    src = BeatSource(x, y, rr)
+    idx = np.array([3, 7, 11, 40])
+    got_x, got_y = next(iter(src.dataset(idx, 8, seed=0, shuffle=False)))
+    np.testing.assert_array_equal(got_x.numpy(), x[idx])
+    np.testing.assert_array_equal(got_y.numpy(), y[idx])
+    feats, _ = next(iter(src.dataset(idx, 8, seed=0, names=("beat", "rr"), shuffle=False)))
+    np.testing.assert_array_equal(feats["rr"].numpy(), rr[idx])
+    with pytest.raises(ValueError, match="rr"):
+        BeatSource(x, y).dataset(idx, 8, 0, names=("beat", "rr"))
+
+
+def test_fine_tune_retrains_only_the_head_and_leaves_the_base_unchanged():
+    x, y, _ = toy_beats()
+    base, _ = train_base(x[:300], y[:300], 3, FAST)
+    before = [w.copy() for w in base.get_weights()]
+    tuned, hist = fine_tune(base, x[300:400], y[300:400], FAST)
+    assert len(hist["finetune_loss"]) == FAST.finetune_epochs
+    for a, b in zip(before, base.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for layer in tuned.layers:
+        assert layer.trainable == (layer.name in HEAD_LAYERS)
+        same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), base.get_layer(layer.name).get_weights()))
+        assert same == (layer.name not in HEAD_LAYERS), layer.name
+    assert transfer_copy(base).get_layer("conv1").trainable is False
+
+
+def test_rr_model_reads_rhythm_features():
+    x, y, rr = toy_beats()
+    src = BeatSource(x, y, rr)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn"})
+    model, _ = train_base(src, np.arange(500), 3, cfg)
+    assert set(model.input) == {"beat", "rr"}
+    assert (predict_classes(model, src, np.arange(500, 600)) == y[500:]).mean() > 0.9
+    tuned, _ = fine_tune(model, src, np.arange(500, 550), cfg)
+    assert predict_classes(tuned, src, np.arange(550, 600)).shape == (50,)
+    with pytest.raises(ValueError, match="RR"):
+        train_base(x, y, 3, cfg)  # plain arrays carry no RR features
+
+
+def test_class_weights():
+    y = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    assert class_weights(y, 4, "none") is None
+    bal = class_weights(y, 4, "balanced")
+    sq = class_weights(y, 4, "sqrt")
+    counts = np.bincount(y, minlength=4)
+    for w in (bal, sq):
+        assert sum(w[c] * counts[c] for c in range(4)) / counts.sum() == pytest.approx(1.0)  # mean 1 per beat
+        assert w[0] < w[1] < w[2] and w[3] == 1.0  # rarer weighs more; absent class left at 1
+    assert bal[2] / bal[0] == pytest.approx(90.0)
+    assert sq[2] / sq[0] == pytest.approx(np.sqrt(90.0))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "epochs"), ("batch_size", 2.5, "batch_size"), ("learning_rate", 0, "learning_rate"),
+    ("model", "resnet", "model"), ("class_weight", "auto", "class_weight"), ("seed", -1, "seed"),
+    ("jit_compile", "yes", "jit_compile"), ("finetune_epochs", True, "finetune_epochs"),
+])
+def test_config_validation_names_the_parameter(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value}).validated()
