@@ -10,21 +10,38 @@ Run tree (see README, "What is logged where")::
 
 The functions :func:`fit_base`, :func:`evaluate_no_transfer` and :func:`fit_transfer` log to the
 *active* run, so the ``train_base`` and ``transfer`` entry points reuse them for single steps.
+
+:func:`run_fold` is one held-out subject; :mod:`ecg_mlflow.executors` runs the folds in this
+process, in local worker processes or as Ray tasks, each fold logging its own child runs. A run
+whose folds failed ends FAILED, naming the patients; ``resume_run_id`` re-opens it and re-runs
+only what did not finish (:func:`run_loso`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+import contextlib
+import math
+import os
+import re
+import shlex
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields, replace
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 import mlflow
+from mlflow import MlflowClient
 
+from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
 from ecg_mlflow.dataset import BeatDataset, PrepareConfig, prepare
+from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
 from ecg_mlflow.splits import Fold, loso_folds, subject_of
-from ecg_mlflow.training import Progress, TrainConfig, fine_tune, predict_classes, train_base
+from ecg_mlflow.training import BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, train_base
 
 VARIANTS = ("no_transfer", "transfer")
 HEADLINE = ("veb_se", "veb_ppv", "veb_fpr", "sveb_se", "sveb_ppv", "sveb_fpr", "accuracy", "macro_f1")
@@ -39,12 +56,17 @@ class LosoConfig:
     holdout: str | None = None  # subjects to hold out, comma-separated; None/'all' = every subject
     registry_prefix: str = "ecg"
     register: bool = True
+    execution: ExecConfig = field(default_factory=ExecConfig)
+    resume_run_id: str | None = None  # re-open this LOSO run and finish what it left undone
 
     def validated(self) -> "LosoConfig":
         self.prepare.validated()
         self.train.validated()
+        self.execution.validated()
         if not self.registry_prefix or not all(c.isalnum() or c in "-_." for c in self.registry_prefix):
             raise ValueError(f"registry_prefix must be letters, digits, '-', '_' or '.', got {self.registry_prefix!r}")
+        if self.resume_run_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.resume_run_id):
+            raise ValueError(f"resume_run_id must be a run id (letters and digits), got {self.resume_run_id!r}")
         return self
 
     def params(self) -> dict[str, object]:
@@ -52,6 +74,7 @@ class LosoConfig:
         p = {k: v for k, v in asdict(self.prepare).items() if k not in ("cache_dir", "download")}
         p.update(asdict(self.train))
         p.update(holdout=self.holdout or "all", registry_prefix=self.registry_prefix)
+        p.update(self.execution.params())
         return {k: ("" if v is None else v) for k, v in p.items()}
 
 
@@ -87,20 +110,62 @@ def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
     return list(dict.fromkeys(named))
 
 
+def register_once(model_uri: str, name: str, tags: dict[str, object]) -> str:
+    """Register ``model_uri`` as a version of ``name``, unless this LOSO run already holds one.
+
+    Called after the run's model is logged and its metrics are in. A version tagged with the same
+    ``loso_run_id`` that belongs to this very run is kept (nothing registered twice); one that
+    belongs to an earlier attempt that did not finish (a killed worker, an interrupted run now
+    being resumed) is deleted first, so each LOSO run keeps exactly one version per name.
+    """
+    loso_run_id, run_id = str(tags.get("loso_run_id") or ""), str(tags.get("run_id") or "")
+    if loso_run_id:
+        client = MlflowClient()
+        for v in client.search_model_versions(f"name = '{name}' and tags.loso_run_id = '{loso_run_id}'"):
+            if v.run_id == run_id or client.get_run(v.run_id).info.status == "FINISHED":
+                return str(v.version)
+            client.delete_model_version(name, v.version)
+            print(f"    registry: removed {name} version {v.version} of unfinished run {v.run_id}", flush=True)
+    return registry.register(model_uri, name, tags)
+
+
+def beat_source(ds: BeatDataset) -> BeatSource:
+    """The dataset's beats as tensors, made once per dataset object (once per process in workers)
+    and shared by every fold: folds select rows by index, nothing copies the beat array."""
+    src = getattr(ds, "_beat_source", None)
+    if src is None:
+        src = BeatSource.from_dataset(ds)
+        ds._beat_source = src  # cached on the dataset, which each process loads once
+    return src
+
+
+def _epoch_printer(total: int, label: str):
+    """Per-epoch callback: log the metrics to the active run and print a progress line."""
+    start = time.monotonic()
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        tracking.log_epoch_metrics(epoch, logs)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        print(f"      {label} epoch {epoch + 1}/{total}: {shown} ({time.monotonic() - start:.0f} s)", flush=True)
+
+    return on_epoch
+
+
 def fit_base(ds: BeatDataset, fold: Fold, cfg: LosoConfig, loso_run_id: str | None = None) -> BaseModel:
     """Train the base model of ``fold`` on every other subject's beats; log it to the active run."""
     run_id = mlflow.active_run().info.run_id
-    x, y = ds.x[fold.train], ds.label[fold.train]
+    src, train_idx = beat_source(ds), np.flatnonzero(fold.train)
     train_records = tuple(dict.fromkeys(ds.record[fold.train].tolist()))
     # Leakage guard: the held-out subject's records must not be among the training records.
     assert not set(train_records) & set(fold.records), "held-out subject leaked into base training"
     mlflow.set_tags({tracking.ROLE_TAG: "base", "subject": fold.subject,
                      "heldout_records": ",".join(fold.records), "train_records": ",".join(train_records)})
-    mlflow.log_params({"n_train_beats": len(y), "n_train_records": len(train_records)})
-    model, _ = train_base(x, y, len(ds.classes), cfg.train, on_epoch=tracking.log_epoch_metrics)
-    model_uri = tracking.log_keras_model(model, x[:8])
+    mlflow.log_params({"n_train_beats": len(train_idx), "n_train_records": len(train_records)})
+    model, _ = train_base(src, train_idx, len(ds.classes), cfg.train,
+                          on_epoch=_epoch_printer(cfg.train.epochs, f"base {fold.subject}"))
+    model_uri = tracking.log_keras_model(model, src.inputs(train_idx[:8], model_input_names(model)))
     if cfg.register:
-        registry.register(model_uri, registry.base_model_name(cfg.registry_prefix, fold.subject), {
+        register_once(model_uri, registry.base_model_name(cfg.registry_prefix, fold.subject), {
             "subject": fold.subject, "run_id": run_id, "loso_run_id": loso_run_id or "",
             "train_records": ",".join(train_records), "dataset_digest": ds.digest,
         })
@@ -137,7 +202,7 @@ def evaluate_no_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseMod
     """The base model on ``record``'s test part, logged to the active run (variant ``no_transfer``)."""
     mlflow.set_tags(_variant_tags(record, "no_transfer", base, loso_run_id))
     mask = fold.test[record]
-    pred = predict_classes(base.model, ds.x[mask])
+    pred = predict_classes(base.model, beat_source(ds), np.flatnonzero(mask))
     m, cm = _log_test_results(ds, mask, pred, f"{record} no transfer")
     return PatientResult(record, "no_transfer", mlflow.active_run().info.run_id, m, cm)
 
@@ -148,15 +213,15 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     active run (variant ``transfer``) and register the transfer model."""
     run_id = mlflow.active_run().info.run_id
     mlflow.set_tags(_variant_tags(record, "transfer", base, loso_run_id))
-    ft = fold.finetune[record]
-    mlflow.log_params({"n_finetune_beats": int(ft.sum())})
-    model, _ = fine_tune(base.model, ds.x[ft], ds.label[ft], cfg.train, on_epoch=tracking.log_epoch_metrics)
+    src, ft_idx = beat_source(ds), np.flatnonzero(fold.finetune[record])
+    mlflow.log_params({"n_finetune_beats": len(ft_idx)})
+    model, _ = fine_tune(base.model, src, ft_idx, cfg.train, on_epoch=tracking.log_epoch_metrics)
     mask = fold.test[record]
-    m, cm = _log_test_results(ds, mask, predict_classes(model, ds.x[mask]), f"{record} transfer")
-    model_uri = tracking.log_keras_model(model, ds.x[ft][:8])
+    m, cm = _log_test_results(ds, mask, predict_classes(model, src, np.flatnonzero(mask)), f"{record} transfer")
+    model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))
     if cfg.register:
         headline = {f"test_{k}": f"{m[k]:.4f}" for k in HEADLINE if k in m}
-        registry.register(model_uri, registry.transfer_model_name(cfg.registry_prefix, record), {
+        register_once(model_uri, registry.transfer_model_name(cfg.registry_prefix, record), {
             "patient": record, "subject": subject_of(record), "run_id": run_id, "loso_run_id": loso_run_id or "",
             "base_model_uri": base.model_uri, "base_run_id": base.run_id, "dataset_digest": ds.digest, **headline,
         })
@@ -178,44 +243,155 @@ def aggregate(results: list[PatientResult], classes: list[str]) -> dict[str, flo
     return out
 
 
+class FoldsFailed(RuntimeError):
+    """Some folds failed; the LOSO run ended FAILED. ``patients``: the records to resume;
+    ``command``: how to resume."""
+
+    def __init__(self, run_id: str, patients: list[str], errors: dict[str, str], command: str):
+        self.run_id, self.patients, self.errors, self.command = run_id, patients, errors, command
+        lines = [f"loso run {run_id} FAILED: {len(errors)} fold(s) did not finish, patients {','.join(patients)}"]
+        lines += [f"  subject {s}: {e}" for s, e in errors.items()]
+        lines += ["resume it (finished patients are kept, the rest re-run) with:", f"  {command}"]
+        super().__init__("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _child_run(name: str, task: FoldTask):
+    """A child run of the LOSO parent: nested when the parent is active in this process (sequential),
+    else started with ``parent_run_id`` (a worker), which sets the same ``mlflow.parentRunId`` tag."""
+    with mlflow.start_run(run_name=name, experiment_id=task.experiment_id, parent_run_id=task.parent_run_id,
+                          nested=mlflow.active_run() is not None) as run:
+        yield run
+
+
+def run_fold(task: FoldTask) -> FoldOutcome:
+    """One held-out subject, in whatever process the executor chose: the base model (or the FINISHED
+    one ``task`` names), then each record's variants not in ``task.done``; every run logged by this
+    process to ``task.tracking_uri`` under the parent. Never raises for the fold's own failure: the
+    run in progress ends FAILED and the outcome carries the error."""
+    cfg: LosoConfig = task.config
+    mlflow.set_tracking_uri(task.tracking_uri)
+    ds = executors.worker_dataset(task.dataset_path)
+    (fold,) = loso_folds(ds.record, ds.part, [task.subject])
+    outcome = FoldOutcome(task.subject)
+    try:
+        if task.base_model_uri:
+            base = load_base(task.base_model_uri, fold.records[0])
+            print(f"    subject {fold.subject}: reusing finished base model {task.base_model_uri}", flush=True)
+        else:
+            with _child_run(f"base-{fold.subject}", task):
+                base = fit_base(ds, fold, cfg, task.parent_run_id)
+        for record in fold.records:
+            for variant in VARIANTS:
+                if (record, variant) in task.done:
+                    continue
+                with _child_run(f"{record}-{variant}", task):
+                    if variant == "no_transfer":
+                        result = evaluate_no_transfer(ds, fold, record, base, task.parent_run_id)
+                    else:
+                        result = fit_transfer(ds, fold, record, base, cfg, task.parent_run_id)
+                outcome.results.append(result)
+            _print_record(record, [r for r in outcome.results if r.record == record])
+    except Exception as exc:
+        traceback.print_exc()
+        outcome.error = f"{type(exc).__name__}: {exc}"
+    return outcome
+
+
+def _print_record(record: str, results: list[PatientResult]) -> None:
+    by = {r.variant: r.metrics for r in results}
+    if set(by) == set(VARIANTS):
+        nt, tr = by["no_transfer"], by["transfer"]
+        print(f"    record {record}: accuracy {nt['accuracy']:.3f} -> {tr['accuracy']:.3f}, "
+              f"macro-F1 {nt.get('macro_f1', float('nan')):.3f} -> {tr.get('macro_f1', float('nan')):.3f}",
+              flush=True)
+    else:  # a resumed fold that re-ran only one variant
+        for variant, m in by.items():
+            print(f"    record {record} {variant}: accuracy {m['accuracy']:.3f}", flush=True)
+
+
 def run_loso(cfg: LosoConfig) -> str:
     """Run the whole experiment under the active (or a new) MLflow run; returns the parent run id.
 
-    Parameters, data files and the tracking server are checked before any training starts.
+    Parameters, data files and the tracking server are checked before any training starts. The
+    folds run on ``cfg.execution``'s executor. With ``cfg.resume_run_id`` the LOSO run of that id
+    is re-opened with its own parameters and only its unfinished patients are run (see
+    :func:`resume_plan`). Raises :class:`FoldsFailed` (the parent ended FAILED) when a fold failed.
     """
     cfg = cfg.validated()
     tracking.check_tracking_server()
+    uri = mlflow.get_tracking_uri()
+    executors.check_store_for_executor(uri, cfg.execution)
+    executors.http_retry_defaults()
+    previous = None
+    if cfg.resume_run_id:
+        previous = _resumable_run(cfg.resume_run_id)
+        cfg = config_for_resume(previous.data.params, cfg)
     ds = prepare(cfg.prepare, verbose=True)
     folds = loso_folds(ds.record, ds.part, holdout_subjects(ds, cfg.holdout))
     if len(ds.records) < 2:
         raise ValueError(f"LOSO needs at least two subjects' records, got {ds.records}")
-    n_classes = len(ds.classes)
-    progress = Progress(len(folds), "loso")
-    results: list[PatientResult] = []
+    executors.remember_dataset(ds)  # the sequential executor reuses it instead of reading the file
+    client = MlflowClient()
 
-    with mlflow.start_run(run_name="loso") as parent:
-        parent_id = parent.info.run_id
-        mlflow.set_tags({tracking.ROLE_TAG: "loso", "label_scheme": ds.meta["label_scheme"],
-                         "classes": ",".join(ds.classes), "dataset_digest": ds.digest})
-        tracking.log_new_params(cfg.params())
-        _log_dataset(ds)
-        print(f"loso: {len(folds)} held-out subject(s), {len(ds)} beats, {n_classes} classes {ds.classes}, "
-              f"parent run {parent_id}", flush=True)
-        for fold in folds:
-            progress.step(f"subject {fold.subject} (records {', '.join(fold.records)}): base training, "
-                          f"{int(fold.train.sum())} beats x {cfg.train.epochs} epochs")
-            with mlflow.start_run(run_name=f"base-{fold.subject}", nested=True):
-                base = fit_base(ds, fold, cfg, parent_id)
-            for record in fold.records:
-                with mlflow.start_run(run_name=f"{record}-no_transfer", nested=True):
-                    results.append(evaluate_no_transfer(ds, fold, record, base, parent_id))
-                with mlflow.start_run(run_name=f"{record}-transfer", nested=True):
-                    results.append(fit_transfer(ds, fold, record, base, cfg, parent_id))
-                nt, tr = results[-2].metrics, results[-1].metrics
-                print(f"    record {record}: accuracy {nt['accuracy']:.3f} -> {tr['accuracy']:.3f}, "
-                      f"macro-F1 {nt.get('macro_f1', float('nan')):.3f} -> {tr.get('macro_f1', float('nan')):.3f}",
-                      flush=True)
-            progress.finish_step()
+    with _parent_run(cfg.resume_run_id) as parent:
+        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+        done_results: list[PatientResult] = []
+        plan = {fold.subject: (frozenset(), None, None) for fold in folds}
+        if previous is None:
+            mlflow.set_tags({tracking.ROLE_TAG: "loso", "label_scheme": ds.meta["label_scheme"],
+                             "classes": ",".join(ds.classes), "dataset_digest": ds.digest})
+            tracking.log_new_params(cfg.params())
+            _log_dataset(ds)
+        else:
+            done_results, plan = resume_plan(client, parent_id, experiment_id, folds)
+            tracking.log_new_params(cfg.params())
+        todo = [f for f in folds if plan[f.subject] is not None]
+        print(f"loso: {len(folds)} held-out subject(s), {len(ds)} beats, {len(ds.classes)} classes {ds.classes}, "
+              f"parent run {parent_id}" + (f" (resumed: {len(folds) - len(todo)} subject(s) already finished)"
+                                           if previous is not None else ""), flush=True)
+        print(f"loso: folds run {executors.describe(cfg.execution)}", flush=True)
+
+        outcomes: dict[str, FoldOutcome] = {}
+        clock = _Clock(len(todo))
+        n_train = {f.subject: int(f.train.sum()) for f in folds}
+        records = {f.subject: f.records for f in folds}
+
+        def on_start(task: FoldTask) -> None:
+            what = "reusing its base model" if task.base_model_uri else \
+                f"base training, {n_train[task.subject]} beats x {cfg.train.epochs} epochs"
+            print(f"[loso {clock.started + 1}/{clock.total}] subject {task.subject} (records "
+                  f"{', '.join(records[task.subject])}): {what} | {clock.times()}", flush=True)
+            clock.started += 1
+
+        def on_done(task: FoldTask, outcome: FoldOutcome) -> None:
+            outcomes[task.subject] = outcome
+            clock.done += 1
+            state = f"failed ({outcome.error})" if outcome.error else "finished"
+            print(f"[loso] subject {task.subject} {state} [{outcome.worker}]; {clock.done}/{clock.total} folds "
+                  f"done | {clock.times()}", flush=True)
+
+        # No private server when a resume finds nothing left to run.
+        store = executors.concurrent_store(uri, cfg.execution) if todo else contextlib.nullcontext(uri)
+        with store as worker_uri:
+            tasks = [FoldTask(dataset_path=str(ds.path), subject=f.subject, config=cfg, parent_run_id=parent_id,
+                              experiment_id=experiment_id, tracking_uri=worker_uri, done=plan[f.subject][0],
+                              base_model_uri=plan[f.subject][1], base_run_id=plan[f.subject][2],
+                              threads=cfg.execution.resolved_threads, env=executors.forwarded_env())
+                     for f in todo]
+            executors.make_executor(cfg.execution).run(run_fold, tasks, on_done, on_start)
+        mlflow.set_tracking_uri(uri)
+        # A worker that died left its run RUNNING; no fold of this run is running any more.
+        _end_stale_children(client, parent_id, experiment_id, "FAILED")
+
+        failed = {s: o.error or "no outcome" for s, o in outcomes.items() if o.error}
+        failed.update({f.subject: "never ran" for f in todo if f.subject not in outcomes})
+        if failed:
+            _record_failure(parent_id, experiment_id, cfg, sorted(failed), records, failed, uri)
+        if previous is not None and FAILED_TAG in previous.data.tags:
+            client.delete_tag(parent_id, FAILED_TAG)  # every patient has finished now
+        results = done_results + [r for o in outcomes.values() for r in o.results]
+        results.sort(key=lambda r: (ds.records.index(r.record), VARIANTS.index(r.variant)))
         summary = aggregate(results, ds.classes)
         mlflow.log_metrics(summary)
         for variant in VARIANTS:
@@ -223,6 +399,230 @@ def run_loso(cfg: LosoConfig) -> str:
             tracking.log_confusion(cm, ds.classes, f"confusion_matrix_{variant}", f"all patients, {variant}")
         _print_summary(summary)
     return parent_id
+
+
+FAILED_TAG = "ecg.failed_patients"
+RESUMED_TAG = "ecg.resumed_run_id"
+
+
+class _Clock:
+    """Elapsed time and an estimate of the time left, from folds finished so far."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.done, self.start = total, 0, 0, time.monotonic()
+
+    def times(self) -> str:
+        elapsed = time.monotonic() - self.start
+        text = f"elapsed {_fmt(elapsed)}"
+        if self.done:
+            text += f", about {_fmt(elapsed / self.done * (self.total - self.done))} left"
+        return text
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _parent_run(resume_run_id: str | None):
+    """The LOSO parent run: a new one, or the one being resumed, re-opened.
+
+    Under ``mlflow run`` a resume gets a fresh run from ``mlflow run`` (``MLFLOW_RUN_ID``); that
+    run must not become a second parent. It is tagged ``ecg.role=loso_resume`` and
+    ``ecg.resumed_run_id=<id>`` and ended at once; the work goes on in the old parent.
+    """
+    if not resume_run_id:
+        return mlflow.start_run(run_name="loso")
+    pointer = os.environ.pop("MLFLOW_RUN_ID", None)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id != resume_run_id:
+        pointer = active.info.run_id
+        mlflow.end_run()
+    if pointer and pointer != resume_run_id:
+        client = MlflowClient()
+        for key, value in {tracking.ROLE_TAG: "loso_resume", RESUMED_TAG: resume_run_id,
+                           "mlflow.note.content": f"Resumes LOSO run {resume_run_id}; its results are there."}.items():
+            client.set_tag(pointer, key, value)
+        client.set_terminated(pointer, "FINISHED")
+        print(f"loso: run {pointer} only points at the resumed run {resume_run_id} ({RESUMED_TAG})", flush=True)
+    if mlflow.active_run() is not None:
+        return contextlib.nullcontext(mlflow.active_run())
+    return mlflow.start_run(run_id=resume_run_id)
+
+
+def _resumable_run(run_id: str):
+    """The LOSO parent run ``run_id``; ``ValueError`` naming ``resume_run_id`` when it cannot be resumed."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"resume_run_id {run_id!r}: no such run in {mlflow.get_tracking_uri()} "
+                         f"({exc.message.splitlines()[0]})") from None
+    if run.data.tags.get(tracking.ROLE_TAG) != "loso":
+        raise ValueError(f"resume_run_id {run_id!r} is not a LOSO run (tag {tracking.ROLE_TAG}="
+                         f"{run.data.tags.get(tracking.ROLE_TAG)!r}); give the id of a run tagged "
+                         f"{tracking.ROLE_TAG}=loso")
+    if run.info.lifecycle_stage != "active":
+        raise ValueError(f"resume_run_id {run_id!r} is deleted; restore it first")
+    return run
+
+
+def _param(parse, name: str, text: str):
+    try:
+        return parse(text)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise ValueError(f"resume: the run's parameter {name}={text!r} cannot be read: {exc}") from None
+
+
+def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
+    """The :class:`LosoConfig` a LOSO run was started with, from its logged parameters (as
+    ``mlflow run`` or :meth:`LosoConfig.params` wrote them), its ``threads`` included; machine
+    settings (cache, download, executor, workers) and a given data directory come from ``given``."""
+    from ecg_mlflow import cli
+
+    d, t = PrepareConfig(), TrainConfig()
+    get = lambda k, default: str(params.get(k, default))  # noqa: E731
+    prep = PrepareConfig(
+        data_dir=given.prepare.data_dir or (get("data_dir", "") or None),
+        records=get("records", "all"),
+        window=_param(cli.whole_number("window"), "window", get("window", d.window)),
+        label_scheme=get("label_scheme", d.label_scheme),
+        include_paced=_param(cli.tri_state("include_paced"), "include_paced", get("include_paced", "auto")),
+        finetune_minutes=_param(cli.number("finetune_minutes"), "finetune_minutes",
+                                get("finetune_minutes", d.finetune_minutes)),
+        cache_dir=given.prepare.cache_dir, download=given.prepare.download)
+    # Every TrainConfig field, read by the type of its default (a run from before a field existed
+    # gets the default, which is what it ran with).
+    parsers = {bool: cli.boolean, int: cli.whole_number, float: cli.number}
+    train = TrainConfig(**{
+        f.name: (_param(parsers[type(getattr(t, f.name))](f.name), f.name, get(f.name, getattr(t, f.name)))
+                 if type(getattr(t, f.name)) in parsers else get(f.name, getattr(t, f.name)))
+        for f in fields(TrainConfig)})
+    # Thread count too: a fold's numbers repeat exactly only at the run's own count.
+    threads = _param(cli.whole_number("threads"), "threads", get("threads", given.execution.threads))
+    return replace(given, prepare=prep, train=train, holdout=get("holdout", "all"),
+                   registry_prefix=get("registry_prefix", "ecg"), execution=replace(given.execution, threads=threads))
+
+
+def config_for_resume(params: dict[str, str], given: LosoConfig) -> LosoConfig:
+    """The resumed run's own configuration. A parameter given now that is not its default and
+    differs from the run's is refused (``ValueError`` naming it): a resume cannot change the
+    experiment half-way."""
+    stored = config_of_run(params, given)
+    default = LosoConfig()
+
+    def flat(c: LosoConfig) -> dict[str, object]:
+        p = {k: v for k, v in asdict(c.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
+        p["records"] = p["records"] if p["records"] not in (None, "", "all") else "all"
+        return {**p, **asdict(c.train), "holdout": (c.holdout or "all").lower(), "registry_prefix": c.registry_prefix,
+                "threads": c.execution.threads}
+
+    now, before, dflt = flat(given), flat(stored), flat(default)
+    clash = [k for k in now if now[k] != dflt[k] and now[k] != before[k]]
+    if clash:
+        raise ValueError("resume_run_id: the run was started with " + ", ".join(f"{k}={before[k]!r}" for k in clash)
+                         + f"; a resume continues with the run's own parameters: drop {', '.join(clash)} "
+                         "(or start a new LOSO run)")
+    return stored
+
+
+def _stored_result(run) -> PatientResult:
+    """A FINISHED variant run read back from the store: its test metrics (NaN = undefined, left out
+    as :func:`metrics.evaluate` leaves it out) and its confusion matrix artifact."""
+    m = {k[len("test_"):]: float(v) for k, v in run.data.metrics.items()
+         if k.startswith("test_") and not math.isnan(v)}
+    doc = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/confusion_matrix.json")
+    return PatientResult(run.data.tags["patient"], run.data.tags["variant"], run.info.run_id, m,
+                         np.asarray(doc["matrix"], dtype=np.int64))
+
+
+def _children(client: MlflowClient, parent_id: str, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=50000,
+                              order_by=["attributes.start_time DESC"])
+
+
+def _end_stale_children(client: MlflowClient, parent_id: str, experiment_id: str, status: str) -> list[str]:
+    """End every child still RUNNING/SCHEDULED (its process is gone) with ``status``; returns their names."""
+    stale = [r for r in _children(client, parent_id, experiment_id) if r.info.status in ("RUNNING", "SCHEDULED")]
+    for r in stale:
+        client.set_terminated(r.info.run_id, status)
+        print(f"loso: child run {r.info.run_name} ({r.info.run_id}) was left {r.info.status}; marked {status}",
+              flush=True)
+    return [r.info.run_name for r in stale]
+
+
+def resume_plan(client: MlflowClient, parent_id: str, experiment_id: str, folds: list[Fold]
+                ) -> tuple[list[PatientResult], dict[str, tuple[frozenset, str | None, str | None] | None]]:
+    """What a resumed run keeps and what it re-runs.
+
+    Children left RUNNING by the interrupted process are marked KILLED. A (record, variant) with
+    a FINISHED run is kept (its metrics and confusion matrix read back); per subject the plan is
+    ``None`` when all its records' variants are kept, else (kept pairs, FINISHED base model URI or
+    None, its run id) — a base model that did not finish is trained again.
+    """
+    _end_stale_children(client, parent_id, experiment_id, "KILLED")
+    finished = [r for r in _children(client, parent_id, experiment_id) if r.info.status == "FINISHED"]
+    variants: dict[tuple[str, str], object] = {}
+    bases: dict[str, object] = {}
+    for r in finished:  # newest first: the first one seen wins
+        tags = r.data.tags
+        if tags.get(tracking.ROLE_TAG) == "variant":
+            variants.setdefault((tags.get("patient"), tags.get("variant")), r)
+        elif tags.get(tracking.ROLE_TAG) == "base":
+            bases.setdefault(tags.get("subject"), r)
+    kept: list[PatientResult] = []
+    plan: dict[str, tuple[frozenset, str | None, str | None] | None] = {}
+    for fold in folds:
+        pairs = {(rec, v) for rec in fold.records for v in VARIANTS}
+        done = frozenset(p for p in pairs if p in variants)
+        kept += [_stored_result(variants[p]) for p in sorted(done)]
+        if done == pairs:
+            plan[fold.subject] = None
+            continue
+        base_uri = base_id = None
+        if fold.subject in bases:
+            base_id = bases[fold.subject].info.run_id
+            models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                                 filter_string=f"source_run_id = '{base_id}'")
+            base_uri = models[0].model_uri if models else None
+            base_id = base_id if base_uri else None
+        plan[fold.subject] = (done, base_uri, base_id)
+        print(f"loso: resume subject {fold.subject}: {len(done)}/{len(pairs)} variant run(s) finished, "
+              f"{'reusing base run ' + base_id if base_id else 'base model trained again'}", flush=True)
+    return kept, plan
+
+
+def _public_uri(uri: str) -> str:
+    """``uri`` without user name and password."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def resume_command(run_id: str, experiment_id: str, execution: ExecConfig, tracking_uri: str) -> str:
+    """The command that resumes LOSO run ``run_id`` (from the project directory)."""
+    extra = ""
+    if execution.executor != "sequential":
+        extra = "".join(f" -P {k}={shlex.quote(str(v))}" for k, v in execution.params().items() if v not in ("", 0.0))
+    return (f"MLFLOW_TRACKING_URI={shlex.quote(_public_uri(tracking_uri))} mlflow run . -e loso --env-manager local "
+            f"--experiment-id {experiment_id} -P resume_run_id={run_id}{extra}")
+
+
+def _record_failure(parent_id: str, experiment_id: str, cfg: LosoConfig, subjects: list[str],
+                    records: dict[str, tuple[str, ...]], errors: dict[str, str], uri: str) -> None:
+    """Tag and log what failed, then raise :class:`FoldsFailed` (which ends the parent FAILED)."""
+    patients = [r for s in subjects for r in records[s]]
+    command = resume_command(parent_id, experiment_id, cfg.execution, uri)
+    mlflow.set_tag(FAILED_TAG, ",".join(patients))
+    mlflow.log_dict({"patients": patients, "subjects": subjects, "errors": errors, "resume_command": command,
+                     "python_command": f"MLFLOW_TRACKING_URI={shlex.quote(_public_uri(uri))} python "
+                                       f"entrypoints/loso.py --resume-run-id {parent_id}"},
+                    "failed_patients.json")
+    exc = FoldsFailed(parent_id, patients, errors, command)
+    print(f"\n{exc}", flush=True)
+    raise exc
 
 
 def _log_dataset(ds: BeatDataset) -> None:

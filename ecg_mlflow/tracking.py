@@ -83,12 +83,16 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_keras_model(model, example_x: np.ndarray, name: str = "model") -> str:
-    """Log a Keras model under ``name`` with a signature inferred from ``example_x`` ``(k, window, leads)``.
+def log_keras_model(model, example_x, name: str = "model") -> str:
+    """Log a Keras model under ``name`` with a signature inferred from ``example_x``: beats
+    ``(k, window, leads)``, or a dict of named inputs for models that read several.
 
     Returns the logged model's URI.
     """
-    example_x = np.asarray(example_x[:8], dtype=np.float32)
+    if isinstance(example_x, dict):
+        example_x = {k: np.asarray(v[:8], dtype=np.float32) for k, v in example_x.items()}
+    else:
+        example_x = np.asarray(example_x[:8], dtype=np.float32)
     signature = infer_signature(example_x, model.predict(example_x, verbose=0))
     info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=pip_requirements())
     return info.model_uri

@@ -160,7 +160,7 @@ def test_heldout_subject_never_reaches_base_training(loso_store, mitdb_dir, data
         assert int(b.data.params["n_train_beats"]) == int((ds.subject != subject).sum())
 
 
-def test_seed_repeats_metrics_and_new_version_moves_alias(loso_store, cache_root, mitdb_dir):
+def test_seed_repeats_metrics_and_new_version_moves_alias(loso_store, cache_root, mitdb_dir, monkeypatch):
     """A second LOSO run with the same seed, in-process, gives identical per-patient metrics and a
     second registered version that the alias now points at."""
     from ecg_mlflow.loso import LosoConfig, run_loso
@@ -170,7 +170,8 @@ def test_seed_repeats_metrics_and_new_version_moves_alias(loso_store, cache_root
     cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
                                            cache_dir=str(cache_root / "beats")),
                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=7))
-    mlflow.set_experiment(experiment_id=parent.info.experiment_id)
+    # the environment, not mlflow.set_experiment: that would stay active for later tests' stores
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", parent.info.experiment_id)
     second = run_loso(cfg)
     first_m = {(r.data.tags["patient"], r.data.tags["variant"]): r.data.metrics for r in children(client, parent, "variant")}
     second_run = client.get_run(second)

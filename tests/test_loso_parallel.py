@@ -1,0 +1,381 @@
+"""LOSO at scale and under faults, on real records and real stores.
+
+- the local process pool and a local Ray instance give exactly the numbers of the sequential run
+  (same seed, same TensorFlow thread count), with the same run tree and registry layout;
+- a LOSO process killed during the second patient is resumed: nothing missing, nothing twice;
+- a worker process killed mid-fold fails only its fold, the parent ends FAILED naming the patient
+  and the resume command, and that command (through ``mlflow run``) finishes the run;
+- a real ``mlflow server`` stopped and restarted while a fold logs: every metric arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlflow
+from mlflow import MlflowClient
+
+from conftest import REPO, entry_env
+from ecg_mlflow.dataset import PrepareConfig
+from ecg_mlflow.executors import ExecConfig
+from ecg_mlflow.loso import LosoConfig, register_once, run_loso
+from ecg_mlflow.training import TrainConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+
+RECORDS, HOLDOUT = "100,101,103", "100,101"  # two folds; 103 only ever trains
+PATIENTS = ["100", "101"]
+EPOCHS, FT_EPOCHS, SEED = 1, 2, 7
+# Executors are compared at one TensorFlow thread per fold: equal thread counts repeat bit-exactly.
+ARGS = ["--records", RECORDS, "--holdout", HOLDOUT, "--epochs", str(EPOCHS), "--finetune-epochs", str(FT_EPOCHS),
+        "--seed", str(SEED), "--threads", "1"]
+LOSO = [sys.executable, str(REPO / "entrypoints" / "loso.py")]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def snapshot(uri: str, parent_id: str) -> dict:
+    """Everything a LOSO run left in the store, keyed for comparison across runs."""
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=1000)
+    out = {"parent": parent, "children": kids, "variants": {}, "bases": {}}
+    for r in kids:
+        if r.info.status != "FINISHED":
+            continue
+        tags = r.data.tags
+        if tags.get("ecg.role") == "variant":
+            key = (tags["patient"], tags["variant"])
+            assert key not in out["variants"], f"two FINISHED runs for {key}"
+            hist = [m.value for m in client.get_metric_history(r.info.run_id, "finetune_loss")]
+            out["variants"][key] = ({k: v for k, v in r.data.metrics.items() if k.startswith("test_")}, hist)
+        elif tags.get("ecg.role") == "base":
+            assert tags["subject"] not in out["bases"], f"two FINISHED base runs for {tags['subject']}"
+            out["bases"][tags["subject"]] = [m.value for m in client.get_metric_history(r.info.run_id, "loss")]
+    out["summary"] = {k: v for k, v in parent.data.metrics.items() if k.startswith(("gross_", "avg_"))}
+    return out
+
+
+def same_number(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def assert_same_results(got: dict, want: dict) -> None:
+    """Identical per-patient test metrics, training histories and parent aggregates."""
+    assert sorted(got["variants"]) == sorted(want["variants"]) == [(p, v) for p in PATIENTS
+                                                                   for v in ("no_transfer", "transfer")]
+    for key, (metrics, hist) in want["variants"].items():
+        g_metrics, g_hist = got["variants"][key]
+        assert g_metrics.keys() == metrics.keys(), key
+        bad = [k for k in metrics if not same_number(g_metrics[k], metrics[k])]
+        assert not bad, (key, {k: (g_metrics[k], metrics[k]) for k in bad})
+        assert g_hist == hist, key
+    assert got["bases"] == want["bases"]  # per-epoch training loss, bit for bit
+    assert got["summary"].keys() == want["summary"].keys() and len(want["summary"]) == 32
+    assert all(same_number(got["summary"][k], v) for k, v in want["summary"].items())
+
+
+def assert_clean_tree_and_registry(uri: str, parent_id: str) -> None:
+    """Parent FINISHED; nothing RUNNING; one FINISHED base per subject and run per patient/variant;
+    exactly one registered version per model name for this LOSO run, pointing at that run."""
+    snap = snapshot(uri, parent_id)
+    assert snap["parent"].info.status == "FINISHED"
+    assert "ecg.failed_patients" not in snap["parent"].data.tags
+    assert not [r.info.run_name for r in snap["children"] if r.info.status in ("RUNNING", "SCHEDULED")]
+    assert sorted(snap["bases"]) == PATIENTS
+    client = MlflowClient(uri)
+    finished = {(r.data.tags.get("patient") or r.data.tags.get("subject"), r.data.tags["ecg.role"],
+                 r.data.tags.get("variant")): r.info.run_id for r in snap["children"] if r.info.status == "FINISHED"}
+    for p in PATIENTS:
+        for name, key in ((f"ecg-transfer-{p}", (p, "variant", "transfer")), (f"ecg-base-{p}", (p, "base", None))):
+            versions = client.search_model_versions(f"name = '{name}' and tags.loso_run_id = '{parent_id}'")
+            assert [v.run_id for v in versions] == [finished[key]], name
+            assert client.get_model_version_by_alias(name, "newest").run_id == finished[key]
+
+
+def store_runs(db: Path) -> dict[str, str]:
+    """run name -> status, read straight from the SQLite file (works while another process writes)."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+            return dict(con.execute("SELECT name, status FROM runs ORDER BY start_time"))
+    except sqlite3.OperationalError:  # tables not created yet
+        return {}
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def config(mitdb_dir: Path, cache_root: Path, **execution) -> LosoConfig:
+    return LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=RECORDS, cache_dir=str(cache_root / "beats")),
+                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=SEED), holdout=HOLDOUT,
+                      execution=ExecConfig(**{"threads": 1, **execution}))
+
+
+def parent_id_of(uri: str) -> str:
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`ecg.role` = 'loso'")
+    return run.info.run_id
+
+
+# --------------------------------------------------------------------------------------------
+# the sequential reference
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, mitdb_dir, cache_root):
+    """The sequential run, in a fresh process (so TensorFlow starts with the configured threads)."""
+    tmp = tmp_path_factory.mktemp("seq")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    t0 = time.monotonic()
+    proc = subprocess.run([*LOSO, *ARGS], env=entry_env(uri, mitdb_dir, cache_root), cwd=tmp,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(f"sequential LOSO: {time.monotonic() - t0:.1f} s")
+    return uri, snapshot(uri, parent_id_of(uri))
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_parallel_executors_repeat_the_sequential_run(executor, sequential, tracking_uri, mitdb_dir, cache_root,
+                                                      capsys):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    t0 = time.monotonic()
+    parent_id = run_loso(config(mitdb_dir, cache_root, executor=executor, workers=2))
+    print(f"{executor} LOSO: {time.monotonic() - t0:.1f} s")
+    out = capsys.readouterr().out
+    # the folds ran in two other processes, each logging through the private server
+    pids = set(re.findall(r"subject \d+ finished \[pid (\d+)\]", out))
+    assert len(pids) == 2 and str(os.getpid()) not in pids, out[-3000:]
+    assert "private tracking server" in out
+    assert_same_results(snapshot(tracking_uri, parent_id), sequential[1])
+    assert_clean_tree_and_registry(tracking_uri, parent_id)
+    params = MlflowClient(tracking_uri).get_run(parent_id).data.params
+    assert params["executor"] == executor and params["threads"] == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+
+
+def test_killed_run_is_resumed_without_gaps_or_duplicates(sequential, tmp_path, mitdb_dir, cache_root):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = entry_env(uri, mitdb_dir, cache_root)
+    proc = subprocess.Popen([*LOSO, *ARGS], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        # the second patient's base model is being trained: kill the whole process, no clean-up
+        wait_for(lambda: store_runs(db).get("base-101") == "RUNNING", 300, "base-101 to start", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    runs = store_runs(db)
+    assert runs["loso"] == "RUNNING" and runs["base-101"] == "RUNNING" and runs["100-transfer"] == "FINISHED"
+    assert "101-transfer" not in runs
+    parent_id = parent_id_of(uri)
+
+    # resume with the run id only: parameters come from the run itself
+    proc = subprocess.run([*LOSO, "--resume-run-id", parent_id], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resume subject 100" not in proc.stdout  # fully finished: not even looked at again
+    assert "resume subject 101: 0/2 variant run(s) finished, base model trained again" in proc.stdout
+
+    assert_clean_tree_and_registry(uri, parent_id)
+    snap = snapshot(uri, parent_id)
+    stale = [r for r in snap["children"] if r.info.status != "FINISHED"]
+    assert [(r.info.run_name, r.info.status) for r in stale] == [("base-101", "KILLED")]
+    assert len(snap["children"]) == 7  # 6 finished + the killed attempt
+    # all patients, old and new, in the parent's aggregates: identical to the uninterrupted run
+    assert_same_results(snap, sequential[1])
+
+
+def test_a_dead_worker_fails_its_fold_and_the_printed_command_resumes(sequential, tmp_path, mitdb_dir,
+                                                                      cache_root):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = entry_env(uri, mitdb_dir, cache_root)
+    log_out, log_err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(log_out, "w") as fo, open(log_err, "w") as fe:  # files, not pipes: nothing blocks the child
+        proc = subprocess.Popen([*LOSO, *ARGS, "--executor", "local", "--workers", "2"], env=env, cwd=tmp_path,
+                                stdout=fo, stderr=fe, text=True)
+    try:
+        found: list[int] = []
+
+        def announced() -> bool:
+            found[:] = [int(p) for p in re.findall(r"subject 101 -> worker pid (\d+)", log_out.read_text())]
+            return bool(found)
+
+        wait_for(announced, 300, "the worker of subject 101", proc)
+        pid = found[0]
+        wait_for(lambda: store_runs(db).get("base-101") == "RUNNING", 300, "base-101 to start", proc)
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log_err.read_text()
+    assert proc.returncode == 1, err[-4000:]
+    assert f"worker process pid {pid} died (exit code -9)" in err
+    assert "patients 101" in err
+    (command,) = [line.strip() for line in err.splitlines() if "mlflow run . -e loso" in line]
+    assert command.startswith("MLFLOW_TRACKING_URI=") and "-P resume_run_id=" in command
+
+    client = MlflowClient(uri)
+    parent_id = parent_id_of(uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["ecg.failed_patients"] == "101"
+    failed = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/failed_patients.json")
+    assert failed["patients"] == ["101"] and failed["resume_command"] == command
+    runs = store_runs(db)
+    assert runs["base-101"] == "FAILED" and runs["100-transfer"] == "FINISHED"
+    assert "RUNNING" not in runs.values()
+
+    # the exact printed command (through `mlflow run`) finishes the run
+    proc = subprocess.run(command, shell=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_clean_tree_and_registry(uri, parent_id)
+    assert_same_results(snapshot(uri, parent_id), sequential[1])
+    # the run `mlflow run` made is only a pointer: no children, not a second LOSO parent
+    (pointer,) = client.search_runs([parent.info.experiment_id], "tags.`ecg.role` = 'loso_resume'")
+    assert pointer.data.tags["ecg.resumed_run_id"] == parent_id and pointer.info.status == "FINISHED"
+    assert not client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pointer.info.run_id}'")
+
+
+def test_register_once_replaces_the_version_of_an_unfinished_attempt(tracking_uri):
+    """A version registered by an attempt that never finished is replaced, not duplicated; a
+    second call from the same run registers nothing."""
+    import keras
+
+    from ecg_mlflow import tracking
+
+    model = keras.Sequential([keras.Input((4, 2)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    x = np.zeros((2, 4, 2), np.float32)
+    client = MlflowClient()
+    with mlflow.start_run() as loso:
+        uris = {}
+        for attempt in ("killed", "finished"):
+            with mlflow.start_run(nested=True) as run:
+                uris[attempt] = (run.info.run_id, tracking.log_keras_model(model, x))
+                register_once(uris[attempt][1], "m", {"loso_run_id": loso.info.run_id, "run_id": run.info.run_id})
+            if attempt == "killed":
+                client.set_terminated(run.info.run_id, "KILLED")
+        again = register_once(uris["finished"][1], "m", {"loso_run_id": loso.info.run_id,
+                                                         "run_id": uris["finished"][0]})
+    versions = client.search_model_versions("name = 'm'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("2", uris["finished"][0])] and again == "2"
+    assert str(client.get_model_version_by_alias("m", "newest").version) == "2"
+
+
+@pytest.mark.parametrize("params, culprit", [
+    ({"resume_run_id": "0123456789abcdef0123456789abcdef"}, "no such run"),
+    ({"resume_run_id": "x y"}, "resume_run_id"),
+    ({"executor": "threads"}, "executor"),
+    ({"workers": 0}, "workers"),
+    ({"threads": -1}, "threads"),
+    ({"ray_gpus_per_task": -1}, "ray_gpus_per_task"),
+])
+def test_bad_execution_parameters_are_named_before_work(params, culprit, tracking_uri, mitdb_dir, cache_root):
+    execution = {k: v for k, v in params.items() if k != "resume_run_id"}
+    cfg = config(mitdb_dir, cache_root, **execution)
+    if "resume_run_id" in params:
+        from dataclasses import replace
+
+        cfg = replace(cfg, resume_run_id=params["resume_run_id"])
+    with pytest.raises(ValueError, match=culprit):
+        run_loso(cfg)
+    assert not MlflowClient().search_runs(["0"])
+
+
+def test_resume_refuses_changed_parameters(sequential, mitdb_dir, cache_root):
+    from dataclasses import replace
+
+    uri, snap = sequential
+    mlflow.set_tracking_uri(uri)
+    try:
+        cfg = replace(config(mitdb_dir, cache_root), train=TrainConfig(epochs=3, seed=SEED),
+                      resume_run_id=snap["parent"].info.run_id)
+        with pytest.raises(ValueError, match=r"epochs=1.*drop epochs"):
+            run_loso(cfg)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+# --------------------------------------------------------------------------------------------
+# a tracking server that restarts
+
+
+def test_fold_rides_out_a_tracking_server_restart(tmp_path, mitdb_dir, cache_root):
+    from ecg_mlflow.server import free_port, start_server
+
+    epochs, ft_epochs = 3, 4
+    db = tmp_path / "mlflow.db"
+    port = free_port()
+    store = dict(port=port, backend_store_uri=f"sqlite:///{db}", artifacts_destination=str(tmp_path / "art"),
+                 log_path=tmp_path / "server.log")
+    server = start_server(**store)
+    env = entry_env(server.url, mitdb_dir, cache_root)
+    args = ["--records", RECORDS, "--holdout", "100", "--epochs", str(epochs), "--finetune-epochs", str(ft_epochs)]
+    proc = subprocess.Popen([*LOSO, *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def logging_epochs() -> bool:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+                return con.execute("SELECT count(*) FROM metrics WHERE key = 'loss'").fetchone()[0] >= 1
+
+        wait_for(logging_epochs, 300, "the base run's first epoch", proc)
+        down = time.time() * 1000
+        server.stop()
+        time.sleep(3)
+        server = start_server(**store)
+        up = time.time() * 1000
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, out[-4000:]
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = {r.info.run_name: r for r in client.search_runs(["0"])}
+    assert {n: r.info.status for n, r in runs.items()} == {n: "FINISHED" for n in
+                                                           ("loso", "base-100", "100-no_transfer", "100-transfer")}
+    history = {(name, key): client.get_metric_history(runs[name].info.run_id, key)
+               for name, key in (("base-100", "loss"), ("base-100", "accuracy"), ("100-transfer", "finetune_loss"),
+                                 ("100-transfer", "finetune_accuracy"))}
+    for (name, key), hist in history.items():
+        want = epochs if name.startswith("base") else ft_epochs
+        assert sorted(m.step for m in hist) == list(range(want)), (name, key)
+    for name in ("100-no_transfer", "100-transfer"):
+        assert {"test_accuracy", "test_macro_f1", "test_veb_tp", "test_sveb_fpr"} <= runs[name].data.metrics.keys()
+    assert "gross_transfer_accuracy" in runs["loso"].data.metrics
+    # something was logged while the server was down: the restart really hit a logging fold
+    stamps = [m.timestamp for hist in history.values() for m in hist]
+    stamps += [r.info.start_time for r in runs.values()]
+    assert any(down <= s <= up for s in stamps), (down, up, sorted(stamps))
