@@ -7,7 +7,6 @@ caller passes in, so this module knows nothing of MLflow.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -227,29 +226,3 @@ def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_
         return np.zeros(0, dtype=np.int64)
     logits = model.predict(x, batch_size=batch_size, verbose=0)
     return np.argmax(logits, axis=1).astype(np.int64)
-
-
-class Progress:
-    """Prints where a long job stands: step i of n, elapsed time and an estimate of the time left."""
-
-    def __init__(self, total: int, label: str = "loso"):
-        self.total, self.label, self.start, self.done = total, label, time.monotonic(), 0
-
-    def step(self, message: str) -> None:
-        print(f"[{self.label} {self.done + 1}/{self.total}] {message} | {self._times()}", flush=True)
-
-    def finish_step(self) -> None:
-        self.done += 1
-
-    def _times(self) -> str:
-        elapsed = time.monotonic() - self.start
-        if self.done == 0:
-            return f"elapsed {_fmt(elapsed)}"
-        left = elapsed / self.done * (self.total - self.done)
-        return f"elapsed {_fmt(elapsed)}, about {_fmt(left)} left"
-
-
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
