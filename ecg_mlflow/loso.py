@@ -38,7 +38,7 @@ from mlflow import MlflowClient
 from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
-from ecg_mlflow.dataset import BeatDataset, PrepareConfig, prepare
+from ecg_mlflow.dataset import BeatDataset, PrepareConfig, log_to_mlflow, prepare
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
 from ecg_mlflow.splits import Fold, loso_folds, subject_of
 from ecg_mlflow.training import BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, train_base
@@ -342,7 +342,7 @@ def run_loso(cfg: LosoConfig) -> str:
             mlflow.set_tags({tracking.ROLE_TAG: "loso", "label_scheme": ds.meta["label_scheme"],
                              "classes": ",".join(ds.classes), "dataset_digest": ds.digest})
             tracking.log_new_params(cfg.params())
-            _log_dataset(ds)
+            log_to_mlflow(ds, context="loso")  # dataset input, data.* params, summary table
         else:
             done_results, plan = resume_plan(client, parent_id, experiment_id, folds)
             tracking.log_new_params(cfg.params())
@@ -625,12 +625,6 @@ def _record_failure(parent_id: str, experiment_id: str, cfg: LosoConfig, subject
     raise exc
 
 
-def _log_dataset(ds: BeatDataset) -> None:
-    # dataset.log_to_mlflow logs the dataset input, its parameters and summary table.
-    from ecg_mlflow import dataset
-
-    if hasattr(dataset, "log_to_mlflow"):
-        dataset.log_to_mlflow(ds, context="loso")
 
 
 def _print_summary(summary: dict[str, float]) -> None:
