@@ -15,22 +15,36 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from typing import Callable
 
-from ecg_mlflow.dataset import PrepareConfig
+from ecg_mlflow.dataset import PrepareConfig, include_paced_from_param, window_from_param
 from ecg_mlflow.records import DataError
-from ecg_mlflow.training import TrainConfig
+
+# TrainConfig is imported inside the functions that need it: it brings TensorFlow, which an
+# entry point that only parses numbers (compare) should not pay for.
 
 
-def whole_number(name: str) -> Callable[[str], int]:
+def whole_number(name: str, minimum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
-        if not value.is_integer():
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}")
+        if not value.is_integer() or (minimum is not None and value < minimum):
+            at_least = "" if minimum is None else f" >= {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number{at_least}, got {text!r}")
         return int(value)
 
     return parse
+
+
+def from_value_parser(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from a parser that raises ``ValueError`` (such as those in ``dataset``)."""
+    def wrapped(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return wrapped
 
 
 def number(name: str) -> Callable[[str], float]:
@@ -43,26 +57,12 @@ def number(name: str) -> Callable[[str], float]:
     return parse
 
 
-def tri_state(name: str) -> Callable[[str], bool | None]:
-    def parse(text: str) -> bool | None:
-        value = text.strip().lower()
-        if value in ("auto", "", "none"):
-            return None
-        if value in ("true", "1", "yes"):
-            return True
-        if value in ("false", "0", "no"):
-            return False
-        raise argparse.ArgumentTypeError(f"{name} must be auto, true or false, got {text!r}")
-
-    return parse
-
-
 def boolean(name: str) -> Callable[[str], bool]:
     def parse(text: str) -> bool:
-        value = tri_state(name)(text)
-        if value is None:
+        value = text.strip().lower()
+        if value not in ("true", "false"):
             raise argparse.ArgumentTypeError(f"{name} must be true or false, got {text!r}")
-        return value
+        return value == "true"
 
     return parse
 
@@ -72,13 +72,16 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default="", help="WFDB record directory (default: $ECG_DATA_DIR, else download cache)")
     p.add_argument("--records", default="all", help="record ids separated by commas, or 'all'")
     p.add_argument("--label-scheme", default=d.label_scheme, help="aami or raw")
-    p.add_argument("--include-paced", type=tri_state("include_paced"), default=None,
+    p.add_argument("--include-paced", type=from_value_parser(include_paced_from_param), default=None,
                    help="auto (excluded under aami), true or false")
-    p.add_argument("--window", type=whole_number("window"), default=d.window, help="samples per beat window")
+    p.add_argument("--window", type=from_value_parser(window_from_param), default=d.window,
+                   help="samples per beat window")
     p.add_argument("--finetune-minutes", type=number("finetune_minutes"), default=d.finetune_minutes)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from ecg_mlflow.training import TrainConfig
+
     d = TrainConfig()
     p.add_argument("--model", default=d.model)
     p.add_argument("--epochs", type=whole_number("epochs"), default=d.epochs)
@@ -99,7 +102,10 @@ def prepare_config(a: argparse.Namespace) -> PrepareConfig:
                          finetune_minutes=a.finetune_minutes)
 
 
-def train_config(a: argparse.Namespace) -> TrainConfig:
+def train_config(a: argparse.Namespace):
+    """The :class:`ecg_mlflow.training.TrainConfig` of parsed training arguments."""
+    from ecg_mlflow.training import TrainConfig
+
     return TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate,
                        finetune_epochs=a.finetune_epochs, finetune_batch_size=a.finetune_batch_size,
                        finetune_learning_rate=a.finetune_learning_rate, seed=a.seed,

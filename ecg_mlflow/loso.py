@@ -38,7 +38,8 @@ from mlflow import MlflowClient
 from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
-from ecg_mlflow.dataset import BeatDataset, PrepareConfig, log_to_mlflow, prepare
+from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
+                                window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
 from ecg_mlflow.splits import Fold, loso_folds, subject_of
 from ecg_mlflow.training import BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, train_base
@@ -485,9 +486,10 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
     prep = PrepareConfig(
         data_dir=given.prepare.data_dir or (get("data_dir", "") or None),
         records=get("records", "all"),
-        window=_param(cli.whole_number("window"), "window", get("window", d.window)),
+        window=_param(window_from_param, "window", get("window", d.window)),
         label_scheme=get("label_scheme", d.label_scheme),
-        include_paced=_param(cli.tri_state("include_paced"), "include_paced", get("include_paced", "auto")),
+        # LosoConfig.params logs an unset include_paced (automatic) as ''.
+        include_paced=_param(include_paced_from_param, "include_paced", get("include_paced", "auto") or "auto"),
         finetune_minutes=_param(cli.number("finetune_minutes"), "finetune_minutes",
                                 get("finetune_minutes", d.finetune_minutes)),
         cache_dir=given.prepare.cache_dir, download=given.prepare.download)

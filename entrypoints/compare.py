@@ -12,21 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import argparse  # noqa: E402
 
+from ecg_mlflow.cli import whole_number  # noqa: E402
 from ecg_mlflow.compare import N_BOOT, CompareError, compare  # noqa: E402
-
-
-def whole_number(name: str):
-    """Parser for a whole number given as text ('10000' or, from a float MLproject parameter, '10000.0')."""
-    def parse(text: str) -> int:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
-        if not value.is_integer() or value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a non-negative whole number, got {text!r}")
-        return int(value)
-
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,9 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LOSO parent run ids, comma-separated ('' = the newest FINISHED LOSO run)")
     p.add_argument("--experiment", default="",
                    help="experiment (name or id) searched when --loso-runs is empty ('' = active, then ecg-loso)")
-    p.add_argument("--bootstrap", type=whole_number("bootstrap"), default=N_BOOT,
+    p.add_argument("--bootstrap", type=whole_number("bootstrap", minimum=0), default=N_BOOT,
                    help="bootstrap resamples for the confidence intervals")
-    p.add_argument("--seed", type=whole_number("seed"), default=0, help="seed of the bootstrap")
+    p.add_argument("--seed", type=whole_number("seed", minimum=0), default=0, help="seed of the bootstrap")
     return p.parse_args(argv)
 
 
