@@ -5,14 +5,16 @@ Prints figures; asserts nothing. In one run it measures:
 1. base-model training throughput (beats/s) of the seed notebook's path — its Sequential model
    (ReLU on the logits, as written) fitted with ``model.fit`` on NumPy arrays at batch 32 —
    against this project's path (``BeatSource`` tf.data pipeline, ``TrainConfig`` defaults and
-   the variants given by ``--batch-sizes``), on the same beats and epochs, and the ratio;
+   the variants given by ``--configs``), on the same beats and epochs, and the ratio of medians
+   over ``--repeats`` interleaved repeats (this 2-core machine varies by tens of percent);
 2. the time to prepare the dataset (cold, fresh cache directory; and cached);
 3. the share of LOSO wall time spent in tracking calls (every MLflow call of a small in-process
    LOSO run is timed; a local SQLite store);
 4. the wall time of a full default LOSO: measured with ``--full`` (20+ minutes here), otherwise
    estimated from the small run's per-subject time and labelled as an estimate.
 
-    python bench/training.py [--data-dir DIR] [--beats 40000] [--epochs 2] [--full]
+    python bench/training.py [--data-dir DIR] [--beats 40000] [--epochs 2] [--repeats 3]
+                             [--configs 256,256+xla,1024,1024+xla] [--full]
 """
 
 import sys
@@ -49,15 +51,33 @@ def seed_path_model(window: int, n_classes: int):
     return m
 
 
-def throughput(fit, n_beats: int, epochs: int) -> tuple[float, float]:
-    """(beats/s, final training accuracy) of ``fit(epochs)``, after a one-epoch warm-up that pays tracing."""
-    fit(1)
-    t = time.perf_counter()
-    acc = fit(epochs)
-    return n_beats * epochs / (time.perf_counter() - t), acc
+class EpochClock:
+    """Keras callback: the wall time of every epoch."""
+
+    def __init__(self):
+        import keras
+
+        clock = self
+
+        class _Cb(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                clock._t = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                clock.seconds.append(time.perf_counter() - clock._t)
+                clock.accuracy = float((logs or {}).get("accuracy", np.nan))
+
+        self.seconds: list[float] = []
+        self.accuracy = np.nan
+        self.callback = _Cb()
 
 
-def bench_training(ds, n: int, epochs: int, batch_sizes: list[int]) -> None:
+def steady_rate(n_beats: int, seconds: list[float]) -> float:
+    """Beats/s of the epochs after the first (which pays tracing and compilation)."""
+    return n_beats / float(np.median(seconds[1:]))
+
+
+def bench_training(ds, n: int, epochs: int, configs: list[tuple[int, bool]], repeats: int) -> None:
     import keras
 
     from ecg_mlflow.training import BeatSource, TrainConfig, seed_everything, train_base
@@ -65,31 +85,45 @@ def bench_training(ds, n: int, epochs: int, batch_sizes: list[int]) -> None:
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
     x, y = ds.x[idx], ds.label[idx]
-    print(f"\n1. base training throughput: {len(idx)} beats, {epochs} epoch(s) after a warm-up epoch")
+    source, rows, defaults = BeatSource(x, y, ds.rr_features()[idx]), np.arange(len(idx)), TrainConfig()
+    print(f"\n1. base training throughput: {len(idx)} beats; each measurement is {epochs} timed epoch(s) after a "
+          f"first epoch that pays tracing; {repeats} interleaved repeat(s), median (min-max) shown")
 
-    seed_everything(0)
-    seed_model = seed_path_model(ds.x.shape[1], len(ds.classes))
-    # The seed normalised with min-max per lead; that cost is outside fit and not counted.
-    seed_fit = lambda e: seed_model.fit(x, y[:, None], batch_size=32, epochs=e, verbose=0).history["accuracy"][-1]  # noqa: E731
-    seed_bps, seed_acc = throughput(seed_fit, len(idx), epochs)
-    print(f"   {'seed notebook path (fit on NumPy, batch 32)':52s} {seed_bps:9.0f} beats/s   acc {seed_acc:.4f}   1.00x")
+    def seed_path() -> tuple[float, float]:
+        # The seed normalised with min-max per lead; that cost is outside fit and not counted.
+        keras.backend.clear_session()
+        seed_everything(0)
+        model, clock = seed_path_model(ds.x.shape[1], len(ds.classes)), EpochClock()
+        model.fit(x, y[:, None], batch_size=32, epochs=epochs + 1, verbose=0, callbacks=[clock.callback])
+        return steady_rate(len(idx), clock.seconds), clock.accuracy
 
-    source = BeatSource(x, y)
-    rows = np.arange(len(idx))
-    defaults = TrainConfig()
-    for bs in batch_sizes:
-        for jit in (False, True):
-            cfg = TrainConfig(batch_size=bs, learning_rate=defaults.learning_rate * max(1.0, bs / defaults.batch_size) ** 0.5,
-                              jit_compile=jit)
-            keras.backend.clear_session()
-            # train_base builds and compiles afresh each call; time the whole call for `epochs`
-            # and subtract a 1-epoch call, which leaves the steady per-epoch cost.
-            t0 = time.perf_counter(); train_base(source, rows, len(ds.classes), TrainConfig(**{**cfg.__dict__, "epochs": 1})); t1 = time.perf_counter()
-            _, hist = train_base(source, rows, len(ds.classes), TrainConfig(**{**cfg.__dict__, "epochs": epochs + 1}))
-            t2 = time.perf_counter()
-            bps = len(idx) * epochs / ((t2 - t1) - (t1 - t0))
-            label = f"this project (BeatSource, batch {bs}{', XLA' if jit else ''}{', default' if bs == defaults.batch_size and jit == defaults.jit_compile else ''})"
-            print(f"   {label:52s} {bps:9.0f} beats/s   acc {hist['accuracy'][-1]:.4f}   {bps / seed_bps:.2f}x")
+    def ours(bs: int, jit: bool) -> tuple[float, float]:
+        keras.backend.clear_session()
+        cfg = TrainConfig(batch_size=bs, learning_rate=defaults.learning_rate * (bs / defaults.batch_size) ** 0.5,
+                          jit_compile=jit, epochs=epochs + 1)
+        clock, t = [], [time.perf_counter()]
+
+        def on_epoch(epoch: int, logs: dict) -> None:
+            clock.append(time.perf_counter() - t[0])
+            t[0] = time.perf_counter()
+
+        _, hist = train_base(source, rows, len(ds.classes), cfg, on_epoch=on_epoch)
+        return steady_rate(len(idx), clock), hist["accuracy"][-1]
+
+    names = ["seed notebook path (fit on NumPy, batch 32)"] + [
+        f"this project (batch {bs}{', XLA' if jit else ''}"
+        f"{', default' if (bs, jit) == (defaults.batch_size, defaults.jit_compile) else ''})" for bs, jit in configs]
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for _ in range(repeats):  # interleaved, so a change of load on the machine hits every path alike
+        runs[names[0]].append(seed_path())
+        for name, (bs, jit) in zip(names[1:], configs):
+            runs[name].append(ours(bs, jit))
+    seed_median = float(np.median([r for r, _ in runs[names[0]]]))
+    for name in names:
+        rates = [r for r, _ in runs[name]]
+        med = float(np.median(rates))
+        print(f"   {name:52s} {med:8.0f} beats/s ({min(rates):.0f}-{max(rates):.0f})   "
+              f"acc {runs[name][-1][1]:.4f}   {med / seed_median:.2f}x")
 
 
 class CallTimer:
@@ -126,7 +160,7 @@ class CallTimer:
         return timed
 
 
-def bench_loso(data_dir: str, cache: str, holdout: int, full: bool) -> None:
+def bench_loso(data_dir: str, cache: str, holdout: int, full: bool, store: str | None) -> None:
     import mlflow
 
     from ecg_mlflow.dataset import PrepareConfig
@@ -136,8 +170,10 @@ def bench_loso(data_dir: str, cache: str, holdout: int, full: bool) -> None:
     from ecg_mlflow.labels import PACED_RECORDS
 
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        where = os.path.abspath(store) if store else tmp  # --store keeps the run (and its results)
+        os.makedirs(where, exist_ok=True)
+        os.chdir(where)
+        mlflow.set_tracking_uri(f"sqlite:///{where}/mlflow.db")
         mlflow.set_experiment("bench")
         subjects = list(dict.fromkeys(subject_of(r) for r in MITDB_RECORDS if r not in PACED_RECORDS))
         timer = CallTimer()
@@ -165,9 +201,13 @@ def main() -> int:
     p.add_argument("--data-dir", default=os.environ.get("ECG_DATA_DIR", ""))
     p.add_argument("--beats", type=int, default=40000, help="beats for the throughput comparison")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per throughput measurement")
-    p.add_argument("--batch-sizes", default="256,512", help="this project's batch sizes to time")
+    p.add_argument("--configs", default="256,256+xla,1024,1024+xla",
+                   help="this project's batch sizes to time, '+xla' for XLA compilation")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every throughput measurement")
     p.add_argument("--holdout", type=int, default=3, help="held-out subjects in the tracking-share run")
     p.add_argument("--full", action="store_true", help="time the full 43-subject LOSO (20+ minutes)")
+    p.add_argument("--store", default="", help="directory whose mlflow.db keeps the LOSO run (default: a temporary one)")
+    p.add_argument("--skip-training", action="store_true", help="skip the throughput comparison (1.)")
     a = p.parse_args()
 
     from ecg_mlflow.dataset import PrepareConfig, prepare
@@ -180,9 +220,11 @@ def main() -> int:
     t = time.perf_counter()
     prepare(PrepareConfig(data_dir=a.data_dir or None, cache_dir=cache))
     cached = time.perf_counter() - t
-    bench_training(ds, a.beats, a.epochs, [int(b) for b in a.batch_sizes.split(",")])
+    configs = [(int(c.split("+")[0]), c.endswith("+xla")) for c in a.configs.split(",")]
+    if not a.skip_training:
+        bench_training(ds, a.beats, a.epochs, configs, a.repeats)
     print(f"\n2. prepare (aami, 44 records, {len(ds)} beats): cold {cold:.2f} s, cached {cached:.2f} s")
-    bench_loso(a.data_dir or None, cache, a.holdout, a.full)
+    bench_loso(a.data_dir or None, cache, a.holdout, a.full, a.store or None)
     return 0
 
 

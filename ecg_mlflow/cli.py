@@ -93,6 +93,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=whole_number("seed"), default=d.seed)
     p.add_argument("--class-weight", default=d.class_weight, help="none, balanced or sqrt (loss weight per class)")
     p.add_argument("--jit-compile", type=boolean("jit_compile"), default=d.jit_compile, help="XLA-compile training")
+    p.add_argument("--finetune-layers", default=d.finetune_layers, help="head or all: layers transfer re-trains")
+    p.add_argument("--finetune-replay", type=whole_number("finetune_replay"), default=d.finetune_replay,
+                   help="beats per class from the base-training subjects mixed into each fine-tune set")
+    p.add_argument("--precision", default=d.precision, help="auto (mixed on a GPU), float32 or mixed")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -109,7 +113,9 @@ def train_config(a: argparse.Namespace):
     return TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate,
                        finetune_epochs=a.finetune_epochs, finetune_batch_size=a.finetune_batch_size,
                        finetune_learning_rate=a.finetune_learning_rate, seed=a.seed,
-                       class_weight=a.class_weight, jit_compile=a.jit_compile)
+                       class_weight=a.class_weight, jit_compile=a.jit_compile,
+                       finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
+                       finetune_replay=a.finetune_replay)
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -11,7 +11,12 @@ Run tree (see README, "What is logged where")::
 The functions :func:`fit_base`, :func:`evaluate_no_transfer` and :func:`fit_transfer` log to the
 *active* run, so the ``train_base`` and ``transfer`` entry points reuse them for single steps.
 
-:func:`run_fold` is one held-out subject; :mod:`ecg_mlflow.executors` runs the folds in this
+Quick runs and honest model choice: ``base_folds=k`` deals the held-out subjects into ``k`` groups
+that share one base model each (trained on every subject outside the group), and
+``evaluate_on=validation`` fine-tunes on the first half of each record's fine-tune minutes and
+evaluates on the second half, never reading a test part (:func:`plan_folds`).
+
+:func:`run_fold` is one held-out subject (or group); :mod:`ecg_mlflow.executors` runs the folds in this
 process, in local worker processes or as Ray tasks, each fold logging its own child runs. A run
 whose folds failed ends FAILED, naming the patients; ``resume_run_id`` re-opens it and re-runs
 only what did not finish (:func:`run_loso`).
@@ -41,10 +46,12 @@ from ecg_mlflow import registry, tracking
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
-from ecg_mlflow.splits import Fold, loso_folds, subject_of
-from ecg_mlflow.training import BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, train_base
+from ecg_mlflow.splits import Fold, grouped_folds, loso_folds, subject_of, validation_fold
+from ecg_mlflow.training import (BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, replay_rows,
+                                 train_base)
 
 VARIANTS = ("no_transfer", "transfer")
+EVALUATE_ON = ("test", "validation")
 HEADLINE = ("veb_se", "veb_ppv", "veb_fpr", "sveb_se", "sveb_ppv", "sveb_fpr", "accuracy", "macro_f1")
 
 
@@ -59,11 +66,19 @@ class LosoConfig:
     register: bool = True
     execution: ExecConfig = field(default_factory=ExecConfig)
     resume_run_id: str | None = None  # re-open this LOSO run and finish what it left undone
+    base_folds: int = 0  # 0: one base model per held-out subject; k >= 2: k groups of subjects share one
+    evaluate_on: str = "test"  # test | validation (second half of the fine-tune minutes; for model choice)
 
     def validated(self) -> "LosoConfig":
         self.prepare.validated()
         self.train.validated()
         self.execution.validated()
+        if isinstance(self.base_folds, bool) or not isinstance(self.base_folds, int) or self.base_folds < 0 \
+                or self.base_folds == 1:
+            raise ValueError(f"base_folds must be 0 (one base model per subject) or a whole number >= 2, "
+                             f"got {self.base_folds!r}")
+        if self.evaluate_on not in EVALUATE_ON:
+            raise ValueError(f"evaluate_on must be one of {list(EVALUATE_ON)}, got {self.evaluate_on!r}")
         if not self.registry_prefix or not all(c.isalnum() or c in "-_." for c in self.registry_prefix):
             raise ValueError(f"registry_prefix must be letters, digits, '-', '_' or '.', got {self.registry_prefix!r}")
         if self.resume_run_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.resume_run_id):
@@ -74,9 +89,16 @@ class LosoConfig:
         """Flat parameters for ``mlflow.log_params``."""
         p = {k: v for k, v in asdict(self.prepare).items() if k not in ("cache_dir", "download")}
         p.update(asdict(self.train))
-        p.update(holdout=self.holdout or "all", registry_prefix=self.registry_prefix)
+        p.update(holdout=self.holdout or "all", registry_prefix=self.registry_prefix, base_folds=self.base_folds,
+                 evaluate_on=self.evaluate_on)
         p.update(self.execution.params())
         return {k: ("" if v is None else v) for k, v in p.items()}
+
+    @property
+    def registers(self) -> bool:
+        """Models go to the registry only from runs evaluated on test segments: validation runs
+        exist to choose options, their models are not the experiment's."""
+        return self.register and self.evaluate_on == "test"
 
 
 @dataclass
@@ -109,6 +131,20 @@ def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
     if unknown:
         raise ValueError(f"holdout names subjects {unknown} that are not in the prepared records {ds.records}")
     return list(dict.fromkeys(named))
+
+
+def plan_folds(ds: BeatDataset, cfg: LosoConfig) -> list[Fold]:
+    """The folds of a LOSO run: one per held-out subject, or ``cfg.base_folds`` groups sharing a
+    base model; with ``evaluate_on=validation`` each evaluates on the second half of the fine-tune
+    minutes instead of the test part (see :mod:`ecg_mlflow.splits`)."""
+    subjects = holdout_subjects(ds, cfg.holdout)
+    if cfg.base_folds:
+        folds = grouped_folds(ds.record, ds.part, subjects, cfg.base_folds)
+    else:
+        folds = loso_folds(ds.record, ds.part, subjects)
+    if cfg.evaluate_on == "validation":
+        folds = [validation_fold(f, ds.time_s, cfg.prepare.finetune_minutes) for f in folds]
+    return folds
 
 
 def register_once(model_uri: str, name: str, tags: dict[str, object]) -> str:
@@ -165,7 +201,7 @@ def fit_base(ds: BeatDataset, fold: Fold, cfg: LosoConfig, loso_run_id: str | No
     model, _ = train_base(src, train_idx, len(ds.classes), cfg.train,
                           on_epoch=_epoch_printer(cfg.train.epochs, f"base {fold.subject}"))
     model_uri = tracking.log_keras_model(model, src.inputs(train_idx[:8], model_input_names(model)))
-    if cfg.register:
+    if cfg.registers:
         register_once(model_uri, registry.base_model_name(cfg.registry_prefix, fold.subject), {
             "subject": fold.subject, "run_id": run_id, "loso_run_id": loso_run_id or "",
             "train_records": ",".join(train_records), "dataset_digest": ds.digest,
@@ -215,12 +251,15 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     run_id = mlflow.active_run().info.run_id
     mlflow.set_tags(_variant_tags(record, "transfer", base, loso_run_id))
     src, ft_idx = beat_source(ds), np.flatnonzero(fold.finetune[record])
-    mlflow.log_params({"n_finetune_beats": len(ft_idx)})
-    model, _ = fine_tune(base.model, src, ft_idx, cfg.train, on_epoch=tracking.log_epoch_metrics)
+    # Replayed beats come from the fold's base-training rows: other subjects only.
+    replay = replay_rows(ds.label, np.flatnonzero(fold.train), cfg.train.finetune_replay, cfg.train.seed)
+    mlflow.log_params({"n_finetune_beats": len(ft_idx), "n_replay_beats": len(replay)})
+    model, _ = fine_tune(base.model, src, np.concatenate([ft_idx, replay]), cfg.train,
+                         on_epoch=tracking.log_epoch_metrics)
     mask = fold.test[record]
     m, cm = _log_test_results(ds, mask, predict_classes(model, src, np.flatnonzero(mask)), f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))
-    if cfg.register:
+    if cfg.registers:
         headline = {f"test_{k}": f"{m[k]:.4f}" for k in HEADLINE if k in m}
         register_once(model_uri, registry.transfer_model_name(cfg.registry_prefix, record), {
             "patient": record, "subject": subject_of(record), "run_id": run_id, "loso_run_id": loso_run_id or "",
@@ -273,7 +312,7 @@ def run_fold(task: FoldTask) -> FoldOutcome:
     cfg: LosoConfig = task.config
     mlflow.set_tracking_uri(task.tracking_uri)
     ds = executors.worker_dataset(task.dataset_path)
-    (fold,) = loso_folds(ds.record, ds.part, [task.subject])
+    fold = {f.subject: f for f in plan_folds(ds, cfg)}[task.subject]
     outcome = FoldOutcome(task.subject)
     try:
         if task.base_model_uri:
@@ -329,7 +368,7 @@ def run_loso(cfg: LosoConfig) -> str:
         previous = _resumable_run(cfg.resume_run_id)
         cfg = config_for_resume(previous.data.params, cfg)
     ds = prepare(cfg.prepare, verbose=True)
-    folds = loso_folds(ds.record, ds.part, holdout_subjects(ds, cfg.holdout))
+    folds = plan_folds(ds, cfg)
     if len(ds.records) < 2:
         raise ValueError(f"LOSO needs at least two subjects' records, got {ds.records}")
     executors.remember_dataset(ds)  # the sequential executor reuses it instead of reading the file
@@ -341,14 +380,16 @@ def run_loso(cfg: LosoConfig) -> str:
         plan = {fold.subject: (frozenset(), None, None) for fold in folds}
         if previous is None:
             mlflow.set_tags({tracking.ROLE_TAG: "loso", "label_scheme": ds.meta["label_scheme"],
-                             "classes": ",".join(ds.classes), "dataset_digest": ds.digest})
+                             "classes": ",".join(ds.classes), "dataset_digest": ds.digest,
+                             "evaluated_on": cfg.evaluate_on})
             tracking.log_new_params(cfg.params())
             log_to_mlflow(ds, context="loso")  # dataset input, data.* params, summary table
         else:
             done_results, plan = resume_plan(client, parent_id, experiment_id, folds)
             tracking.log_new_params(cfg.params())
         todo = [f for f in folds if plan[f.subject] is not None]
-        print(f"loso: {len(folds)} held-out subject(s), {len(ds)} beats, {len(ds.classes)} classes {ds.classes}, "
+        n_held = len({subject_of(r) for f in folds for r in f.records})
+        print(f"loso: {n_held} held-out subject(s) in {len(folds)} fold(s), evaluated on {cfg.evaluate_on}, {len(ds)} beats, {len(ds.classes)} classes {ds.classes}, "
               f"parent run {parent_id}" + (f" (resumed: {len(folds) - len(todo)} subject(s) already finished)"
                                            if previous is not None else ""), flush=True)
         print(f"loso: folds run {executors.describe(cfg.execution)}", flush=True)
@@ -502,8 +543,10 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
         for f in fields(TrainConfig)})
     # Thread count too: a fold's numbers repeat exactly only at the run's own count.
     threads = _param(cli.whole_number("threads"), "threads", get("threads", given.execution.threads))
+    base_folds = _param(cli.whole_number("base_folds"), "base_folds", get("base_folds", 0))
     return replace(given, prepare=prep, train=train, holdout=get("holdout", "all"),
-                   registry_prefix=get("registry_prefix", "ecg"), execution=replace(given.execution, threads=threads))
+                   registry_prefix=get("registry_prefix", "ecg"), execution=replace(given.execution, threads=threads),
+                   base_folds=base_folds, evaluate_on=get("evaluate_on", "test"))
 
 
 def config_for_resume(params: dict[str, str], given: LosoConfig) -> LosoConfig:
@@ -517,7 +560,7 @@ def config_for_resume(params: dict[str, str], given: LosoConfig) -> LosoConfig:
         p = {k: v for k, v in asdict(c.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
         p["records"] = p["records"] if p["records"] not in (None, "", "all") else "all"
         return {**p, **asdict(c.train), "holdout": (c.holdout or "all").lower(), "registry_prefix": c.registry_prefix,
-                "threads": c.execution.threads}
+                "threads": c.execution.threads, "base_folds": c.base_folds, "evaluate_on": c.evaluate_on}
 
     now, before, dflt = flat(given), flat(stored), flat(default)
     clash = [k for k in now if now[k] != dflt[k] and now[k] != before[k]]

@@ -30,42 +30,48 @@ def lead_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.mean(axis=0), np.maximum(flat.var(axis=0), 1e-12)
 
 
-def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray) -> keras.Model:
-    """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, ReLU), max-pool 2 after each,
-    Flatten, Dense 32 ReLU, Dense ``n_classes`` — the last layer gives logits (no ReLU)."""
-    inputs = keras.Input(shape=(window, n_leads), name="beat")
-    x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(inputs)
+def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str):
+    """Normalisation (float32), then Conv1D 16/32/64 (kernel 3, ReLU) with max-pool 2 after each, flattened."""
+    x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(beat)
     for i, filters in enumerate((16, 32, 64), start=1):
-        x = layers.Conv1D(filters, 3, activation="relu", name=f"conv{i}")(x)
-        x = layers.MaxPool1D(2, name=f"pool{i}")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(32, activation="relu", name="head_dense")(x)
-    logits = layers.Dense(n_classes, name="logits")(x)
+        x = layers.Conv1D(filters, 3, activation="relu", name=f"conv{i}", dtype=dtype)(x)
+        x = layers.MaxPool1D(2, name=f"pool{i}", dtype=dtype)(x)
+    return layers.Flatten(name="flatten", dtype=dtype)(x)
+
+
+def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
+                   dtype: str = "float32") -> keras.Model:
+    """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, ReLU), max-pool 2 after each,
+    Flatten, Dense 32 ReLU, Dense ``n_classes`` — the last layer gives logits (no ReLU).
+
+    ``dtype``: the compute policy of the hidden layers (``mixed_float16`` on a GPU); the logits
+    are always float32 so the loss is computed at full precision."""
+    inputs = keras.Input(shape=(window, n_leads), name="beat")
+    x = _features(inputs, mean, variance, dtype)
+    x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
+    logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name="seed_cnn")
 
 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
-                 rr_mean: np.ndarray, rr_variance: np.ndarray) -> keras.Model:
+                 rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32") -> keras.Model:
     """The seed CNN with rhythm context: the three RR features join the flattened beat features
     before the head, so premature beats (short previous RR) are visible to the classifier."""
     beat = keras.Input(shape=(window, n_leads), name="beat")
     rr = keras.Input(shape=(3,), name="rr")
-    x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(beat)
-    for i, filters in enumerate((16, 32, 64), start=1):
-        x = layers.Conv1D(filters, 3, activation="relu", name=f"conv{i}")(x)
-        x = layers.MaxPool1D(2, name=f"pool{i}")(x)
-    x = layers.Flatten(name="flatten")(x)
+    x = _features(beat, mean, variance, dtype)
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(rr)
-    x = layers.Concatenate(name="features")([x, r])
-    x = layers.Dense(32, activation="relu", name="head_dense")(x)
-    logits = layers.Dense(n_classes, name="logits")(x)
+    x = layers.Concatenate(name="features", dtype=dtype)([x, r])
+    x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
+    logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model({"beat": beat, "rr": rr}, logits, name="rr_cnn")
 
 
 def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
-                train_rr: np.ndarray | None = None) -> keras.Model:
+                train_rr: np.ndarray | None = None, dtype: str = "float32") -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
-    ``(n, window, n_leads)`` (and, for ``rr_cnn``, training RR features ``train_rr`` ``(n, 3)``)."""
+    ``(n, window, n_leads)`` (and, for ``rr_cnn``, training RR features ``train_rr`` ``(n, 3)``);
+    ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
     mean, variance = lead_stats(train_x)
@@ -73,12 +79,13 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
         if train_rr is None:
             raise ValueError("model rr_cnn needs the training RR features (n, 3)")
         rr_mean, rr_var = lead_stats(train_rr[:, None, :])
-        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var)
-    return build_seed_cnn(window, n_leads, n_classes, mean, variance)
+        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype)
+    return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype)
 
 
-def transfer_copy(base: keras.Model) -> keras.Model:
-    """A copy of ``base`` with its weights, every layer frozen except the head (:data:`HEAD_LAYERS`)."""
+def transfer_copy(base: keras.Model, layers_to_train: str = "head") -> keras.Model:
+    """A copy of ``base`` with its weights, every layer frozen except the head (:data:`HEAD_LAYERS`);
+    ``layers_to_train="all"`` leaves every layer trainable (the normalisation stays fixed)."""
     model = keras.models.clone_model(base)
     model.set_weights(base.get_weights())
     names = {layer.name for layer in model.layers}
@@ -86,5 +93,5 @@ def transfer_copy(base: keras.Model) -> keras.Model:
     if missing:
         raise ValueError(f"base model has no head layer(s) {missing}; layers: {sorted(names)}")
     for layer in model.layers:
-        layer.trainable = layer.name in HEAD_LAYERS
+        layer.trainable = layer.name in HEAD_LAYERS or layers_to_train == "all"
     return model

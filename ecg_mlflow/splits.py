@@ -70,3 +70,39 @@ def loso_folds(record: np.ndarray, part: np.ndarray, subjects: list[str] | None 
             test={r: (record == r) & (part == TEST) for r in recs},
         ))
     return folds
+
+
+def grouped_folds(record: np.ndarray, part: np.ndarray, subjects: list[str], k: int) -> list[Fold]:
+    """``k`` folds of held-out subjects that share one base model each (quick runs).
+
+    Subjects are dealt round-robin in the order given (subject ``i`` goes to group ``i % k``);
+    each group's base-training mask excludes every record of every subject in the group, so no
+    held-out subject reaches the base model it is evaluated with. A group is named
+    ``group<j>of<k>`` (``j`` from 1). ``k`` larger than the number of subjects is refused.
+    """
+    if not 2 <= k <= len(subjects):
+        raise ValueError(f"base_folds must be 0 (one base model per subject) or between 2 and the "
+                         f"{len(subjects)} held-out subjects, got {k}")
+    single = {f.subject: f for f in loso_folds(record, part, subjects)}
+    folds = []
+    for j in range(k):
+        members = [single[s] for s in subjects[j::k]]
+        folds.append(Fold(
+            subject=f"group{j + 1}of{k}",
+            records=tuple(r for f in members for r in f.records),
+            train=np.logical_and.reduce([f.train for f in members]),
+            finetune={r: m for f in members for r, m in f.finetune.items()},
+            test={r: m for f in members for r, m in f.test.items()},
+        ))
+    return folds
+
+
+def validation_fold(fold: Fold, time_s: np.ndarray, finetune_minutes: float) -> Fold:
+    """``fold`` for model choice: each record's fine-tune minutes split in time halves, the first
+    half fine-tunes and the second half is evaluated. Test beats are not selected at all, so
+    options chosen on these figures never saw a test segment."""
+    cut = finetune_minutes * 60.0 / 2
+    early = np.asarray(time_s) < cut
+    return Fold(subject=fold.subject, records=fold.records, train=fold.train,
+                finetune={r: m & early for r, m in fold.finetune.items()},
+                test={r: m & ~early for r, m in fold.finetune.items()})

@@ -18,13 +18,15 @@ import tensorflow as tf
 from ecg_mlflow.models import MODEL_INPUTS, MODELS, build_model, transfer_copy
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
+FINETUNE_LAYERS = ("head", "all")
+PRECISIONS = ("auto", "float32", "mixed")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Training parameters (plain values). Validated by :meth:`validated` before any work."""
 
-    model: str = "seed_cnn"
+    model: str = "rr_cnn"  # chosen on validation halves of the fine-tune minutes (README); seed_cnn = the notebook's
     epochs: int = 5
     batch_size: int = 256
     learning_rate: float = 1e-3
@@ -32,8 +34,11 @@ class TrainConfig:
     finetune_batch_size: int = 32
     finetune_learning_rate: float = 1e-3
     seed: int = 42
-    class_weight: str = "none"  # none | balanced | sqrt: loss weight per class from training counts
-    jit_compile: bool = False  # XLA-compile the train step
+    class_weight: str = "sqrt"  # none | balanced | sqrt: loss weight per class from training counts
+    jit_compile: bool = False  # XLA-compile the train step (slower on CPU; seeded repeats not bit-exact)
+    finetune_layers: str = "head"  # head: re-train only the head; all: every layer (at the fine-tune rate)
+    precision: str = "auto"  # float32 | mixed (float16 compute, float32 weights and logits) | auto: mixed on a GPU
+    finetune_replay: int = 0  # beats per class from the base-training subjects mixed into the fine-tune set
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -46,6 +51,7 @@ class TrainConfig:
         whole("finetune_epochs", 1)
         whole("finetune_batch_size", 1)
         whole("seed", 0)
+        whole("finetune_replay", 0)
         for name in ("learning_rate", "finetune_learning_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < 10:
@@ -54,6 +60,10 @@ class TrainConfig:
             raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"class_weight must be one of {list(CLASS_WEIGHTS)}, got {self.class_weight!r}")
+        if self.finetune_layers not in FINETUNE_LAYERS:
+            raise ValueError(f"finetune_layers must be one of {list(FINETUNE_LAYERS)}, got {self.finetune_layers!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.jit_compile, bool):
             raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
@@ -65,10 +75,27 @@ class TrainConfig:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and TensorFlow seeds plus deterministic ops: a seed repeats a run's metrics."""
+def compute_dtype(precision: str) -> str:
+    """The Keras dtype policy of a ``precision`` setting: ``mixed_float16`` for ``mixed``, and for
+    ``auto`` when TensorFlow sees a GPU (float16 is slower than float32 on a CPU)."""
+    if precision == "mixed" or (precision == "auto" and tf.config.list_physical_devices("GPU")):
+        return "mixed_float16"
+    return "float32"
+
+
+def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
+    """Python, NumPy and TensorFlow seeds plus deterministic ops: a seed repeats a run's metrics.
+
+    Keras silently drops XLA (``jit_compile``) while op determinism is on, so an XLA run turns it
+    off: its seed still fixes initial weights and batch order, but repeats are not guaranteed to
+    be bit-exact."""
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
+    else:  # not exported under tf.config; the module function is the one the exported enable calls
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
 
 
 class BeatSource:
@@ -144,6 +171,24 @@ def class_weights(y: np.ndarray, n_classes: int, how: str) -> dict[int, float] |
     return {int(c): float(w[c]) for c in range(n_classes)}
 
 
+def replay_rows(labels: np.ndarray, train_idx: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Rows to mix into a patient's fine-tune set: up to ``per_class`` beats of every class, drawn
+    without replacement (seeded) from ``train_idx`` — the rows the base model was trained on, so
+    never the held-out subject. ``labels``: class code per row of the whole table ``(n,)``.
+
+    This is the literature's patient-specific recipe (a small common set of beats from other
+    subjects plus the patient's first minutes): a patient whose minutes hold no S or V beats
+    still shows the classifier what those look like while its head adapts. Returns sorted rows."""
+    if per_class <= 0 or len(train_idx) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    train_idx = np.asarray(train_idx)
+    y = labels[train_idx]
+    picked = [rng.choice(train_idx[y == c], size=min(per_class, int((y == c).sum())), replace=False)
+              for c in np.unique(y)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 def _as_source(x, y) -> tuple["BeatSource", np.ndarray]:
     # Callers pass either (BeatSource, row indices) or plain (beats, labels) arrays.
     if isinstance(x, BeatSource):
@@ -162,8 +207,11 @@ class _EpochHook(keras.callbacks.Callback):
 
 
 def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients would underflow
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile,
@@ -182,11 +230,11 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
     if len(idx) == 0:
         raise ValueError("need training beats, got none")
     names = MODEL_INPUTS[cfg.model]
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
-                        None if source.rr_np is None else source.rr_np[idx])
+                        None if source.rr_np is None else source.rr_np[idx], dtype=compute_dtype(cfg.precision))
     _compile(model, cfg.learning_rate, cfg.jit_compile)
-    hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0,
+    hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0, shuffle=False,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "")])
     return model, {k: [float(v) for v in vs] for k, vs in hist.history.items()}
@@ -194,18 +242,18 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
 
 def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
               on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Copy ``base``, freeze all but its head, re-train the head on the fine-tune beats
-    (``(x, y)`` as in :func:`train_base`). ``base`` itself is left unchanged. Returns the transfer
+    """Copy ``base``, freeze all but its head (``finetune_layers=head``; ``all`` trains every
+    layer), re-train on the fine-tune beats (``(x, y)`` as in :func:`train_base`). ``base`` itself is left unchanged. Returns the transfer
     model and its history (``finetune_loss``, ``finetune_accuracy`` per epoch)."""
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need fine-tune beats, got none")
     names = tuple(base.input.keys()) if isinstance(base.input, dict) else ("beat",)
-    seed_everything(cfg.seed)
-    model = transfer_copy(base)
+    seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
+    model = transfer_copy(base, cfg.finetune_layers)
     _compile(model, cfg.finetune_learning_rate, cfg.jit_compile)
     n_classes = int(model.output.shape[-1])
-    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, cfg.seed, names), epochs=cfg.finetune_epochs,
+    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, cfg.seed, names), epochs=cfg.finetune_epochs, shuffle=False,
                      verbose=0, class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "finetune_")])
     return model, {f"finetune_{k}": [float(v) for v in vs] for k, vs in hist.history.items()}

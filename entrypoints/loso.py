@@ -29,6 +29,10 @@ def main() -> None:
                    help="GPUs each Ray fold task asks for")
     p.add_argument("--threads", type=cli.whole_number("threads"), default=0,
                    help="TensorFlow threads per fold; 0 = automatic (a seed repeats only at equal counts)")
+    p.add_argument("--base-folds", type=cli.whole_number("base_folds"), default=0,
+                   help="0: a base model per held-out subject; k >= 2: k groups of subjects share one (quick runs)")
+    p.add_argument("--evaluate-on", default="test",
+                   help="test, or validation: the second half of the fine-tune minutes (for choosing options)")
     p.add_argument("--resume-run-id", default="", help="the id of an interrupted or failed LOSO run to finish")
     a = p.parse_args()
     execution = ExecConfig(executor=a.executor.strip().lower(), workers=a.workers, ray_address=a.ray_address.strip(),
@@ -36,7 +40,8 @@ def main() -> None:
     try:
         run_loso(LosoConfig(prepare=cli.prepare_config(a), train=cli.train_config(a), holdout=a.holdout,
                             registry_prefix=a.registry_prefix, execution=execution,
-                            resume_run_id=a.resume_run_id.strip() or None))
+                            resume_run_id=a.resume_run_id.strip() or None, base_folds=a.base_folds,
+                            evaluate_on=a.evaluate_on.strip().lower()))
     except FoldsFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -140,7 +140,7 @@ def test_registry_versions_and_served_model_classifies_its_patient(loso_store, m
     ds = prepare(PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS), cache_dir=str(dataset_cache)))
     test = (ds.record == "201") & (ds.part == "test")
     model = mlflow.pyfunc.load_model("models:/ecg-transfer-201@newest")
-    logits = np.asarray(model.predict(ds.x[test]))
+    logits = np.asarray(model.predict({"beat": ds.x[test], "rr": ds.rr_features()[test]}))  # default rr_cnn
     assert logits.shape == (test.sum(), 5)
     acc = float((logits.argmax(1) == ds.label[test]).mean())
     assert acc == pytest.approx(transfer_runs["201"].data.metrics["test_accuracy"], abs=1e-9)
@@ -200,6 +200,9 @@ def _closed_port() -> int:
     (["--label-scheme", "ahaa"], "label_scheme"),
     (["--finetune-minutes", "31"], "finetune_minutes"),
     (["--holdout", "105"], "105"),
+    (["--base-folds", "3"], "base_folds"),  # two subjects cannot make three groups
+    (["--evaluate-on", "train"], "evaluate_on"),
+    (["--finetune-layers", "conv"], "finetune_layers"),
 ])
 def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tmp_path, mitdb_dir, cache_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

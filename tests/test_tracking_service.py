@@ -352,12 +352,13 @@ def test_served_transfer_model_predicts_like_the_loaded_model(loso, service, mit
     idx = np.flatnonzero((ds.record == record) & (ds.part == TEST))
     pick = np.unique(np.concatenate([idx[:24], idx[ds.label[idx] != 0][:8]]))
     beats = ds.x[pick].astype(np.float32)  # (n, window, 2) mV
+    rr = ds.rr_features()[pick]  # (n, 3): the default model, rr_cnn, reads the rhythm too
     assert beats.ndim == 3 and beats.shape[2] == 2
 
     env = client_env(service["url"], cache_root, mitdb_dir)
     server = start_model_server(model_uri, env, tmp_path / "serve.log")
     try:
-        r = requests.post(f"{server.url}/invocations", json={"inputs": beats.tolist()}, timeout=120)
+        r = requests.post(f"{server.url}/invocations", json={"inputs": {"beat": beats.tolist(), "rr": rr.tolist()}}, timeout=120)
         assert r.status_code == 200, r.text[:1000]
         served = np.asarray(r.json()["predictions"], dtype=np.float64)
     finally:
@@ -368,7 +369,7 @@ def test_served_transfer_model_predicts_like_the_loaded_model(loso, service, mit
         model = mlflow.keras.load_model(model_uri)
     finally:
         mlflow.set_tracking_uri(None)
-    local = np.asarray(model.predict(beats, verbose=0), dtype=np.float64)
+    local = np.asarray(model.predict({"beat": beats, "rr": rr}, verbose=0), dtype=np.float64)
     assert served.shape == local.shape == (len(beats), len(ds.classes))  # logits per class
     np.testing.assert_allclose(served, local, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(served.argmax(axis=1), local.argmax(axis=1))

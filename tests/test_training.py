@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ecg_mlflow.models import HEAD_LAYERS, build_model, lead_stats, transfer_copy
-from ecg_mlflow.training import BeatSource, TrainConfig, class_weights, fine_tune, predict_classes, train_base
+from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, fine_tune, predict_classes,
+                                 replay_rows, train_base)
 
 WINDOW = 32
 
@@ -22,7 +23,8 @@ def toy_beats(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.n
     return x, y, rr
 
 
-FAST = TrainConfig(epochs=3, batch_size=32, finetune_epochs=2, learning_rate=3e-3, seed=1)
+FAST = TrainConfig(model="seed_cnn", class_weight="none", epochs=3, batch_size=32, finetune_epochs=2,
+                   learning_rate=3e-3, seed=1)
 
 
 def test_last_layer_gives_logits_and_normalisation_is_fitted_on_training_beats():
@@ -86,6 +88,40 @@ def test_fine_tune_retrains_only_the_head_and_leaves_the_base_unchanged():
     assert transfer_copy(base).get_layer("conv1").trainable is False
 
 
+def test_fine_tune_all_layers_moves_the_feature_extractor_too():
+    x, y, _ = toy_beats()
+    base, _ = train_base(x[:300], y[:300], 3, FAST)
+    tuned, _ = fine_tune(base, x[300:400], y[300:400], TrainConfig(**{**FAST.__dict__, "finetune_layers": "all"}))
+    changed = {layer.name for layer in tuned.layers
+               if not all(np.array_equal(a, b) for a, b in zip(layer.get_weights(),
+                                                               base.get_layer(layer.name).get_weights()))}
+    assert {"conv1", "conv2", "conv3", *HEAD_LAYERS} <= changed
+    assert "normalize" not in changed  # statistics of the training beats stay as fitted
+
+
+def test_mixed_precision_computes_in_float16_with_float32_logits():
+    x, y, _ = toy_beats()
+    assert compute_dtype("float32") == "float32" and compute_dtype("mixed") == "mixed_float16"
+    model, hist = train_base(x[:300], y[:300], 3, TrainConfig(**{**FAST.__dict__, "precision": "mixed"}))
+    assert model.get_layer("conv1").compute_dtype == "float16"
+    assert model.get_layer("conv1").variable_dtype == "float32"  # weights are kept at full precision
+    assert model.get_layer("logits").compute_dtype == "float32"
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    assert np.isfinite(hist["loss"]).all() and hist["loss"][-1] < hist["loss"][0]
+    assert model.predict(x[:4], verbose=0).dtype == np.float32
+
+
+def test_jit_compile_really_compiles_with_xla_and_plain_runs_stay_deterministic():
+    from tensorflow.python.framework import config as tf_config
+
+    x, y, _ = toy_beats(200)
+    model, _ = train_base(x, y, 3, TrainConfig(**{**FAST.__dict__, "epochs": 1, "jit_compile": True}))
+    assert model.jit_compile is True  # Keras drops XLA without a word while op determinism is on
+    plain, _ = train_base(x, y, 3, TrainConfig(**{**FAST.__dict__, "epochs": 1}))
+    assert plain.jit_compile is False
+    assert tf_config.is_op_determinism_enabled()
+
+
 def test_rr_model_reads_rhythm_features():
     x, y, rr = toy_beats()
     src = BeatSource(x, y, rr)
@@ -97,6 +133,17 @@ def test_rr_model_reads_rhythm_features():
     assert predict_classes(tuned, src, np.arange(550, 600)).shape == (50,)
     with pytest.raises(ValueError, match="RR"):
         train_base(x, y, 3, cfg)  # plain arrays carry no RR features
+
+
+def test_replay_rows_come_only_from_training_rows_capped_per_class():
+    labels = np.array([0] * 50 + [1] * 5 + [2] * 30 + [0] * 20 + [2] * 20)  # rows 105+ are the patient's
+    train_idx = np.arange(105)
+    rows = replay_rows(labels, train_idx, 10, seed=0)
+    assert set(rows) <= set(train_idx) and len(set(rows)) == len(rows)
+    assert np.bincount(labels[rows]).tolist() == [10, 5, 10]  # class 1 has only 5 to give
+    np.testing.assert_array_equal(rows, replay_rows(labels, train_idx, 10, seed=0))
+    assert not np.array_equal(rows, replay_rows(labels, train_idx, 10, seed=1))
+    assert len(replay_rows(labels, train_idx, 0, seed=0)) == 0
 
 
 def test_class_weights():
@@ -116,6 +163,8 @@ def test_class_weights():
     ("epochs", 0, "epochs"), ("batch_size", 2.5, "batch_size"), ("learning_rate", 0, "learning_rate"),
     ("model", "resnet", "model"), ("class_weight", "auto", "class_weight"), ("seed", -1, "seed"),
     ("jit_compile", "yes", "jit_compile"), ("finetune_epochs", True, "finetune_epochs"),
+    ("finetune_layers", "conv", "finetune_layers"), ("precision", "bf16", "precision"),
+    ("finetune_replay", -1, "finetune_replay"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):

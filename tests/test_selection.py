@@ -1,0 +1,110 @@
+"""Quick and honest model choice: grouped base folds and the validation split of the fine-tune minutes.
+
+- ``grouped_folds``: every subject is held out exactly once, 201 and 202 stay together, and no
+  group's base-training mask holds any of its own subjects;
+- ``validation_fold``: fine-tune and evaluation beats both come from the fine-tune minutes, in
+  time order, and no beat of the test part is selected;
+- a LOSO run with ``base_folds=2, evaluate_on=validation`` on real records trains two base models,
+  evaluates each patient on exactly the second half of its fine-tune minutes, and registers nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlflow
+from mlflow import MlflowClient
+
+from ecg_mlflow.dataset import PrepareConfig, prepare
+from ecg_mlflow.executors import ExecConfig
+from ecg_mlflow.loso import LosoConfig, run_loso
+from ecg_mlflow.splits import FINETUNE, TEST, grouped_folds, loso_folds, subject_of, time_split, validation_fold
+from ecg_mlflow.training import TrainConfig
+
+
+def toy_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Five records (201 and 202 one subject), 12 beats each, one every 50 s over 10 minutes."""
+    records = ["100", "201", "202", "103", "104"]
+    record = np.repeat(records, 12)
+    time_s = np.tile(np.arange(12) * 50.0, len(records))
+    return record, time_split(time_s, 5), time_s
+
+
+def test_grouped_folds_hold_out_every_subject_once_and_never_train_on_it():
+    record, part, _ = toy_table()
+    subjects = ["100", "201", "103", "104"]
+    folds = grouped_folds(record, part, subjects, 2)
+    assert [f.subject for f in folds] == ["group1of2", "group2of2"]
+    assert [f.records for f in folds] == [("100", "103"), ("201", "202", "104")]  # round-robin, 202 with 201
+    held = [r for f in folds for r in f.records]
+    assert sorted(held) == sorted(set(record)) and len(held) == len(set(held))
+    for f in folds:
+        trained = set(record[f.train])
+        assert not {subject_of(r) for r in trained} & {subject_of(r) for r in f.records}
+        assert trained | set(f.records) == set(record)
+        for r in f.records:
+            assert set(part[f.finetune[r]]) == {FINETUNE} and set(part[f.test[r]]) == {TEST}
+            assert set(record[f.finetune[r] | f.test[r]]) == {r}
+    # k equal to the number of subjects is plain LOSO
+    plain = {f.subject: f for f in loso_folds(record, part, subjects)}
+    for f in grouped_folds(record, part, subjects, 4):
+        (s,) = {subject_of(r) for r in f.records}
+        np.testing.assert_array_equal(f.train, plain[s].train)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_grouped_folds_refuse_a_group_count_that_does_not_fit(k):
+    record, part, _ = toy_table()
+    with pytest.raises(ValueError, match="base_folds"):
+        grouped_folds(record, part, ["100", "201", "103", "104"], k)
+
+
+def test_validation_fold_splits_the_finetune_minutes_and_never_selects_test_beats():
+    record, part, time_s = toy_table()
+    (fold,) = loso_folds(record, part, ["201"])
+    val = validation_fold(fold, time_s, 5)
+    np.testing.assert_array_equal(val.train, fold.train)
+    for r in fold.records:
+        tune, held = val.finetune[r], val.test[r]
+        assert not (tune & held).any() and ((tune | held) == fold.finetune[r]).all()
+        assert time_s[tune].max() < 150 <= time_s[held].min()  # first 2.5 minutes tune, the rest validates
+        assert not ((tune | held) & fold.test[r]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minutes(tracking_uri, mitdb_dir,
+                                                                                   dataset_cache):
+    prep = PrepareConfig(data_dir=str(mitdb_dir), records="100,101,103", finetune_minutes=5,
+                         cache_dir=str(dataset_cache))
+    cfg = LosoConfig(prepare=prep, train=TrainConfig(epochs=1, finetune_epochs=1, seed=3, finetune_replay=4), base_folds=2,
+                     evaluate_on="validation", execution=ExecConfig(threads=1))
+    parent_id = run_loso(cfg)
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    assert parent.data.params["base_folds"] == "2" and parent.data.params["evaluate_on"] == "validation"
+    assert parent.data.tags["evaluated_on"] == "validation"
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    bases = {r.info.run_name: r for r in kids if r.data.tags["ecg.role"] == "base"}
+    assert sorted(bases) == ["base-group1of2", "base-group2of2"]
+    for b in bases.values():
+        held, trained = b.data.tags["heldout_records"].split(","), b.data.tags["train_records"].split(",")
+        assert held and not set(held) & set(trained)
+    ds = prepare(prep)
+    variants = [r for r in kids if r.data.tags["ecg.role"] == "variant"]
+    assert len(variants) == 6
+    for r in variants:
+        rec = r.data.tags["patient"]
+        in_second_half = (ds.record == rec) & (ds.part == FINETUNE) & (ds.time_s >= 150)
+        assert r.data.metrics["test_n_beats"] == in_second_half.sum() > 0
+        base = client.get_run(r.data.tags["base_run_id"])
+        assert rec in base.data.tags["heldout_records"].split(",")
+    transfer = [r for r in variants if r.data.tags["variant"] == "transfer"]
+    for r in transfer:
+        tuned = (ds.record == r.data.tags["patient"]) & (ds.part == FINETUNE) & (ds.time_s < 150)
+        assert r.data.params["n_finetune_beats"] == str(tuned.sum())
+        assert 4 <= int(r.data.params["n_replay_beats"]) <= 4 * len(ds.classes)  # drawn from other subjects
+    assert not client.search_registered_models()  # validation models are not the experiment's
