@@ -206,6 +206,12 @@ class _EpochHook(keras.callbacks.Callback):
             self.on_epoch(epoch, {f"{self.prefix}{k}": float(v) for k, v in (logs or {}).items()})
 
 
+# Train steps per call into the compiled graph: the per-step Python work of `fit` dominates a
+# model this small on a CPU. 16 makes base training about 1.6x faster here and changes no number
+# (the same steps in the same order; tests/test_training.py compares the weights).
+STEPS_PER_EXECUTION = 16
+
+
 def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
     optimizer = keras.optimizers.Adam(learning_rate)
     if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
@@ -215,6 +221,7 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> Non
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile,
+        steps_per_execution=STEPS_PER_EXECUTION,
     )
 
 

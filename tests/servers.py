@@ -43,6 +43,11 @@ def postgres_bin_dir() -> Path | None:
     return None
 
 
+def _runuser() -> str | None:
+    """``runuser`` lives in sbin, which a trimmed PATH may leave out."""
+    return shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
 def postgres_unavailable_reason() -> str | None:
     """Why a throwaway PostgreSQL cannot be started here, or None when it can."""
     if postgres_bin_dir() is None:
@@ -52,7 +57,7 @@ def postgres_unavailable_reason() -> str | None:
             pwd.getpwnam(_PG_SYSTEM_USER)
         except KeyError:
             return f"running as root and there is no '{_PG_SYSTEM_USER}' user to run initdb as"
-        if shutil.which("runuser") is None:
+        if _runuser() is None:
             return "running as root and `runuser` is missing (needed to run initdb as a non-root user)"
     try:
         import psycopg2  # noqa: F401  (mlflow's PostgreSQL driver)
@@ -86,7 +91,7 @@ class PostgresCluster:
 
 def _run_pg(cmd: list[str], run_as: str | None, check: bool = True) -> subprocess.CompletedProcess:
     if run_as:
-        cmd = ["runuser", "-u", run_as, "--", *cmd]
+        cmd = [_runuser() or "runuser", "-u", run_as, "--", *cmd]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")

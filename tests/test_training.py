@@ -60,6 +60,23 @@ def test_source_with_indices_equals_arrays_and_same_seed_repeats():
     assert h3["loss"] != h1["loss"]
 
 
+def test_several_steps_per_execution_change_no_number(monkeypatch):
+    import ecg_mlflow.training as training
+
+    x, y, rr = toy_beats()
+    src, idx = BeatSource(x, y, rr), np.arange(333)  # 11 batches of 32: not a multiple of 16
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn"})
+    assert training.STEPS_PER_EXECUTION > 1
+    base, hist = train_base(src, idx, 3, cfg)
+    tuned, ft_hist = fine_tune(base, src, np.arange(333, 380), cfg)  # 2 batches: fewer than one execution
+    monkeypatch.setattr(training, "STEPS_PER_EXECUTION", 1)
+    base1, hist1 = train_base(src, idx, 3, cfg)
+    tuned1, ft_hist1 = fine_tune(base1, src, np.arange(333, 380), cfg)
+    assert hist == hist1 and ft_hist == ft_hist1
+    for a, b in zip(tuned.get_weights(), tuned1.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_beat_source_batches_hold_the_selected_rows():
     x, y, rr = toy_beats(50)
     src = BeatSource(x, y, rr)
