@@ -16,8 +16,8 @@ that share one base model each (trained on every subject outside the group), and
 ``evaluate_on=validation`` fine-tunes on the first half of each record's fine-tune minutes and
 evaluates on the second half, never reading a test part (:func:`plan_folds`).
 
-:func:`run_fold` is one held-out subject (or group); :mod:`ecg_mlflow.executors` runs the folds in this
-process, in local worker processes or as Ray tasks, each fold logging its own child runs. A run
+:func:`run_fold` is one held-out subject (or group); :mod:`ecg_mlflow.executors` runs the folds
+in this process, in local worker processes or as Ray tasks, each fold logging its own child runs. A run
 whose folds failed ends FAILED, naming the patients; ``resume_run_id`` re-opens it and re-runs
 only what did not finish (:func:`run_loso`).
 """
@@ -46,7 +46,7 @@ from ecg_mlflow import registry, tracking
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
-from ecg_mlflow.splits import Fold, grouped_folds, loso_folds, subject_of, validation_fold
+from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, replay_rows,
                                  train_base)
 
@@ -133,15 +133,18 @@ def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
     return list(dict.fromkeys(named))
 
 
-def plan_folds(ds: BeatDataset, cfg: LosoConfig) -> list[Fold]:
+def plan_folds(ds: BeatDataset, cfg: LosoConfig, only: str | None = None) -> list[Fold]:
     """The folds of a LOSO run: one per held-out subject, or ``cfg.base_folds`` groups sharing a
     base model; with ``evaluate_on=validation`` each evaluates on the second half of the fine-tune
-    minutes instead of the test part (see :mod:`ecg_mlflow.splits`)."""
+    minutes instead of the test part (see :mod:`ecg_mlflow.splits`). ``only``: just the fold of
+    that name (a worker builds its own fold's masks, not every fold's)."""
     subjects = holdout_subjects(ds, cfg.holdout)
     if cfg.base_folds:
-        folds = grouped_folds(ds.record, ds.part, subjects, cfg.base_folds)
+        groups = subject_groups(subjects, cfg.base_folds)
+        folds = [group_fold(ds.record, ds.part, name, members) for name, members in groups.items()
+                 if only is None or name == only]
     else:
-        folds = loso_folds(ds.record, ds.part, subjects)
+        folds = loso_folds(ds.record, ds.part, [only] if only is not None else subjects)
     if cfg.evaluate_on == "validation":
         folds = [validation_fold(f, ds.time_s, cfg.prepare.finetune_minutes) for f in folds]
     return folds
@@ -312,7 +315,7 @@ def run_fold(task: FoldTask) -> FoldOutcome:
     cfg: LosoConfig = task.config
     mlflow.set_tracking_uri(task.tracking_uri)
     ds = executors.worker_dataset(task.dataset_path)
-    fold = {f.subject: f for f in plan_folds(ds, cfg)}[task.subject]
+    (fold,) = plan_folds(ds, cfg, only=task.subject)
     outcome = FoldOutcome(task.subject)
     try:
         if task.base_model_uri:
@@ -389,7 +392,8 @@ def run_loso(cfg: LosoConfig) -> str:
             tracking.log_new_params(cfg.params())
         todo = [f for f in folds if plan[f.subject] is not None]
         n_held = len({subject_of(r) for f in folds for r in f.records})
-        print(f"loso: {n_held} held-out subject(s) in {len(folds)} fold(s), evaluated on {cfg.evaluate_on}, {len(ds)} beats, {len(ds.classes)} classes {ds.classes}, "
+        print(f"loso: {n_held} held-out subject(s) in {len(folds)} fold(s), evaluated on {cfg.evaluate_on}, "
+              f"{len(ds)} beats, {len(ds.classes)} classes {ds.classes}, "
               f"parent run {parent_id}" + (f" (resumed: {len(folds) - len(todo)} subject(s) already finished)"
                                            if previous is not None else ""), flush=True)
         print(f"loso: folds run {executors.describe(cfg.execution)}", flush=True)

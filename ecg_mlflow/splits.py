@@ -72,29 +72,32 @@ def loso_folds(record: np.ndarray, part: np.ndarray, subjects: list[str] | None 
     return folds
 
 
-def grouped_folds(record: np.ndarray, part: np.ndarray, subjects: list[str], k: int) -> list[Fold]:
-    """``k`` folds of held-out subjects that share one base model each (quick runs).
-
-    Subjects are dealt round-robin in the order given (subject ``i`` goes to group ``i % k``);
-    each group's base-training mask excludes every record of every subject in the group, so no
-    held-out subject reaches the base model it is evaluated with. A group is named
-    ``group<j>of<k>`` (``j`` from 1). ``k`` larger than the number of subjects is refused.
-    """
+def subject_groups(subjects: list[str], k: int) -> dict[str, list[str]]:
+    """Held-out subjects dealt round-robin into ``k`` groups (subject ``i`` goes to group ``i % k``),
+    keyed ``group<j>of<k>`` (``j`` from 1). ``k`` outside 2..len(subjects) is refused."""
     if not 2 <= k <= len(subjects):
         raise ValueError(f"base_folds must be 0 (one base model per subject) or between 2 and the "
                          f"{len(subjects)} held-out subjects, got {k}")
-    single = {f.subject: f for f in loso_folds(record, part, subjects)}
-    folds = []
-    for j in range(k):
-        members = [single[s] for s in subjects[j::k]]
-        folds.append(Fold(
-            subject=f"group{j + 1}of{k}",
-            records=tuple(r for f in members for r in f.records),
-            train=np.logical_and.reduce([f.train for f in members]),
-            finetune={r: m for f in members for r, m in f.finetune.items()},
-            test={r: m for f in members for r, m in f.test.items()},
-        ))
-    return folds
+    return {f"group{j + 1}of{k}": subjects[j::k] for j in range(k)}
+
+
+def group_fold(record: np.ndarray, part: np.ndarray, name: str, members: list[str]) -> Fold:
+    """One fold that holds out every subject in ``members`` at once: its base-training mask
+    excludes every record of each of them, so none reaches the base model it is evaluated with."""
+    single = loso_folds(record, part, members)
+    return Fold(
+        subject=name,
+        records=tuple(r for f in single for r in f.records),
+        train=np.logical_and.reduce([f.train for f in single]),
+        finetune={r: m for f in single for r, m in f.finetune.items()},
+        test={r: m for f in single for r, m in f.test.items()},
+    )
+
+
+def grouped_folds(record: np.ndarray, part: np.ndarray, subjects: list[str], k: int) -> list[Fold]:
+    """``k`` folds of held-out subjects that share one base model each (quick runs); see
+    :func:`subject_groups` and :func:`group_fold`."""
+    return [group_fold(record, part, name, members) for name, members in subject_groups(subjects, k).items()]
 
 
 def validation_fold(fold: Fold, time_s: np.ndarray, finetune_minutes: float) -> Fold:

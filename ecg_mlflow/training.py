@@ -241,7 +241,8 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
                         None if source.rr_np is None else source.rr_np[idx], dtype=compute_dtype(cfg.precision))
     _compile(model, cfg.learning_rate, cfg.jit_compile)
-    hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0, shuffle=False,
+    hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0,
+                     shuffle=False,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "")])
     return model, {k: [float(v) for v in vs] for k, vs in hist.history.items()}
@@ -250,8 +251,9 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
 def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
               on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     """Copy ``base``, freeze all but its head (``finetune_layers=head``; ``all`` trains every
-    layer), re-train on the fine-tune beats (``(x, y)`` as in :func:`train_base`). ``base`` itself is left unchanged. Returns the transfer
-    model and its history (``finetune_loss``, ``finetune_accuracy`` per epoch)."""
+    layer), re-train on the fine-tune beats (``(x, y)`` as in :func:`train_base`). ``base`` itself
+    is left unchanged. Returns the transfer model and its history (``finetune_loss``,
+    ``finetune_accuracy`` per epoch)."""
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need fine-tune beats, got none")
@@ -260,8 +262,9 @@ def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
     model = transfer_copy(base, cfg.finetune_layers)
     _compile(model, cfg.finetune_learning_rate, cfg.jit_compile)
     n_classes = int(model.output.shape[-1])
-    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, cfg.seed, names), epochs=cfg.finetune_epochs, shuffle=False,
-                     verbose=0, class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
+    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, cfg.seed, names), epochs=cfg.finetune_epochs,
+                     shuffle=False, verbose=0,
+                     class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "finetune_")])
     return model, {f"finetune_{k}": [float(v) for v in vs] for k, vs in hist.history.items()}
 
