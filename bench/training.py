@@ -51,25 +51,16 @@ def seed_path_model(window: int, n_classes: int):
     return m
 
 
-class EpochClock:
-    """Keras callback: the wall time of every epoch."""
+def epoch_timer() -> tuple[list[float], object]:
+    """A list that fills with each epoch's wall time, and the ``on_epoch(epoch, logs)`` that fills it
+    (the callback ``train_base`` takes; the seed path gets it through ``_EpochHook``)."""
+    seconds, last = [], [time.perf_counter()]
 
-    def __init__(self):
-        import keras
+    def on_epoch(epoch: int, logs: dict) -> None:
+        seconds.append(time.perf_counter() - last[0])
+        last[0] = time.perf_counter()
 
-        clock = self
-
-        class _Cb(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                clock._t = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                clock.seconds.append(time.perf_counter() - clock._t)
-                clock.accuracy = float((logs or {}).get("accuracy", np.nan))
-
-        self.seconds: list[float] = []
-        self.accuracy = np.nan
-        self.callback = _Cb()
+    return seconds, on_epoch
 
 
 def steady_rate(n_beats: int, seconds: list[float]) -> float:
@@ -80,7 +71,7 @@ def steady_rate(n_beats: int, seconds: list[float]) -> float:
 def bench_training(ds, n: int, epochs: int, configs: list[tuple[int, bool]], repeats: int) -> None:
     import keras
 
-    from ecg_mlflow.training import BeatSource, TrainConfig, seed_everything, train_base
+    from ecg_mlflow.training import BeatSource, TrainConfig, _EpochHook, seed_everything, train_base
 
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
@@ -93,22 +84,18 @@ def bench_training(ds, n: int, epochs: int, configs: list[tuple[int, bool]], rep
         # The seed normalised with min-max per lead; that cost is outside fit and not counted.
         keras.backend.clear_session()
         seed_everything(0)
-        model, clock = seed_path_model(ds.x.shape[1], len(ds.classes)), EpochClock()
-        model.fit(x, y[:, None], batch_size=32, epochs=epochs + 1, verbose=0, callbacks=[clock.callback])
-        return steady_rate(len(idx), clock.seconds), clock.accuracy
+        model, (seconds, on_epoch) = seed_path_model(ds.x.shape[1], len(ds.classes)), epoch_timer()
+        hist = model.fit(x, y[:, None], batch_size=32, epochs=epochs + 1, verbose=0,
+                         callbacks=[_EpochHook(on_epoch, "")])
+        return steady_rate(len(idx), seconds), hist.history["accuracy"][-1]
 
     def ours(bs: int, jit: bool) -> tuple[float, float]:
         keras.backend.clear_session()
         cfg = TrainConfig(batch_size=bs, learning_rate=defaults.learning_rate * (bs / defaults.batch_size) ** 0.5,
                           jit_compile=jit, epochs=epochs + 1)
-        clock, t = [], [time.perf_counter()]
-
-        def on_epoch(epoch: int, logs: dict) -> None:
-            clock.append(time.perf_counter() - t[0])
-            t[0] = time.perf_counter()
-
+        seconds, on_epoch = epoch_timer()
         _, hist = train_base(source, rows, len(ds.classes), cfg, on_epoch=on_epoch)
-        return steady_rate(len(idx), clock), hist["accuracy"][-1]
+        return steady_rate(len(idx), seconds), hist["accuracy"][-1]
 
     names = ["seed notebook path (fit on NumPy, batch 32)"] + [
         f"this project (batch {bs}{', XLA' if jit else ''}"

@@ -257,7 +257,7 @@ def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need fine-tune beats, got none")
-    names = tuple(base.input.keys()) if isinstance(base.input, dict) else ("beat",)
+    names = model_input_names(base)
     seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
     model = transfer_copy(base, cfg.finetune_layers)
     _compile(model, cfg.finetune_learning_rate, cfg.jit_compile)
