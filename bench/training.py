@@ -76,7 +76,9 @@ def bench_training(ds, n: int, epochs: int, configs: list[tuple[int, bool]], rep
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
     x, y = ds.x[idx], ds.label[idx]
-    source, rows, defaults = BeatSource(x, y, ds.rr_features()[idx]), np.arange(len(idx)), TrainConfig()
+    templates, record_index, rr_patient = ds.patient_context()
+    source = BeatSource(x, y, ds.rr_features()[idx], (templates, record_index[idx], rr_patient[idx]))
+    rows, defaults = np.arange(len(idx)), TrainConfig()
     print(f"\n1. base training throughput: {len(idx)} beats; each measurement is {epochs} timed epoch(s) after a "
           f"first epoch that pays tracing; {repeats} interleaved repeat(s), median (min-max) shown")
 

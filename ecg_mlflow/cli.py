@@ -97,6 +97,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-replay", type=whole_number("finetune_replay"), default=d.finetune_replay,
                    help="beats per class from the base-training subjects mixed into each fine-tune set")
     p.add_argument("--precision", default=d.precision, help="auto (mixed on a GPU), float32 or mixed")
+    p.add_argument("--rr-features", default=d.rr_features,
+                   help="all, or relative: without the local mean RR in seconds (the heart rate)")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -115,7 +117,7 @@ def train_config(a: argparse.Namespace):
                        finetune_learning_rate=a.finetune_learning_rate, seed=a.seed,
                        class_weight=a.class_weight, jit_compile=a.jit_compile,
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
-                       finetune_replay=a.finetune_replay)
+                       finetune_replay=a.finetune_replay, rr_features=a.rr_features.strip().lower())
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -166,12 +166,46 @@ def default_loso_run(client: MlflowClient, experiment: str = "") -> str:
 
 
 def parse_run_ids(loso_runs: str) -> list[str]:
-    """Run ids from a comma-separated string; rejects duplicates."""
-    ids = [r.strip() for r in loso_runs.split(",") if r.strip()]
-    dupes = sorted({r for r in ids if ids.count(r) > 1})
+    """Analyses from a comma-separated string: each a run id, or run ids joined by ``+`` to pool
+    (see :func:`pool`), returned as written (``'a+b'``); rejects a run named twice."""
+    ids = ["+".join(p.strip() for p in r.split("+")) for r in loso_runs.split(",") if r.strip()]
+    each = [p for r in ids for p in r.split("+")]
+    if "" in each:
+        raise CompareError(f"loso_runs {loso_runs!r} has an empty run id around a '+'")
+    dupes = sorted({r for r in each if each.count(r) > 1})
     if dupes:
         raise CompareError(f"loso_runs lists run(s) {dupes} more than once")
     return ids
+
+
+def pool(runs: list[LosoRun]) -> LosoRun:
+    """One analysis of LOSO runs that held out different patients, e.g. one run per half of the
+    subjects with options chosen on the other half: their variant runs side by side and their
+    confusion matrices summed. The pooled run has no parent metrics of its own; a parameter the
+    runs disagree on reads ``a | b``. Patients and labels are checked first."""
+    if len(runs) == 1:
+        return runs[0]
+    what = " + ".join(f"{r.run_id!r}" for r in runs)
+    for r in runs[1:]:
+        if r.labels != runs[0].labels:
+            raise CompareError(f"loso_runs {what}: run {r.run_id!r} has labels {r.labels}, "
+                               f"run {runs[0].run_id!r} has {runs[0].labels}; only runs of one label scheme pool")
+    seen: dict[str, str] = {}
+    for r in runs:
+        for p in r.children.patient.unique():
+            if p in seen:
+                raise CompareError(f"loso_runs {what}: patient {p} is in both run {seen[p]!r} and run "
+                                   f"{r.run_id!r}; pooled runs must hold out different patients")
+            seen[p] = r.run_id
+    keys = dict.fromkeys(k for r in runs for k in r.params)
+    params = {k: " | ".join(dict.fromkeys(r.params.get(k, "") for r in runs)) for k in keys}
+    children = pd.concat([r.children for r in runs], ignore_index=True)
+    children["_key"] = children.patient.map(_patient_key)
+    children = children.sort_values(["_key", "variant"]).drop(columns="_key").reset_index(drop=True)
+    return LosoRun(run_id="+".join(r.run_id for r in runs), name=" + ".join(r.name for r in runs),
+                   experiment_id=runs[0].experiment_id, params=params, parent_metrics={}, children=children,
+                   labels=runs[0].labels, cms={v: sum(r.cms[v] for r in runs) for v in VARIANTS},
+                   notes=[n for r in runs for n in r.notes])
 
 
 def _read_confusion(run_id: str, where: str, tmp: Path) -> tuple[list[str], np.ndarray]:
@@ -697,8 +731,9 @@ def compare(loso_runs: str = "", experiment: str = "", n_boot: int = N_BOOT, see
             echo: bool = True) -> CompareResult:
     """Compare transfer against no-transfer for the given LOSO runs; log a ``compare`` run.
 
-    ``loso_runs``: comma-separated LOSO parent run ids; empty = the newest FINISHED LOSO run of
-    ``experiment`` (see :func:`default_loso_run`). Every run is validated before anything is written.
+    ``loso_runs``: comma-separated LOSO parent run ids, ``a+b`` pooling runs of different patients
+    into one analysis (:func:`pool`); empty = the newest FINISHED LOSO run of ``experiment`` (see
+    :func:`default_loso_run`). Every run is validated before anything is written.
     """
     if not isinstance(n_boot, int) or n_boot < 1:
         raise CompareError(f"bootstrap must be a positive whole number of resamples, got {n_boot!r}")
@@ -706,7 +741,8 @@ def compare(loso_runs: str = "", experiment: str = "", n_boot: int = N_BOOT, see
         raise CompareError(f"seed must be a non-negative whole number, got {seed!r}")
     client = MlflowClient()
     ids = parse_run_ids(loso_runs) or [default_loso_run(client, experiment)]
-    runs = [load_loso_run(client, rid) for rid in ids]  # all validated before any run is written
+    # All validated (and pools checked) before any run is written.
+    runs = [pool([load_loso_run(client, part) for part in rid.split("+")]) for rid in ids]
     analyses = [analyse(r, n_boot, seed) for r in runs]
 
     with _compare_run(runs[0].experiment_id) as active, tempfile.TemporaryDirectory() as tmp:

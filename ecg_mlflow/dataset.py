@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ecg_mlflow import beats as beats_mod
-from ecg_mlflow.labels import PACED_RECORDS, get_scheme, LabelScheme
+from ecg_mlflow.labels import PACED_RECORDS, get_scheme, LabelScheme, to_aami
 from ecg_mlflow.records import (
     TARGET_FS, DataError, check_record, default_cache_dir, ensure_records, parse_records,
     read_record, record_files, resolve_data_dir,
@@ -144,6 +144,33 @@ class BeatDataset:
         feats = np.stack([self.rr_prev / local, self.rr_next / local, self.rr_local], axis=1)
         feats[:, 2] = self.rr_local
         return np.nan_to_num(feats, nan=1.0).astype(np.float32)
+
+    def patient_context(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each record's own normal beat and rhythm, from the labelled beats of its fine-tune
+        minutes only (never its test part), so a model can read a beat against its patient.
+
+        Returns ``templates`` float32 ``(n_records, window, leads)``: the sample-wise median of the
+        record's fine-tune beats of AAMI class N (of all its fine-tune beats when it has none, zeros
+        when it has no fine-tune beats); ``record_index`` int32 ``(n,)``: each row's template; and
+        ``rr_patient`` float32 ``(n, 3)``: previous, next and local-mean RR over the median RR
+        before those N beats (1.0 where undefined)."""
+        normal = (to_aami(self.symbol) == "N") & (self.part == FINETUNE)
+        lookup = {r: i for i, r in enumerate(self.records)}
+        record_index = np.array([lookup[r] for r in self.record], dtype=np.int32)
+        templates = np.zeros((len(lookup),) + self.x.shape[1:], dtype=np.float32)
+        normal_rr = np.full(len(lookup), np.nan)
+        for i in range(len(lookup)):
+            rows = record_index == i
+            pick = rows & normal if (rows & normal).any() else rows & (self.part == FINETUNE)
+            if pick.any():
+                templates[i] = np.median(self.x[pick], axis=0)
+                rr = self.rr_prev[pick]
+                normal_rr[i] = np.median(rr[np.isfinite(rr)]) if np.isfinite(rr).any() else np.nan
+        per_row = normal_rr[record_index]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rr_patient = np.stack([self.rr_prev, self.rr_next, self.rr_local], axis=1) / per_row[:, None]
+        rr_patient[~np.isfinite(rr_patient)] = 1.0
+        return templates, record_index, rr_patient.astype(np.float32)
 
     def frame(self) -> pd.DataFrame:
         """Every column but the signal, as a DataFrame (one row per beat)."""

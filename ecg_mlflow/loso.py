@@ -46,6 +46,7 @@ from ecg_mlflow import registry, tracking
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
+from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, replay_rows,
                                  train_base)
@@ -122,11 +123,13 @@ class PatientResult:
 
 
 def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
-    """Subjects to hold out: all of the dataset's, or those named (a record id names its subject)."""
+    """Subjects to hold out: all of the dataset's, those named (a record id names its subject), or
+    those of a record set (``half1``, ``half2``: :data:`ecg_mlflow.records.RECORD_SETS`)."""
     available = list(dict.fromkeys(subject_of(r) for r in ds.records))
     if holdout is None or holdout.strip().lower() in ("", "all"):
         return available
-    named = [subject_of(s) for s in holdout.replace(",", " ").split()]
+    names = RECORD_SETS.get(holdout.strip().lower()) or holdout.replace(",", " ").split()
+    named = [subject_of(s) for s in names]
     unknown = [s for s in named if s not in available]
     if unknown:
         raise ValueError(f"holdout names subjects {unknown} that are not in the prepared records {ds.records}")
@@ -520,6 +523,10 @@ def _param(parse, name: str, text: str):
         raise ValueError(f"resume: the run's parameter {name}={text!r} cannot be read: {exc}") from None
 
 
+# What a run that predates a TrainConfig field ran with, for fields whose default has changed since.
+UNLOGGED_DEFAULTS: dict[str, object] = {"finetune_replay": 0}
+
+
 def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
     """The :class:`LosoConfig` a LOSO run was started with, from its logged parameters (as
     ``mlflow run`` or :meth:`LosoConfig.params` wrote them), its ``threads`` included; machine
@@ -538,12 +545,13 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
         finetune_minutes=_param(cli.number("finetune_minutes"), "finetune_minutes",
                                 get("finetune_minutes", d.finetune_minutes)),
         cache_dir=given.prepare.cache_dir, download=given.prepare.download)
-    # Every TrainConfig field, read by the type of its default (a run from before a field existed
-    # gets the default, which is what it ran with).
+    # Every TrainConfig field, read by the type of its default. A run from before a field existed
+    # ran as the field's first default: the current one, or the old one where it has changed since.
     parsers = {bool: cli.boolean, int: cli.whole_number, float: cli.number}
+    before = {f.name: getattr(t, f.name) for f in fields(TrainConfig)} | UNLOGGED_DEFAULTS
     train = TrainConfig(**{
-        f.name: (_param(parsers[type(getattr(t, f.name))](f.name), f.name, get(f.name, getattr(t, f.name)))
-                 if type(getattr(t, f.name)) in parsers else get(f.name, getattr(t, f.name)))
+        f.name: (_param(parsers[type(getattr(t, f.name))](f.name), f.name, get(f.name, before[f.name]))
+                 if type(getattr(t, f.name)) in parsers else get(f.name, before[f.name]))
         for f in fields(TrainConfig)})
     # Thread count too: a fold's numbers repeat exactly only at the run's own count.
     threads = _param(cli.whole_number("threads"), "threads", get("threads", given.execution.threads))

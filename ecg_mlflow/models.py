@@ -17,8 +17,13 @@ from keras import layers
 
 HEAD_LAYERS: tuple[str, ...] = ("head_dense", "logits")
 # Which inputs each model reads: "beat" ``(window, leads)`` mV; "rr" ``(3,)`` rhythm features
-# (previous and next RR over the local mean RR, local mean RR in s; see BeatDataset.rr_features).
-MODEL_INPUTS: dict[str, tuple[str, ...]] = {"seed_cnn": ("beat",), "rr_cnn": ("beat", "rr")}
+# (previous and next RR over the local mean RR, local mean RR in s; see BeatDataset.rr_features);
+# "template" ``(window, leads)`` mV, the patient's median normal beat, and "rr_patient" ``(3,)``,
+# RR over the patient's normal RR, both from the patient's fine-tune minutes
+# (BeatDataset.patient_context).
+MODEL_INPUTS: dict[str, tuple[str, ...]] = {
+    "seed_cnn": ("beat",), "rr_cnn": ("beat", "rr"), "patient_cnn": ("beat", "rr", "template", "rr_patient"),
+}
 MODELS: tuple[str, ...] = tuple(MODEL_INPUTS)
 
 
@@ -30,13 +35,35 @@ def lead_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.mean(axis=0), np.maximum(flat.var(axis=0), 1e-12)
 
 
-def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str):
-    """Normalisation (float32), then Conv1D 16/32/64 (kernel 3, ReLU) with max-pool 2 after each, flattened."""
+def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template=None):
+    """Normalisation (float32), then Conv1D 16/32/64 (kernel 3, ReLU) with max-pool 2 after each, flattened.
+    With a ``template`` the convolutions also see the beat minus its patient's normal beat, in the
+    same scale, as extra channels."""
     x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(beat)
+    if template is not None:
+        diff = layers.Subtract(name="minus_template")([beat, template])
+        diff = layers.Normalization(axis=-1, mean=np.zeros_like(mean), variance=variance, name="normalize_diff")(diff)
+        x = layers.Concatenate(name="beat_and_diff")([x, diff])
     for i, filters in enumerate((16, 32, 64), start=1):
         x = layers.Conv1D(filters, 3, activation="relu", name=f"conv{i}", dtype=dtype)(x)
         x = layers.MaxPool1D(2, name=f"pool{i}", dtype=dtype)(x)
     return layers.Flatten(name="flatten", dtype=dtype)(x)
+
+
+# Columns of "rr" each rr_features setting keeps: "relative" drops the local mean RR in seconds, so
+# a head re-trained on a few minutes cannot take the heart rate of those minutes for a beat class.
+RR_COLUMNS: dict[str, tuple[int, ...]] = {"all": (0, 1, 2), "relative": (0, 1)}
+
+
+def _rr_input(rr, keep: tuple[int, ...]):
+    """``rr`` itself, or its columns ``keep`` through a fixed selection matrix: a plain Dense layer,
+    so the saved model needs no custom layer to load or serve; never trained."""
+    if keep == (0, 1, 2):
+        return rr
+    select = np.zeros((3, len(keep)), dtype=np.float32)
+    select[list(keep), np.arange(len(keep))] = 1.0
+    return layers.Dense(len(keep), use_bias=False, trainable=False, name="rr_select",
+                        kernel_initializer=keras.initializers.Constant(select))(rr)
 
 
 def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
@@ -54,32 +81,70 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 
 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
-                 rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32") -> keras.Model:
-    """The seed CNN with rhythm context: the three RR features join the flattened beat features
-    before the head, so premature beats (short previous RR) are visible to the classifier."""
+                 rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
+                 rr_keep: tuple[int, ...] = (0, 1, 2)) -> keras.Model:
+    """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
+    input) join the flattened beat features before the head, so premature beats (short previous
+    RR) are visible to the classifier. ``rr_mean``/``rr_variance``: ``(len(rr_keep),)``."""
     beat = keras.Input(shape=(window, n_leads), name="beat")
     rr = keras.Input(shape=(3,), name="rr")
     x = _features(beat, mean, variance, dtype)
-    r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(rr)
+    r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(_rr_input(rr, rr_keep))
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
     logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model({"beat": beat, "rr": rr}, logits, name="rr_cnn")
 
 
+def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
+                      rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
+                      rr_keep: tuple[int, ...] = (0, 1, 2)) -> keras.Model:
+    """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
+    the beat minus the patient's median normal beat (``template``), and the head sees the RR
+    features both over the local mean RR (``rr``) and over the patient's normal RR
+    (``rr_patient``). A premature or odd-shaped beat stands out even in a patient whose
+    fine-tune minutes hold none like it. ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 3,)``, the
+    kept rr columns then rr_patient."""
+    beat = keras.Input(shape=(window, n_leads), name="beat")
+    template = keras.Input(shape=(window, n_leads), name="template")
+    rr = keras.Input(shape=(3,), name="rr")
+    rr_patient = keras.Input(shape=(3,), name="rr_patient")
+    x = _features(beat, mean, variance, dtype, template=template)
+    r = layers.Concatenate(name="rhythm")([_rr_input(rr, rr_keep), rr_patient])
+    r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
+    x = layers.Concatenate(name="features", dtype=dtype)([x, r])
+    x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
+    logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
+    inputs = {"beat": beat, "rr": rr, "template": template, "rr_patient": rr_patient}
+    return keras.Model(inputs, logits, name="patient_cnn")
+
+
 def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
-                train_rr: np.ndarray | None = None, dtype: str = "float32") -> keras.Model:
+                train_rr: np.ndarray | None = None, dtype: str = "float32",
+                train_rr_patient: np.ndarray | None = None, rr_features: str = "all") -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
-    ``(n, window, n_leads)`` (and, for ``rr_cnn``, training RR features ``train_rr`` ``(n, 3)``);
-    ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``)."""
+    ``(n, window, n_leads)`` (and, for ``rr_cnn`` and ``patient_cnn``, training RR features
+    ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``);
+    ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``);
+    ``rr_features`` which RR columns the rr models read (:data:`RR_COLUMNS`)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
+    if rr_features not in RR_COLUMNS:
+        raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
+    keep = RR_COLUMNS[rr_features]
     mean, variance = lead_stats(train_x)
+    if train_rr is not None:
+        train_rr = train_rr[:, list(keep)]
+    if name == "patient_cnn":
+        if train_rr is None or train_rr_patient is None:
+            raise ValueError("model patient_cnn needs the training RR features rr and rr_patient, each (n, 3)")
+        rr_mean, rr_var = lead_stats(np.concatenate([train_rr, train_rr_patient], axis=1)[:, None, :])
+        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep)
     if name == "rr_cnn":
         if train_rr is None:
             raise ValueError("model rr_cnn needs the training RR features (n, 3)")
         rr_mean, rr_var = lead_stats(train_rr[:, None, :])
-        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype)
+        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep)
     return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype)
 
 
@@ -93,5 +158,6 @@ def transfer_copy(base: keras.Model, layers_to_train: str = "head") -> keras.Mod
     if missing:
         raise ValueError(f"base model has no head layer(s) {missing}; layers: {sorted(names)}")
     for layer in model.layers:
-        layer.trainable = layer.name in HEAD_LAYERS or layers_to_train == "all"
+        # rr_select is a fixed column choice, not a weight to learn.
+        layer.trainable = (layer.name in HEAD_LAYERS or layers_to_train == "all") and layer.name != "rr_select"
     return model

@@ -31,6 +31,16 @@ MITDB_RECORDS: tuple[str, ...] = tuple(
     )
 )
 
+# Two subject-disjoint halves of the 44 non-paced records, for choosing options on one half and
+# reporting them on the other: de Chazal et al. (2004)'s DS1 and DS2, except that record 202 sits in
+# half1 beside 201 (one subject), so no subject is on both sides.
+RECORD_SETS: dict[str, tuple[str, ...]] = {
+    "half1": ("101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201",
+              "202", "203", "205", "207", "208", "209", "215", "220", "223", "230"),
+    "half2": ("100", "103", "105", "111", "113", "117", "121", "123", "200", "210", "212", "213", "214",
+              "219", "221", "222", "228", "231", "232", "233", "234"),
+}
+
 # Bytes per sample for the WFDB formats we accept (212 packs two 12-bit samples in 3 bytes).
 _BYTES_PER_SAMPLE = {"212": 1.5, "16": 2, "80": 1, "61": 2, "160": 2, "310": 4 / 3, "311": 4 / 3}
 
@@ -63,7 +73,8 @@ def available_records(data_dir: Path) -> list[str]:
 
 
 def parse_records(records: str | list[str] | tuple[str, ...] | None, data_dir: Path) -> list[str]:
-    """Normalise a ``records`` parameter: ``None``/``'all'``/``''`` or ids separated by commas or spaces.
+    """Normalise a ``records`` parameter: ``None``/``'all'``/``''``, a set name of
+    :data:`RECORD_SETS` (``half1``, ``half2``), or ids separated by commas or spaces.
 
     Ids are checked against the records known for ``data_dir`` (its listing, or the
     MIT-BIH list when the directory is still empty and will be downloaded).
@@ -72,14 +83,16 @@ def parse_records(records: str | list[str] | tuple[str, ...] | None, data_dir: P
     known = known or list(MITDB_RECORDS)
     if records is None or (isinstance(records, str) and records.strip().lower() in ("", "all")):
         return known
-    if isinstance(records, str):
+    if isinstance(records, str) and records.strip().lower() in RECORD_SETS:
+        records = list(RECORD_SETS[records.strip().lower()])
+    elif isinstance(records, str):
         records = records.replace(",", " ").split()
     wanted = [str(r).strip() for r in records]
     unknown = [r for r in wanted if r not in known]
     if unknown:
         raise DataError(
             f"unknown record id(s) {unknown} in 'records'; expected ids from {data_dir} "
-            f"such as {', '.join(known[:5])}, ... ({len(known)} known)"
+            f"such as {', '.join(known[:5])}, ... ({len(known)} known), or a set: {', '.join(RECORD_SETS)}"
         )
     if len(set(wanted)) != len(wanted):
         raise DataError(f"'records' names a record twice: {wanted}")

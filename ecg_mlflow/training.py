@@ -20,6 +20,7 @@ from ecg_mlflow.models import MODEL_INPUTS, MODELS, build_model, transfer_copy
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "all")
 PRECISIONS = ("auto", "float32", "mixed")
+RR_FEATURES = ("all", "relative")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class TrainConfig:
     jit_compile: bool = False  # XLA-compile the train step (slower on CPU; seeded repeats not bit-exact)
     finetune_layers: str = "head"  # head: re-train only the head; all: every layer (at the fine-tune rate)
     precision: str = "auto"  # float32 | mixed (float16 compute, float32 weights and logits) | auto: mixed on a GPU
-    finetune_replay: int = 0  # beats per class from the base-training subjects mixed into the fine-tune set
+    finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
+    # (75 chosen on both halves of the subjects, README "Choosing options across halves")
+    rr_features: str = "all"  # all | relative: rr models leave out the local mean RR in s (the heart rate)
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -64,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"finetune_layers must be one of {list(FINETUNE_LAYERS)}, got {self.finetune_layers!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.rr_features not in RR_FEATURES:
+            raise ValueError(f"rr_features must be one of {list(RR_FEATURES)}, got {self.rr_features!r}")
         if not isinstance(self.jit_compile, bool):
             raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
@@ -102,20 +107,30 @@ class BeatSource:
     """Every beat of a prepared dataset as tensors, made once per process; folds select rows by
     index, so no fold copies the beat array.
 
-    x: ``(n, window, leads)`` float32 mV; y: ``(n,)`` class codes; rr: ``(n, 3)`` RR features or None.
+    x: ``(n, window, leads)`` float32 mV; y: ``(n,)`` class codes; rr: ``(n, 3)`` RR features or None;
+    patient: None or ``(templates (n_records, window, leads), record_index (n,), rr_patient (n, 3))``
+    as :meth:`ecg_mlflow.dataset.BeatDataset.patient_context` gives (a row's template is gathered
+    by its record, so no per-beat copy of the templates is made).
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None):
+    def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None,
+                 patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
         if len(x) != len(y) or (rr is not None and len(rr) != len(x)):
             raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
                              f"{None if rr is None else len(rr)}")
+        if patient is not None:
+            templates, record_index, rr_patient = patient
+            if len(record_index) != len(x) or len(rr_patient) != len(x) or templates.shape[1:] != x.shape[1:]:
+                raise ValueError(f"patient context does not fit {x.shape} beats: templates {templates.shape}, "
+                                 f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
         self.x_np, self.y_np, self.rr_np = x, np.asarray(y).astype(np.int32), rr
+        self.patient = patient
         self._tensors: dict[str, tf.Tensor] | None = None
 
     @classmethod
     def from_dataset(cls, ds) -> "BeatSource":
         """A source over a :class:`ecg_mlflow.dataset.BeatDataset`."""
-        return cls(ds.x, ds.label, ds.rr_features())
+        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context())
 
     def __len__(self) -> int:
         return len(self.y_np)
@@ -125,15 +140,29 @@ class BeatSource:
             self._tensors = {"beat": tf.constant(self.x_np), "y": tf.constant(self.y_np)}
             if self.rr_np is not None:
                 self._tensors["rr"] = tf.constant(self.rr_np)
+            if self.patient is not None:
+                templates, record_index, rr_patient = self.patient
+                self._tensors.update(templates=tf.constant(templates), record_index=tf.constant(record_index),
+                                     rr_patient=tf.constant(rr_patient))
         return self._tensors
+
+    def _array(self, name: str, idx: np.ndarray) -> np.ndarray | None:
+        if name == "beat":
+            return self.x_np[idx]
+        if name == "rr":
+            return None if self.rr_np is None else self.rr_np[idx]
+        if name in ("template", "rr_patient") and self.patient is not None:
+            templates, record_index, rr_patient = self.patient
+            return templates[record_index[idx]] if name == "template" else rr_patient[idx]
+        return None
 
     def inputs(self, idx: np.ndarray, names: tuple[str, ...] = ("beat",)):
         """Model inputs of rows ``idx`` as NumPy: the beat array, or a dict when a model reads several."""
-        arrays = {"beat": self.x_np, "rr": self.rr_np}
-        missing = [n for n in names if arrays.get(n) is None]
+        arrays = {n: self._array(n, idx) for n in names}
+        missing = [n for n in names if arrays[n] is None]
         if missing:
             raise ValueError(f"this beat source has no {missing} input")
-        return self.x_np[idx] if names == ("beat",) else {n: arrays[n][idx] for n in names}
+        return arrays["beat"] if names == ("beat",) else arrays
 
     def labels(self, idx: np.ndarray) -> np.ndarray:
         return self.y_np[idx]
@@ -142,7 +171,7 @@ class BeatSource:
                 shuffle: bool = True) -> tf.data.Dataset:
         """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``."""
         t = self._t()
-        missing = [n for n in names if n not in t]
+        missing = [n for n in names if n not in t and not (n == "template" and "templates" in t)]
         if missing:
             raise ValueError(f"this beat source has no {missing} input")
         ds = tf.data.Dataset.from_tensor_slices(np.asarray(idx, dtype=np.int64))
@@ -150,7 +179,8 @@ class BeatSource:
             ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
 
         def gather(i):
-            feats = {n: tf.gather(t[n], i) for n in names}
+            feats = {n: tf.gather(t["templates"], tf.gather(t["record_index"], i)) if n == "template"
+                     else tf.gather(t[n], i) for n in names}
             return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], i)
 
         return ds.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)  # gather is cheap: no parallel map
@@ -239,7 +269,8 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
     names = MODEL_INPUTS[cfg.model]
     seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
-                        None if source.rr_np is None else source.rr_np[idx], dtype=compute_dtype(cfg.precision))
+                        source._array("rr", idx), dtype=compute_dtype(cfg.precision),
+                        train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
     hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0,
                      shuffle=False,

@@ -19,7 +19,8 @@ from ecg_mlflow.compare import N_BOOT, CompareError, compare  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="compare", description=__doc__.splitlines()[0])
     p.add_argument("--loso-runs", default="",
-                   help="LOSO parent run ids, comma-separated ('' = the newest FINISHED LOSO run)")
+                   help="LOSO parent run ids, comma-separated; a+b pools runs of different patients into one "
+                        "analysis ('' = the newest FINISHED LOSO run)")
     p.add_argument("--experiment", default="",
                    help="experiment (name or id) searched when --loso-runs is empty ('' = active, then ecg-loso)")
     p.add_argument("--bootstrap", type=whole_number("bootstrap", minimum=0), default=N_BOOT,

@@ -324,6 +324,36 @@ def test_several_loso_runs_side_by_side(tracking_uri, cms):
     assert sorted(pp.loso_run_id.unique()) == sorted([first, second])
 
 
+def test_runs_of_different_patients_pool_into_one_analysis(tracking_uri, cms):
+    half1 = {p: cms[p] for p in ("100", "201", "202")}
+    half2 = {p: cms[p] for p in ("101", "105", "208")}
+    a = log_loso(half1, params={"label_scheme": "aami", "finetune_minutes": 5, "class_weight": "sqrt"})
+    b = log_loso(half2, params={"label_scheme": "aami", "finetune_minutes": 5, "class_weight": "none"})
+    whole = log_loso(cms)
+    res = C.compare(loso_runs=f"{a} + {b},{whole}", n_boot=N_BOOT, echo=False)
+    pooled, single = res.analyses
+    assert pooled.run.run_id == f"{a}+{b}" and list(pooled.per_patient.index) == sorted(cms, key=int)
+    pd.testing.assert_frame_equal(pooled.per_patient, single.per_patient)
+    for v in C.VARIANTS:
+        np.testing.assert_array_equal(pooled.run.cms[v], sum(cms[p][v] for p in cms))
+        pd.testing.assert_series_equal(pooled.aggregate[f"gross_{v}"], single.aggregate[f"gross_{v}"])
+    assert pooled.run.params["class_weight"] == "sqrt | none" and pooled.run.params["finetune_minutes"] == "5"
+    assert MlflowClient().get_run(res.run_id).data.tags["loso_run_id.0"] == f"{a}+{b}"
+
+
+def test_pooled_runs_must_hold_out_different_patients(tracking_uri, cms):
+    a = log_loso({p: cms[p] for p in ("100", "101")})
+    b = log_loso({p: cms[p] for p in ("101", "105")})
+    before = n_runs()
+    with pytest.raises(C.CompareError, match=r"patient 101 is in both run"):
+        C.compare(loso_runs=f"{a}+{b}", n_boot=N_BOOT, echo=False)
+    with pytest.raises(C.CompareError, match=r"more than once"):
+        C.compare(loso_runs=f"{a}+{a}", n_boot=N_BOOT, echo=False)
+    with pytest.raises(C.CompareError, match=r"empty run id"):
+        C.compare(loso_runs=f"{a}+", n_boot=N_BOOT, echo=False)
+    assert n_runs() == before  # nothing written
+
+
 def test_default_is_the_newest_finished_loso_run(tracking_uri, cms):
     tiny = {p: cms[p] for p in ("105", "208")}
     log_loso(tiny, name="older")

@@ -203,6 +203,7 @@ def _closed_port() -> int:
     (["--base-folds", "3"], "base_folds"),  # two subjects cannot make three groups
     (["--evaluate-on", "train"], "evaluate_on"),
     (["--finetune-layers", "conv"], "finetune_layers"),
+    (["--rr-features", "heart"], "rr_features"),
 ])
 def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tmp_path, mitdb_dir, cache_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

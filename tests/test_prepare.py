@@ -17,7 +17,7 @@ from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
 )
 from ecg_mlflow.labels import AAMI, BEAT_SYMBOLS, RAW, get_scheme
-from ecg_mlflow.records import DataError, read_record
+from ecg_mlflow.records import MITDB_RECORDS, DataError, parse_records, read_record
 from ecg_mlflow.splits import FINETUNE, TEST, loso_folds, subject_of
 from wfdb_records import regular_beats, write_record, write_records_list
 
@@ -337,6 +337,39 @@ def test_unknown_record_ids_are_named(db):
     two_records(db)
     with pytest.raises(DataError, match=r"unknown record id\(s\) \['999'\] in 'records'"):
         prepare(cfg(db, "100,999"), workers=1)
+
+
+def test_patient_context_comes_from_the_fine_tune_minutes_only(db):
+    # Fine-tune part (first 6 s): 1 mV flat, RR 0.8 s; test part: 9 mV, RR 0.5 s. A V beat first.
+    fs, seconds = 360, 20
+    signal = np.full((fs * seconds, 2), 1.0)
+    signal[6 * fs:] = 9.0
+    times = np.concatenate([np.arange(0.3, 6.0, 0.8), np.arange(6.2, 19.5, 0.5)])
+    samples = np.round(times * fs).astype(int)
+    symbols = ["V"] + ["N"] * (len(samples) - 1)
+    write_record(db, "100", samples=samples, symbols=symbols, signal=signal)
+    write_record(db, "101", samples=regular_beats(fs, seconds), symbols=["A"] * len(regular_beats(fs, seconds)))
+    write_records_list(db, ["100", "101"])
+    ds = prepare(cfg(db, "100,101"), workers=1)
+    templates, record_index, rr_patient = ds.patient_context()
+    assert templates.shape == (2,) + ds.x.shape[1:] and record_index.shape == (len(ds),)
+    np.testing.assert_allclose(templates[0], 1.0, atol=0.02)  # the 9 mV test part never reaches it
+    rows = np.flatnonzero((ds.record == "100") & (ds.part == TEST))
+    np.testing.assert_allclose(rr_patient[rows[1:], 0], 0.5 / 0.8, rtol=0.01)  # RR over the fine-tune RR
+    # Record 101 has no N beat: its template is the median of all its fine-tune beats.
+    assert record_index[ds.record == "101"].tolist() == [1] * int((ds.record == "101").sum())
+    assert np.all(np.isfinite(rr_patient))
+
+
+def test_record_sets_split_the_non_paced_records_by_subject(tmp_path):
+    # Empty directory: ids are checked against the MIT-BIH list.
+    half1, half2 = (parse_records(name, tmp_path) for name in ("half1", " HALF2 "))
+    assert len(half1) == 23 and len(half2) == 21
+    paced = {"102", "104", "107", "217"}
+    assert set(half1) | set(half2) == set(MITDB_RECORDS) - paced
+    assert not {subject_of(r) for r in half1} & {subject_of(r) for r in half2}
+    with pytest.raises(DataError, match=r"unknown record id\(s\) \['half3'\].*a set: half1, half2"):
+        parse_records("half3", tmp_path)
 
 
 def test_finetune_minutes_longer_than_a_record_is_named(db):

@@ -108,3 +108,26 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
         assert r.data.params["n_finetune_beats"] == str(tuned.sum())
         assert 4 <= int(r.data.params["n_replay_beats"]) <= 4 * len(ds.classes)  # drawn from other subjects
     assert not client.search_registered_models()  # validation models are not the experiment's
+
+
+def test_holdout_takes_a_record_set_as_its_subjects():
+    from types import SimpleNamespace
+
+    from ecg_mlflow.loso import holdout_subjects
+    from ecg_mlflow.records import RECORD_SETS
+
+    every = SimpleNamespace(records=list(RECORD_SETS["half1"] + RECORD_SETS["half2"]))
+    half1 = holdout_subjects(every, "half1")
+    assert len(half1) == 22 and "201" in half1 and "202" not in half1  # 202 is subject 201
+    assert not set(half1) & set(holdout_subjects(every, "half2"))
+    with pytest.raises(ValueError, match="not in the prepared records"):
+        holdout_subjects(SimpleNamespace(records=list(RECORD_SETS["half2"])), "half1")
+
+
+def test_a_resumed_run_that_never_logged_replay_keeps_running_without_it():
+    from ecg_mlflow.loso import config_of_run
+
+    assert TrainConfig().finetune_replay == 75  # the default changed after runs without the field
+    assert config_of_run({}, LosoConfig()).train.finetune_replay == 0
+    assert config_of_run({"finetune_replay": "75.0"}, LosoConfig()).train.finetune_replay == 75
+    assert config_of_run({"model": "seed_cnn"}, LosoConfig()).train.model == "seed_cnn"

@@ -181,8 +181,73 @@ def test_class_weights():
     ("model", "resnet", "model"), ("class_weight", "auto", "class_weight"), ("seed", -1, "seed"),
     ("jit_compile", "yes", "jit_compile"), ("finetune_epochs", True, "finetune_epochs"),
     ("finetune_layers", "conv", "finetune_layers"), ("precision", "bf16", "precision"),
-    ("finetune_replay", -1, "finetune_replay"),
+    ("finetune_replay", -1, "finetune_replay"), ("rr_features", "heart", "rr_features"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{field: value}).validated()
+
+
+def patient_toy(n_records: int = 6, per_record: int = 120, seed: int = 0):
+    """Beats whose class shows only against their own record's normal beat: every record has its
+    own normal shape (a bump at a record-specific place); class 1 beats carry an extra bump at the
+    place of another record's normal bump, so without the template the shapes overlap."""
+    rng = np.random.default_rng(seed)
+    n = n_records * per_record
+    record_index = np.repeat(np.arange(n_records), per_record).astype(np.int32)
+    y = (rng.random(n) < 0.3).astype(np.int64)
+    pos = 4 + 4 * np.arange(n_records)
+    x = rng.normal(0, 0.05, (n, WINDOW, 2)).astype(np.float32)
+    x[np.arange(n), pos[record_index], 0] += 1.0
+    odd = y == 1
+    other = (record_index[odd] + rng.integers(1, n_records, odd.sum())) % n_records
+    x[np.flatnonzero(odd), pos[other], 0] += 1.0
+    templates = np.zeros((n_records, WINDOW, 2), np.float32)
+    templates[np.arange(n_records), pos, 0] = 1.0
+    rr = np.ones((n, 3), np.float32)
+    return x, y, rr, (templates, record_index, np.ones((n, 3), np.float32))
+
+
+def test_patient_context_is_gathered_by_record_in_batches_and_arrays():
+    x, y, rr, patient = patient_toy()
+    src = BeatSource(x, y, rr, patient)
+    idx = np.array([0, 130, 250, 719])
+    names = ("beat", "rr", "template", "rr_patient")
+    feats, _ = next(iter(src.dataset(idx, 8, seed=0, names=names, shuffle=False)))
+    np.testing.assert_array_equal(feats["template"].numpy(), patient[0][patient[1][idx]])
+    np.testing.assert_array_equal(src.inputs(idx, names)["template"], feats["template"].numpy())
+    with pytest.raises(ValueError, match="template"):
+        BeatSource(x, y, rr).inputs(idx, names)
+    with pytest.raises(ValueError, match="patient context does not fit"):
+        BeatSource(x, y, rr, (patient[0], patient[1][:10], patient[2]))
+
+
+def test_patient_cnn_reads_beats_against_their_own_template():
+    x, y, rr, patient = patient_toy()
+    src = BeatSource(x, y, rr, patient)
+    train, test = np.arange(480), np.arange(480, 720)  # held-out records 4 and 5
+    cfg = TrainConfig(**{**FAST.__dict__, "epochs": 8})
+    model, _ = train_base(src, train, 2, TrainConfig(**{**cfg.__dict__, "model": "patient_cnn"}))
+    assert set(model.input) == {"beat", "rr", "template", "rr_patient"}
+    with_template = (predict_classes(model, src, test) == y[test]).mean()
+    # Same beats, every template swapped for another record's: the odd class is no longer readable.
+    wrong = BeatSource(x, y, rr, (np.roll(patient[0], 3, axis=0),) + patient[1:])
+    swapped = (predict_classes(model, wrong, test) == y[test]).mean()
+    assert with_template > 0.9 and swapped < with_template - 0.15
+
+
+@pytest.mark.parametrize("model", ["rr_cnn", "patient_cnn"])
+def test_relative_rr_features_never_read_the_heart_rate_even_after_full_fine_tuning(model):
+    x, y, rr, patient = patient_toy()
+    src = BeatSource(x, y, rr + np.random.default_rng(1).normal(0, 0.1, rr.shape).astype(np.float32), patient)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": model, "rr_features": "relative", "finetune_layers": "all"})
+    base, _ = train_base(src, np.arange(480), 2, cfg)
+    tuned, _ = fine_tune(base, src, np.arange(480, 560), cfg)
+    np.testing.assert_array_equal(tuned.get_layer("rr_select").get_weights()[0], [[1, 0], [0, 1], [0, 0]])
+    names = tuple(tuned.input)
+    idx = np.arange(560, 720)
+    inputs = src.inputs(idx, names)
+    moved = {**inputs, "rr": inputs["rr"] * np.array([1, 1, 5], np.float32)}  # heart rate x5
+    np.testing.assert_array_equal(tuned.predict(inputs, verbose=0), tuned.predict(moved, verbose=0))
+    full, _ = train_base(src, np.arange(480), 2, TrainConfig(**{**cfg.__dict__, "rr_features": "all"}))
+    assert not np.array_equal(full.predict(inputs, verbose=0), full.predict(moved, verbose=0))
