@@ -124,6 +124,12 @@ def _patient_key(p: str) -> tuple:
     return (0, int(p), p) if p.isdigit() else (1, 0, p)
 
 
+def _in_patient_order(children: pd.DataFrame) -> pd.DataFrame:
+    """Variant runs sorted by patient (:func:`_patient_key`), then variant, re-indexed."""
+    order = children.patient.map(_patient_key)
+    return children.assign(_key=order).sort_values(["_key", "variant"]).drop(columns="_key").reset_index(drop=True)
+
+
 def resolve_experiment(client: MlflowClient, experiment: str):
     """The experiment called ``experiment`` (a name, or else an id)."""
     exp = client.get_experiment_by_name(experiment)
@@ -199,9 +205,7 @@ def pool(runs: list[LosoRun]) -> LosoRun:
             seen[p] = r.run_id
     keys = dict.fromkeys(k for r in runs for k in r.params)
     params = {k: " | ".join(dict.fromkeys(r.params.get(k, "") for r in runs)) for k in keys}
-    children = pd.concat([r.children for r in runs], ignore_index=True)
-    children["_key"] = children.patient.map(_patient_key)
-    children = children.sort_values(["_key", "variant"]).drop(columns="_key").reset_index(drop=True)
+    children = _in_patient_order(pd.concat([r.children for r in runs], ignore_index=True))
     return LosoRun(run_id="+".join(r.run_id for r in runs), name=" + ".join(r.name for r in runs),
                    experiment_id=runs[0].experiment_id, params=params, parent_metrics={}, children=children,
                    labels=runs[0].labels, cms={v: sum(r.cms[v] for r in runs) for v in VARIANTS},
@@ -280,8 +284,7 @@ def load_loso_run(client: MlflowClient, run_id: str) -> LosoRun:
     for v in VARIANTS:
         if not (children.variant == v).any():
             raise CompareError(f"loso_runs: LOSO {what} has no {v} variant runs, so there is nothing to compare")
-    children["_key"] = children.patient.map(_patient_key)
-    children = children.sort_values(["_key", "variant"]).drop(columns="_key").reset_index(drop=True)
+    children = _in_patient_order(children)
 
     # Summed confusion matrices, read through the artifact API; every child must use one label set.
     labels: list[str] | None = None

@@ -15,12 +15,12 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from ecg_mlflow.models import MODEL_INPUTS, MODELS, build_model, transfer_copy
+from ecg_mlflow.models import MODEL_INPUTS, MODELS, RR_COLUMNS, build_model, transfer_copy
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "all")
 PRECISIONS = ("auto", "float32", "mixed")
-RR_FEATURES = ("all", "relative")
+RR_FEATURES = tuple(RR_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,18 @@ class BeatSource:
                      else tf.gather(t[n], i) for n in names}
             return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], i)
 
-        return ds.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)  # gather is cheap: no parallel map
+        return ds.batch(batch_size).map(gather).prefetch(2).with_options(pipeline_options())
+
+
+def pipeline_options() -> tf.data.Options:
+    """One input thread and no autotuning: a batch gather is cheap, and on a 2-core machine
+    tf.data's autotuner and its thread pool took cores from the training step, so that every other
+    epoch or so ran a third slower (base training 20,000 against 27,500 beats/s, bench/training.py).
+    The batches and their order are the same either way."""
+    opts = tf.data.Options()
+    opts.autotune.enabled = False
+    opts.threading.private_threadpool_size = 1
+    return opts
 
 
 def class_weights(y: np.ndarray, n_classes: int, how: str) -> dict[int, float] | None:

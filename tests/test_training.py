@@ -90,6 +90,26 @@ def test_beat_source_batches_hold_the_selected_rows():
         BeatSource(x, y).dataset(idx, 8, 0, names=("beat", "rr"))
 
 
+def test_input_pipeline_runs_on_one_thread_without_autotuning_and_keeps_the_batches():
+    import tensorflow as tf
+
+    x, y, rr = toy_beats(300)
+    src, idx = BeatSource(x, y, rr), np.arange(20, 290)
+    ds = src.dataset(idx, 32, seed=3, names=("beat", "rr"))
+    assert ds.options().autotune.enabled is False
+    assert ds.options().threading.private_threadpool_size == 1
+    opts = tf.data.Options()  # tf.data's defaults back (with_options merges, so set them explicitly)
+    opts.autotune.enabled, opts.threading.private_threadpool_size = True, 0
+    plain = src.dataset(idx, 32, seed=3, names=("beat", "rr")).with_options(opts)
+    assert plain.options().autotune.enabled is True
+    for epoch in range(2):  # reshuffled each epoch, identically
+        ours, theirs = list(ds), list(plain)
+        assert len(ours) == len(theirs) == 9
+        for (a, ya), (b, yb) in zip(ours, theirs):
+            np.testing.assert_array_equal(a["beat"].numpy(), b["beat"].numpy())
+            np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
 def test_fine_tune_retrains_only_the_head_and_leaves_the_base_unchanged():
     x, y, _ = toy_beats()
     base, _ = train_base(x[:300], y[:300], 3, FAST)
