@@ -19,7 +19,9 @@ evaluates on the second half, never reading a test part (:func:`plan_folds`).
 :func:`run_fold` is one held-out subject (or group); :mod:`ecg_mlflow.executors` runs the folds
 in this process, in local worker processes or as Ray tasks, each fold logging its own child runs. A run
 whose folds failed ends FAILED, naming the patients; ``resume_run_id`` re-opens it and re-runs
-only what did not finish (:func:`run_loso`).
+only what did not finish (:func:`run_loso`). ``base_run_id`` takes the base models of an earlier
+LOSO run with the same data and base-training parameters, so transfer options can be tried in
+minutes against the very same base models (:func:`reused_bases`).
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_p
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
-from ecg_mlflow.training import (BeatSource, TrainConfig, fine_tune, model_input_names, predict_classes, replay_rows,
-                                 train_base)
+from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, fine_tune, model_input_names,
+                                 predict_classes, replay_rows, train_base)
 
 VARIANTS = ("no_transfer", "transfer")
 EVALUATE_ON = ("test", "validation")
@@ -69,6 +71,7 @@ class LosoConfig:
     resume_run_id: str | None = None  # re-open this LOSO run and finish what it left undone
     base_folds: int = 0  # 0: one base model per held-out subject; k >= 2: k groups of subjects share one
     evaluate_on: str = "test"  # test | validation (second half of the fine-tune minutes; for model choice)
+    base_run_id: str | None = None  # take this LOSO run's base models instead of training them
 
     def validated(self) -> "LosoConfig":
         self.prepare.validated()
@@ -82,8 +85,10 @@ class LosoConfig:
             raise ValueError(f"evaluate_on must be one of {list(EVALUATE_ON)}, got {self.evaluate_on!r}")
         if not self.registry_prefix or not all(c.isalnum() or c in "-_." for c in self.registry_prefix):
             raise ValueError(f"registry_prefix must be letters, digits, '-', '_' or '.', got {self.registry_prefix!r}")
-        if self.resume_run_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.resume_run_id):
-            raise ValueError(f"resume_run_id must be a run id (letters and digits), got {self.resume_run_id!r}")
+        for name in ("resume_run_id", "base_run_id"):
+            value = getattr(self, name)
+            if value and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+                raise ValueError(f"{name} must be a run id (letters and digits), got {value!r}")
         return self
 
     def params(self) -> dict[str, object]:
@@ -91,7 +96,7 @@ class LosoConfig:
         p = {k: v for k, v in asdict(self.prepare).items() if k not in ("cache_dir", "download")}
         p.update(asdict(self.train))
         p.update(holdout=self.holdout or "all", registry_prefix=self.registry_prefix, base_folds=self.base_folds,
-                 evaluate_on=self.evaluate_on)
+                 evaluate_on=self.evaluate_on, base_run_id=self.base_run_id)
         p.update(self.execution.params())
         return {k: ("" if v is None else v) for k, v in p.items()}
 
@@ -322,7 +327,7 @@ def run_fold(task: FoldTask) -> FoldOutcome:
     outcome = FoldOutcome(task.subject)
     try:
         if task.base_model_uri:
-            base = load_base(task.base_model_uri, fold.records[0])
+            base = load_base(task.base_model_uri, *fold.records)
             print(f"    subject {fold.subject}: reusing finished base model {task.base_model_uri}", flush=True)
         else:
             with _child_run(f"base-{fold.subject}", task):
@@ -371,19 +376,23 @@ def run_loso(cfg: LosoConfig) -> str:
     executors.http_retry_defaults()
     previous = None
     if cfg.resume_run_id:
-        previous = _resumable_run(cfg.resume_run_id)
+        previous = _loso_run(cfg.resume_run_id, "resume_run_id")
         cfg = config_for_resume(previous.data.params, cfg)
+    source = _loso_run(cfg.base_run_id, "base_run_id") if cfg.base_run_id else None
+    if source is not None:
+        check_base_settings(source, cfg)
     ds = prepare(cfg.prepare, verbose=True)
     folds = plan_folds(ds, cfg)
     if len(ds.records) < 2:
         raise ValueError(f"LOSO needs at least two subjects' records, got {ds.records}")
+    reused = reused_bases(source, ds, folds) if source is not None else {}
     executors.remember_dataset(ds)  # the sequential executor reuses it instead of reading the file
     client = MlflowClient()
 
     with _parent_run(cfg.resume_run_id) as parent:
         parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
         done_results: list[PatientResult] = []
-        plan = {fold.subject: (frozenset(), None, None) for fold in folds}
+        plan = {fold.subject: (frozenset(), *reused.get(fold.subject, (None, None))) for fold in folds}
         if previous is None:
             mlflow.set_tags({tracking.ROLE_TAG: "loso", "label_scheme": ds.meta["label_scheme"],
                              "classes": ",".join(ds.classes), "dataset_digest": ds.digest,
@@ -391,7 +400,7 @@ def run_loso(cfg: LosoConfig) -> str:
             tracking.log_new_params(cfg.params())
             log_to_mlflow(ds, context="loso")  # dataset input, data.* params, summary table
         else:
-            done_results, plan = resume_plan(client, parent_id, experiment_id, folds)
+            done_results, plan = resume_plan(client, parent_id, experiment_id, folds, reused)
             tracking.log_new_params(cfg.params())
         todo = [f for f in folds if plan[f.subject] is not None]
         n_held = len({subject_of(r) for f in folds for r in f.records})
@@ -407,7 +416,7 @@ def run_loso(cfg: LosoConfig) -> str:
         records = {f.subject: f.records for f in folds}
 
         def on_start(task: FoldTask) -> None:
-            what = "reusing its base model" if task.base_model_uri else \
+            what = f"reusing base model {task.base_model_uri}" if task.base_model_uri else \
                 f"base training, {n_train[task.subject]} beats x {cfg.train.epochs} epochs"
             print(f"[loso {clock.started + 1}/{clock.total}] subject {task.subject} (records "
                   f"{', '.join(records[task.subject])}): {what} | {clock.times()}", flush=True)
@@ -500,19 +509,20 @@ def _parent_run(resume_run_id: str | None):
     return mlflow.start_run(run_id=resume_run_id)
 
 
-def _resumable_run(run_id: str):
-    """The LOSO parent run ``run_id``; ``ValueError`` naming ``resume_run_id`` when it cannot be resumed."""
+def _loso_run(run_id: str, param: str):
+    """The LOSO parent run ``run_id``; ``ValueError`` naming ``param`` (``resume_run_id`` or
+    ``base_run_id``) when there is no such active LOSO run."""
     try:
         run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
-        raise ValueError(f"resume_run_id {run_id!r}: no such run in {mlflow.get_tracking_uri()} "
+        raise ValueError(f"{param} {run_id!r}: no such run in {mlflow.get_tracking_uri()} "
                          f"({exc.message.splitlines()[0]})") from None
     if run.data.tags.get(tracking.ROLE_TAG) != "loso":
-        raise ValueError(f"resume_run_id {run_id!r} is not a LOSO run (tag {tracking.ROLE_TAG}="
+        raise ValueError(f"{param} {run_id!r} is not a LOSO run (tag {tracking.ROLE_TAG}="
                          f"{run.data.tags.get(tracking.ROLE_TAG)!r}); give the id of a run tagged "
                          f"{tracking.ROLE_TAG}=loso")
     if run.info.lifecycle_stage != "active":
-        raise ValueError(f"resume_run_id {run_id!r} is deleted; restore it first")
+        raise ValueError(f"{param} {run_id!r} is deleted; restore it first")
     return run
 
 
@@ -558,7 +568,8 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
     base_folds = _param(cli.whole_number("base_folds"), "base_folds", get("base_folds", 0))
     return replace(given, prepare=prep, train=train, holdout=get("holdout", "all"),
                    registry_prefix=get("registry_prefix", "ecg"), execution=replace(given.execution, threads=threads),
-                   base_folds=base_folds, evaluate_on=get("evaluate_on", "test"))
+                   base_folds=base_folds, evaluate_on=get("evaluate_on", "test"),
+                   base_run_id=get("base_run_id", "") or None)
 
 
 def config_for_resume(params: dict[str, str], given: LosoConfig) -> LosoConfig:
@@ -572,7 +583,8 @@ def config_for_resume(params: dict[str, str], given: LosoConfig) -> LosoConfig:
         p = {k: v for k, v in asdict(c.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
         p["records"] = p["records"] if p["records"] not in (None, "", "all") else "all"
         return {**p, **asdict(c.train), "holdout": (c.holdout or "all").lower(), "registry_prefix": c.registry_prefix,
-                "threads": c.execution.threads, "base_folds": c.base_folds, "evaluate_on": c.evaluate_on}
+                "threads": c.execution.threads, "base_folds": c.base_folds, "evaluate_on": c.evaluate_on,
+                "base_run_id": c.base_run_id}
 
     now, before, dflt = flat(given), flat(stored), flat(default)
     clash = [k for k in now if now[k] != dflt[k] and now[k] != before[k]]
@@ -608,25 +620,25 @@ def _end_stale_children(client: MlflowClient, parent_id: str, experiment_id: str
     return [r.info.run_name for r in stale]
 
 
-def resume_plan(client: MlflowClient, parent_id: str, experiment_id: str, folds: list[Fold]
+def resume_plan(client: MlflowClient, parent_id: str, experiment_id: str, folds: list[Fold],
+                reused: dict[str, tuple[str, str]] | None = None
                 ) -> tuple[list[PatientResult], dict[str, tuple[frozenset, str | None, str | None] | None]]:
     """What a resumed run keeps and what it re-runs.
 
     Children left RUNNING by the interrupted process are marked KILLED. A (record, variant) with
     a FINISHED run is kept (its metrics and confusion matrix read back); per subject the plan is
     ``None`` when all its records' variants are kept, else (kept pairs, FINISHED base model URI or
-    None, its run id) — a base model that did not finish is trained again.
+    None, its run id) — a base model that did not finish is trained again, unless ``reused`` (the
+    bases of the run's ``base_run_id``, :func:`reused_bases`) has one for the subject.
     """
     _end_stale_children(client, parent_id, experiment_id, "KILLED")
     finished = [r for r in _children(client, parent_id, experiment_id) if r.info.status == "FINISHED"]
     variants: dict[tuple[str, str], object] = {}
-    bases: dict[str, object] = {}
     for r in finished:  # newest first: the first one seen wins
         tags = r.data.tags
         if tags.get(tracking.ROLE_TAG) == "variant":
             variants.setdefault((tags.get("patient"), tags.get("variant")), r)
-        elif tags.get(tracking.ROLE_TAG) == "base":
-            bases.setdefault(tags.get("subject"), r)
+    bases = {**(reused or {}), **_finished_bases(finished, experiment_id)}
     kept: list[PatientResult] = []
     plan: dict[str, tuple[frozenset, str | None, str | None] | None] = {}
     for fold in folds:
@@ -636,17 +648,70 @@ def resume_plan(client: MlflowClient, parent_id: str, experiment_id: str, folds:
         if done == pairs:
             plan[fold.subject] = None
             continue
-        base_uri = base_id = None
-        if fold.subject in bases:
-            base_id = bases[fold.subject].info.run_id
-            models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
-                                                 filter_string=f"source_run_id = '{base_id}'")
-            base_uri = models[0].model_uri if models else None
-            base_id = base_id if base_uri else None
+        base_uri, base_id = bases.get(fold.subject, (None, None))
         plan[fold.subject] = (done, base_uri, base_id)
         print(f"loso: resume subject {fold.subject}: {len(done)}/{len(pairs)} variant run(s) finished, "
               f"{'reusing base run ' + base_id if base_id else 'base model trained again'}", flush=True)
     return kept, plan
+
+
+def _finished_bases(finished: list, experiment_id: str) -> dict[str, tuple[str, str]]:
+    """Subject (or group) -> (model URI, run id) of the FINISHED base runs among ``finished``
+    (newest first: the first one seen wins) that have a logged model."""
+    bases: dict[str, tuple[str, str]] = {}
+    for r in finished:
+        subject = r.data.tags.get("subject")
+        if r.data.tags.get(tracking.ROLE_TAG) != "base" or subject in bases:
+            continue
+        models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                             filter_string=f"source_run_id = '{r.info.run_id}'")
+        if models:
+            bases[subject] = (models[0].model_uri, r.info.run_id)
+    return bases
+
+
+def _base_settings(cfg: LosoConfig) -> dict[str, object]:
+    """Everything that decides a fold's base model: the data, every training parameter but the
+    fine-tune ones, the grouping of subjects (and, with groups, which subjects are dealt)."""
+    settings = {k: v for k, v in asdict(cfg.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
+    settings["records"] = settings["records"] if settings["records"] not in (None, "") else "all"
+    settings.update({k: v for k, v in asdict(cfg.train).items() if k not in FINETUNE_FIELDS})
+    settings["base_folds"] = cfg.base_folds
+    if cfg.base_folds:
+        settings["holdout"] = (cfg.holdout or "all").lower()
+    return settings
+
+
+def check_base_settings(source, cfg: LosoConfig) -> None:
+    """Refuse (``ValueError`` naming ``base_run_id`` and the parameters) to take the base models of
+    LOSO run ``source`` when they were trained on other data or with other base-training
+    parameters than ``cfg`` asks for."""
+    theirs, ours = _base_settings(config_of_run(source.data.params, cfg)), _base_settings(cfg)
+    differ = [k for k in ours if ours[k] != theirs.get(k)]
+    if differ:
+        raise ValueError(f"base_run_id {source.info.run_id!r}: its base models were trained with "
+                         + ", ".join(f"{k}={theirs.get(k)!r}" for k in differ) + "; this run asks for "
+                         + ", ".join(f"{k}={ours[k]!r}" for k in differ)
+                         + ". Only fine-tune parameters (" + ", ".join(FINETUNE_FIELDS) + "), holdout, "
+                         "evaluate_on and execution may differ")
+
+
+def reused_bases(source, ds: BeatDataset, folds: list[Fold]) -> dict[str, tuple[str, str]]:
+    """Fold -> (model URI, run id) of LOSO run ``source``'s base model for that fold. ``ValueError``
+    naming ``base_run_id`` when the run prepared other data or has no FINISHED base model with a
+    logged model for some fold (checked before any training)."""
+    run_id = source.info.run_id
+    if source.data.tags.get("dataset_digest") != ds.digest:
+        raise ValueError(f"base_run_id {run_id!r} was run on a dataset with digest "
+                         f"{source.data.tags.get('dataset_digest')!r}, this run's is {ds.digest!r}")
+    finished = [r for r in _children(MlflowClient(), run_id, source.info.experiment_id)
+                if r.info.status == "FINISHED"]
+    bases = _finished_bases(finished, source.info.experiment_id)
+    missing = [f.subject for f in folds if f.subject not in bases]
+    if missing:
+        raise ValueError(f"base_run_id {run_id!r} has no finished base model for {missing}; it has "
+                         f"{sorted(bases) or 'none'}")
+    return {f.subject: bases[f.subject] for f in folds}
 
 
 def _public_uri(uri: str) -> str:
@@ -712,24 +777,28 @@ def run_train_base(cfg: LosoConfig, holdout: str) -> BaseModel:
     return base
 
 
-def load_base(model_uri: str, patient: str) -> BaseModel:
-    """Load a base model for ``patient``, refusing one whose training saw the patient's subject."""
+def load_base(model_uri: str, *patients: str) -> BaseModel:
+    """Load a base model for ``patients``, refusing one whose training saw any of their subjects or
+    that was not trained to hold them out (its ``subject`` tag, or for a group of subjects its
+    ``heldout_records`` tag)."""
     import mlflow.keras
 
     run_id = registry.source_run_id(model_uri)
     if run_id is None:
         raise ValueError(f"base_model_uri {model_uri!r}: expected runs:/<run id>/model or models:/<name>@<alias>")
-    run = mlflow.get_run(run_id)
-    subject = run.data.tags.get("subject")
-    trained_on = run.data.tags.get("train_records", "").split(",")
-    if subject != subject_of(patient) or any(subject_of(r) == subject_of(patient) for r in trained_on if r):
-        raise ValueError(
-            f"base model {model_uri} was trained with subject {subject_of(patient)} in its data or is not "
-            f"tagged with its held-out subject (its subject tag: {subject!r}); use the base model that held out "
-            f"patient {patient}, e.g. models:/<prefix>-base-{subject_of(patient)}@{registry.ALIAS}"
-        )
-    return BaseModel(mlflow.keras.load_model(model_uri), subject, run_id, model_uri,
-                     tuple(r for r in trained_on if r))
+    tags = mlflow.get_run(run_id).data.tags
+    subject = tags.get("subject")
+    trained_on = tuple(r for r in tags.get("train_records", "").split(",") if r)
+    held = tags.get("heldout_records", "").split(",")
+    for patient in patients:
+        leaky = any(subject_of(r) == subject_of(patient) for r in trained_on)
+        if leaky or not (subject == subject_of(patient) or patient in held):
+            raise ValueError(
+                f"base model {model_uri} was trained with subject {subject_of(patient)} in its data or is not "
+                f"tagged with its held-out subject (its subject tag: {subject!r}); use the base model that held "
+                f"out patient {patient}, e.g. models:/<prefix>-base-{subject_of(patient)}@{registry.ALIAS}"
+            )
+    return BaseModel(mlflow.keras.load_model(model_uri), subject, run_id, model_uri, trained_on)
 
 
 def run_transfer(cfg: LosoConfig, base_model_uri: str, patient: str) -> list[PatientResult]:

@@ -77,6 +77,10 @@ class TrainConfig:
         return asdict(self)
 
 
+# The fields that act only on transfer; every other field shapes the base model too.
+FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
+                                    "finetune_layers", "finetune_replay")
+
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 

@@ -1,7 +1,7 @@
 """Entry point `loso`: the whole leave-one-subject-out experiment (see ecg_mlflow.loso).
 
 Folds run on an executor (sequential, a local process pool, or Ray); --resume-run-id finishes an
-interrupted or failed LOSO run. Exit status 2: bad input (nothing logged); 1: some folds failed
+interrupted or failed LOSO run; --base-run-id takes an earlier run's base models. Exit status 2: bad input (nothing logged); 1: some folds failed
 (the run ended FAILED and the message says how to resume it).
 """
 
@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--evaluate-on", default="test",
                    help="test, or validation: the second half of the fine-tune minutes (for choosing options)")
     p.add_argument("--resume-run-id", default="", help="the id of an interrupted or failed LOSO run to finish")
+    p.add_argument("--base-run-id", default="",
+                   help="the id of a LOSO run whose base models to take (same data and base-training parameters)")
     a = p.parse_args()
     execution = ExecConfig(executor=a.executor.strip().lower(), workers=a.workers, ray_address=a.ray_address.strip(),
                            ray_gpus_per_task=a.ray_gpus_per_task, threads=a.threads)
@@ -41,7 +43,7 @@ def main() -> None:
         run_loso(LosoConfig(prepare=cli.prepare_config(a), train=cli.train_config(a), holdout=a.holdout,
                             registry_prefix=a.registry_prefix, execution=execution,
                             resume_run_id=a.resume_run_id.strip() or None, base_folds=a.base_folds,
-                            evaluate_on=a.evaluate_on.strip().lower()))
+                            evaluate_on=a.evaluate_on.strip().lower(), base_run_id=a.base_run_id.strip() or None))
     except FoldsFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -328,6 +328,66 @@ def test_resume_refuses_changed_parameters(sequential, mitdb_dir, cache_root):
 
 
 # --------------------------------------------------------------------------------------------
+# base models taken from an earlier run
+
+
+def _in_store_of(uri: str, monkeypatch) -> None:
+    """Work in the sequential run's store, from its directory (where its artifacts live)."""
+    monkeypatch.chdir(Path(uri.removeprefix("sqlite:///")).parent)
+    mlflow.set_tracking_uri(uri)
+
+
+def test_base_run_id_takes_that_runs_base_models_and_retrains_only_the_heads(sequential, mitdb_dir, cache_root,
+                                                                            monkeypatch):
+    from dataclasses import replace
+
+    uri, snap = sequential
+    source = snap["parent"].info.run_id
+    _in_store_of(uri, monkeypatch)
+    try:
+        cfg = replace(config(mitdb_dir, cache_root), base_run_id=source,
+                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=3, finetune_replay=10, seed=SEED))
+        parent_id = run_loso(cfg)
+    finally:
+        mlflow.set_tracking_uri(None)
+    got = snapshot(uri, parent_id)
+    assert got["parent"].info.status == "FINISHED" and got["parent"].data.params["base_run_id"] == source
+    assert not got["bases"]  # no base model trained
+    source_bases = {r.data.tags["subject"]: r.info.run_id for r in snap["children"]
+                    if r.data.tags.get("ecg.role") == "base"}
+    for r in got["children"]:
+        assert r.data.tags["base_run_id"] == source_bases[r.data.tags["patient"]]
+    for p in PATIENTS:
+        # the very same base model on the very same test beats
+        nt, want = got["variants"][(p, "no_transfer")][0], snap["variants"][(p, "no_transfer")][0]
+        assert nt.keys() == want.keys() and all(same_number(nt[k], want[k]) for k in want)
+        assert len(got["variants"][(p, "transfer")][1]) == 3 != len(snap["variants"][(p, "transfer")][1])
+
+
+@pytest.mark.parametrize("change, culprit", [
+    ({"train": TrainConfig(epochs=2, seed=SEED)}, r"trained with epochs=1; this run asks for epochs=2"),
+    ({"holdout": "100,103"}, r"no finished base model for \['103'\]"),
+    ({"base_run_id": "0123456789abcdef0123456789abcdef"}, "base_run_id .*no such run"),
+])
+def test_base_run_id_refuses_other_base_training_before_work(change, culprit, sequential, mitdb_dir, cache_root,
+                                                            monkeypatch):
+    from dataclasses import replace
+
+    uri, snap = sequential
+    _in_store_of(uri, monkeypatch)
+    client = MlflowClient(uri)
+    runs = lambda: len(client.search_runs([e.experiment_id for e in client.search_experiments()]))  # noqa: E731
+    before = runs()
+    try:
+        cfg = replace(config(mitdb_dir, cache_root), base_run_id=snap["parent"].info.run_id)
+        with pytest.raises(ValueError, match=culprit):
+            run_loso(replace(cfg, **change))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert runs() == before
+
+
+# --------------------------------------------------------------------------------------------
 # a tracking server that restarts
 
 

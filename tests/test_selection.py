@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,13 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
         assert r.data.params["n_finetune_beats"] == str(tuned.sum())
         assert 4 <= int(r.data.params["n_replay_beats"]) <= 4 * len(ds.classes)  # drawn from other subjects
     assert not client.search_registered_models()  # validation models are not the experiment's
+
+    # A run that takes these group base models: each one is loaded for every record of its group.
+    again = run_loso(replace(cfg, base_run_id=parent_id, train=replace(cfg.train, finetune_epochs=2)))
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{again}'")
+    assert client.get_run(again).info.status == "FINISHED" and len(kids) == 6
+    assert {r.data.tags["ecg.role"] for r in kids} == {"variant"}
+    assert {r.data.tags["base_run_id"] for r in kids} == {b.info.run_id for b in bases.values()}
 
 
 def test_holdout_takes_a_record_set_as_its_subjects():
