@@ -99,6 +99,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=d.precision, help="auto (mixed on a GPU), float32 or mixed")
     p.add_argument("--rr-features", default=d.rr_features,
                    help="all, or relative: without the local mean RR in seconds (the heart rate)")
+    p.add_argument("--dropout", type=number("dropout"), default=d.dropout,
+                   help="dropout rate on the flattened beat features while training (0 = none)")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -117,7 +119,8 @@ def train_config(a: argparse.Namespace):
                        finetune_learning_rate=a.finetune_learning_rate, seed=a.seed,
                        class_weight=a.class_weight, jit_compile=a.jit_compile,
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
-                       finetune_replay=a.finetune_replay, rr_features=a.rr_features.strip().lower())
+                       finetune_replay=a.finetune_replay, rr_features=a.rr_features.strip().lower(),
+                       dropout=a.dropout)
 
 
 def run_main(main: Callable[[], object]) -> None:

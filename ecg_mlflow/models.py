@@ -35,10 +35,12 @@ def lead_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.mean(axis=0), np.maximum(flat.var(axis=0), 1e-12)
 
 
-def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template=None):
+def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template=None, dropout: float = 0.0):
     """Normalisation (float32), then Conv1D 16/32/64 (kernel 3, ReLU) with max-pool 2 after each, flattened.
     With a ``template`` the convolutions also see the beat minus its patient's normal beat, in the
-    same scale, as extra channels."""
+    same scale, as extra channels. ``dropout`` > 0 adds a ``feature_dropout`` layer on the flattened
+    features (active in training only), so a head re-trained on a few minutes cannot lean on a
+    handful of them."""
     x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(beat)
     if template is not None:
         diff = layers.Subtract(name="minus_template")([beat, template])
@@ -47,7 +49,8 @@ def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template
     for i, filters in enumerate((16, 32, 64), start=1):
         x = layers.Conv1D(filters, 3, activation="relu", name=f"conv{i}", dtype=dtype)(x)
         x = layers.MaxPool1D(2, name=f"pool{i}", dtype=dtype)(x)
-    return layers.Flatten(name="flatten", dtype=dtype)(x)
+    x = layers.Flatten(name="flatten", dtype=dtype)(x)
+    return layers.Dropout(dropout, name="feature_dropout", dtype=dtype)(x) if dropout > 0 else x
 
 
 # Columns of "rr" each rr_features setting keeps: "relative" drops the local mean RR in seconds, so
@@ -67,14 +70,14 @@ def _rr_input(rr, keep: tuple[int, ...]):
 
 
 def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
-                   dtype: str = "float32") -> keras.Model:
+                   dtype: str = "float32", dropout: float = 0.0) -> keras.Model:
     """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, ReLU), max-pool 2 after each,
     Flatten, Dense 32 ReLU, Dense ``n_classes`` — the last layer gives logits (no ReLU).
 
     ``dtype``: the compute policy of the hidden layers (``mixed_float16`` on a GPU); the logits
     are always float32 so the loss is computed at full precision."""
     inputs = keras.Input(shape=(window, n_leads), name="beat")
-    x = _features(inputs, mean, variance, dtype)
+    x = _features(inputs, mean, variance, dtype, dropout=dropout)
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
     logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name="seed_cnn")
@@ -82,13 +85,13 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                  rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                 rr_keep: tuple[int, ...] = (0, 1, 2)) -> keras.Model:
+                 rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0) -> keras.Model:
     """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
     input) join the flattened beat features before the head, so premature beats (short previous
     RR) are visible to the classifier. ``rr_mean``/``rr_variance``: ``(len(rr_keep),)``."""
     beat = keras.Input(shape=(window, n_leads), name="beat")
     rr = keras.Input(shape=(3,), name="rr")
-    x = _features(beat, mean, variance, dtype)
+    x = _features(beat, mean, variance, dtype, dropout=dropout)
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(_rr_input(rr, rr_keep))
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
@@ -98,7 +101,7 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
 
 def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                       rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                      rr_keep: tuple[int, ...] = (0, 1, 2)) -> keras.Model:
+                      rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0) -> keras.Model:
     """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
     the beat minus the patient's median normal beat (``template``), and the head sees the RR
     features both over the local mean RR (``rr``) and over the patient's normal RR
@@ -109,7 +112,7 @@ def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarra
     template = keras.Input(shape=(window, n_leads), name="template")
     rr = keras.Input(shape=(3,), name="rr")
     rr_patient = keras.Input(shape=(3,), name="rr_patient")
-    x = _features(beat, mean, variance, dtype, template=template)
+    x = _features(beat, mean, variance, dtype, template=template, dropout=dropout)
     r = layers.Concatenate(name="rhythm")([_rr_input(rr, rr_keep), rr_patient])
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
@@ -121,12 +124,14 @@ def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarra
 
 def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
                 train_rr: np.ndarray | None = None, dtype: str = "float32",
-                train_rr_patient: np.ndarray | None = None, rr_features: str = "all") -> keras.Model:
+                train_rr_patient: np.ndarray | None = None, rr_features: str = "all",
+                dropout: float = 0.0) -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
     ``(n, window, n_leads)`` (and, for ``rr_cnn`` and ``patient_cnn``, training RR features
     ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``);
     ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``);
-    ``rr_features`` which RR columns the rr models read (:data:`RR_COLUMNS`)."""
+    ``rr_features`` which RR columns the rr models read (:data:`RR_COLUMNS`); ``dropout`` the rate
+    of the ``feature_dropout`` layer (none at 0)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
     if rr_features not in RR_COLUMNS:
@@ -139,13 +144,13 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
         if train_rr is None or train_rr_patient is None:
             raise ValueError("model patient_cnn needs the training RR features rr and rr_patient, each (n, 3)")
         rr_mean, rr_var = lead_stats(np.concatenate([train_rr, train_rr_patient], axis=1)[:, None, :])
-        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep)
+        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout)
     if name == "rr_cnn":
         if train_rr is None:
             raise ValueError("model rr_cnn needs the training RR features (n, 3)")
         rr_mean, rr_var = lead_stats(train_rr[:, None, :])
-        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep)
-    return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype)
+        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout)
+    return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout)
 
 
 def transfer_copy(base: keras.Model, layers_to_train: str = "head") -> keras.Model:

@@ -42,6 +42,7 @@ class TrainConfig:
     finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
     rr_features: str = "all"  # all | relative: rr models leave out the local mean RR in s (the heart rate)
+    dropout: float = 0.0  # dropout rate on the flattened beat features while training (never on the RR features)
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -69,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.rr_features not in RR_FEATURES:
             raise ValueError(f"rr_features must be one of {list(RR_FEATURES)}, got {self.rr_features!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.jit_compile, bool):
             raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
@@ -285,7 +288,8 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
     seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
-                        train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features)
+                        train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
+                        dropout=cfg.dropout)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
     hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0,
                      shuffle=False,

@@ -196,12 +196,30 @@ def test_class_weights():
     assert sq[2] / sq[0] == pytest.approx(np.sqrt(90.0))
 
 
+def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features():
+    import keras
+
+    x, y, rr = toy_beats()
+    assert "feature_dropout" not in [layer.name for layer in build_model("rr_cnn", WINDOW, 2, 3, x, rr).layers]
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "dropout": 0.5, "epochs": 1})
+    model, _ = train_base(BeatSource(x, y, rr), np.arange(400), 3, cfg)
+    features = keras.Model(model.inputs, model.get_layer("features").output)
+    inputs = {"beat": x[:64], "rr": rr[:64]}
+    infer, train = features(inputs, training=False).numpy(), features(inputs, training=True).numpy()
+    np.testing.assert_array_equal(infer, features(inputs, training=False).numpy())  # no dropout in inference
+    assert 0.3 < (train[:, :-3] == 0).mean() - (infer[:, :-3] == 0).mean() < 0.7  # about half dropped
+    np.testing.assert_array_equal(train[:, -3:], infer[:, -3:])  # the RR features, never
+    tuned, _ = fine_tune(model, BeatSource(x, y, rr), np.arange(400, 500), cfg)
+    assert "feature_dropout" in [layer.name for layer in tuned.layers]
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("epochs", 0, "epochs"), ("batch_size", 2.5, "batch_size"), ("learning_rate", 0, "learning_rate"),
     ("model", "resnet", "model"), ("class_weight", "auto", "class_weight"), ("seed", -1, "seed"),
     ("jit_compile", "yes", "jit_compile"), ("finetune_epochs", True, "finetune_epochs"),
     ("finetune_layers", "conv", "finetune_layers"), ("precision", "bf16", "precision"),
     ("finetune_replay", -1, "finetune_replay"), ("rr_features", "heart", "rr_features"),
+    ("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
