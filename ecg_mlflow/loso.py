@@ -534,7 +534,7 @@ def _param(parse, name: str, text: str):
 
 
 # What a run that predates a TrainConfig field ran with, for fields whose default has changed since.
-UNLOGGED_DEFAULTS: dict[str, object] = {"finetune_replay": 0}
+UNLOGGED_DEFAULTS: dict[str, object] = {"finetune_replay": 0, "dropout": 0.0}
 
 
 def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:

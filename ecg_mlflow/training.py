@@ -42,7 +42,8 @@ class TrainConfig:
     finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
     rr_features: str = "all"  # all | relative: rr models leave out the local mean RR in s (the heart rate)
-    dropout: float = 0.0  # dropout rate on the flattened beat features while training (never on the RR features)
+    dropout: float = 0.5  # dropout rate on the flattened beat features while training (never on the RR features)
+    # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
