@@ -173,14 +173,21 @@ def default_loso_run(client: MlflowClient, experiment: str = "") -> str:
 
 def parse_run_ids(loso_runs: str) -> list[str]:
     """Analyses from a comma-separated string: each a run id, or run ids joined by ``+`` to pool
-    (see :func:`pool`), returned as written (``'a+b'``); rejects a run named twice."""
+    (see :func:`pool`), returned as written (``'a+b'``). A run may be in several analyses
+    (``a+b,a+c``: one half's run beside two choices for the other half), but not twice in one
+    pool, and no analysis may be listed twice."""
     ids = ["+".join(p.strip() for p in r.split("+")) for r in loso_runs.split(",") if r.strip()]
-    each = [p for r in ids for p in r.split("+")]
-    if "" in each:
+    if "" in [p for r in ids for p in r.split("+")]:
         raise CompareError(f"loso_runs {loso_runs!r} has an empty run id around a '+'")
-    dupes = sorted({r for r in each if each.count(r) > 1})
-    if dupes:
-        raise CompareError(f"loso_runs lists run(s) {dupes} more than once")
+    for r in ids:
+        parts = r.split("+")
+        dupes = sorted({p for p in parts if parts.count(p) > 1})
+        if dupes:
+            raise CompareError(f"loso_runs {r!r} pools run(s) {dupes} more than once")
+    same = [frozenset(r.split("+")) for r in ids]
+    repeated = sorted({r for r, k in zip(ids, same) if same.count(k) > 1})
+    if repeated:
+        raise CompareError(f"loso_runs lists the analysis {repeated} more than once")
     return ids
 
 

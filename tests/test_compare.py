@@ -339,6 +339,12 @@ def test_runs_of_different_patients_pool_into_one_analysis(tracking_uri, cms):
         pd.testing.assert_series_equal(pooled.aggregate[f"gross_{v}"], single.aggregate[f"gross_{v}"])
     assert pooled.run.params["class_weight"] == "sqrt | none" and pooled.run.params["finetune_minutes"] == "5"
     assert MlflowClient().get_run(res.run_id).data.tags["loso_run_id.0"] == f"{a}+{b}"
+    # One half's run beside two choices for the other half: a run may sit in two pools.
+    c = log_loso({p: cms[p] for p in ("101", "105", "208")}, params={"label_scheme": "aami", "class_weight": "sqrt"})
+    res = C.compare(loso_runs=f"{a}+{b},{a}+{c}", n_boot=N_BOOT, echo=False)
+    assert [x.run.run_id for x in res.analyses] == [f"{a}+{b}", f"{a}+{c}"]
+    with pytest.raises(C.CompareError, match=r"analysis .* more than once"):
+        C.compare(loso_runs=f"{a}+{b},{b}+{a}", n_boot=N_BOOT, echo=False)
 
 
 def test_pooled_runs_must_hold_out_different_patients(tracking_uri, cms):
