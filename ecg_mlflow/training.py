@@ -197,7 +197,8 @@ class BeatSource:
 def pipeline_options() -> tf.data.Options:
     """One input thread and no autotuning: a batch gather is cheap, and on a 2-core machine
     tf.data's autotuner and its thread pool took cores from the training step, so that every other
-    epoch or so ran a third slower (base training 20,000 against 27,500 beats/s, bench/training.py).
+    epoch or so ran a third slower (base training 20,600 against 27,500 beats/s per epoch in an
+    interleaved A/B, README "Speed").
     The batches and their order are the same either way."""
     opts = tf.data.Options()
     opts.autotune.enabled = False
