@@ -572,21 +572,21 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
                    base_run_id=get("base_run_id", "") or None)
 
 
+def _settings(c: LosoConfig) -> dict[str, object]:
+    """A run's parameters as one flat dict of comparable values, machine paths left out."""
+    p = {k: v for k, v in asdict(c.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
+    p["records"] = p["records"] if p["records"] not in (None, "", "all") else "all"
+    return {**p, **asdict(c.train), "holdout": (c.holdout or "all").lower(), "registry_prefix": c.registry_prefix,
+            "threads": c.execution.threads, "base_folds": c.base_folds, "evaluate_on": c.evaluate_on,
+            "base_run_id": c.base_run_id}
+
+
 def config_for_resume(params: dict[str, str], given: LosoConfig) -> LosoConfig:
     """The resumed run's own configuration. A parameter given now that is not its default and
     differs from the run's is refused (``ValueError`` naming it): a resume cannot change the
     experiment half-way."""
     stored = config_of_run(params, given)
-    default = LosoConfig()
-
-    def flat(c: LosoConfig) -> dict[str, object]:
-        p = {k: v for k, v in asdict(c.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
-        p["records"] = p["records"] if p["records"] not in (None, "", "all") else "all"
-        return {**p, **asdict(c.train), "holdout": (c.holdout or "all").lower(), "registry_prefix": c.registry_prefix,
-                "threads": c.execution.threads, "base_folds": c.base_folds, "evaluate_on": c.evaluate_on,
-                "base_run_id": c.base_run_id}
-
-    now, before, dflt = flat(given), flat(stored), flat(default)
+    now, before, dflt = _settings(given), _settings(stored), _settings(LosoConfig())
     clash = [k for k in now if now[k] != dflt[k] and now[k] != before[k]]
     if clash:
         raise ValueError("resume_run_id: the run was started with " + ", ".join(f"{k}={before[k]!r}" for k in clash)
@@ -673,13 +673,11 @@ def _finished_bases(finished: list, experiment_id: str) -> dict[str, tuple[str, 
 def _base_settings(cfg: LosoConfig) -> dict[str, object]:
     """Everything that decides a fold's base model: the data, every training parameter but the
     fine-tune ones, the grouping of subjects (and, with groups, which subjects are dealt)."""
-    settings = {k: v for k, v in asdict(cfg.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
-    settings["records"] = settings["records"] if settings["records"] not in (None, "") else "all"
-    settings.update({k: v for k, v in asdict(cfg.train).items() if k not in FINETUNE_FIELDS})
-    settings["base_folds"] = cfg.base_folds
-    if cfg.base_folds:
-        settings["holdout"] = (cfg.holdout or "all").lower()
-    return settings
+    base = [f.name for f in fields(PrepareConfig) if f.name not in ("data_dir", "cache_dir", "download")]
+    base += [f.name for f in fields(TrainConfig) if f.name not in FINETUNE_FIELDS]
+    base += ["base_folds", "holdout"] if cfg.base_folds else ["base_folds"]
+    every = _settings(cfg)
+    return {k: every[k] for k in base}
 
 
 def check_base_settings(source, cfg: LosoConfig) -> None:
