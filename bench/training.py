@@ -7,6 +7,8 @@ Prints figures; asserts nothing. In one run it measures:
    against this project's path (``BeatSource`` tf.data pipeline, ``TrainConfig`` defaults and
    the variants given by ``--configs``), on the same beats and epochs, and the ratio of medians
    over ``--repeats`` interleaved repeats (this 2-core machine varies by tens of percent);
+   and, unless ``--no-parallel``, the machine's throughput with two base models trained at once,
+   one core each (how folds run with ``executor=local workers=2 threads=1``);
 2. the time to prepare the dataset (cold, fresh cache directory; and cached);
 3. the share of LOSO wall time spent in tracking calls (every MLflow call of a small in-process
    LOSO run is timed; a local SQLite store);
@@ -68,17 +70,25 @@ def steady_rate(n_beats: int, seconds: list[float]) -> float:
     return n_beats / float(np.median(seconds[1:]))
 
 
-def bench_training(ds, n: int, epochs: int, configs: list[tuple[int, bool]], repeats: int) -> None:
+def _bench_source(ds, n: int):
+    """A fixed random ``n`` beats of the dataset (seed 0) as a BeatSource, and its rows."""
+    from ecg_mlflow.training import BeatSource
+
+    idx = np.sort(np.random.default_rng(0).choice(len(ds), size=min(n, len(ds)), replace=False))
+    templates, record_index, rr_patient = ds.patient_context()
+    source = BeatSource(ds.x[idx], ds.label[idx], ds.rr_features()[idx], (templates, record_index[idx], rr_patient[idx]))
+    return source, np.arange(len(idx))
+
+
+def bench_training(ds, n: int, epochs: int, configs: list[tuple[int, bool]], repeats: int,
+                   parallel: tuple[str | None, str] | None = None) -> None:
+    """Throughput rows; ``parallel`` = (data_dir, cache dir) adds the two-models-at-once row."""
     import keras
 
-    from ecg_mlflow.training import BeatSource, TrainConfig, _EpochHook, seed_everything, train_base
+    from ecg_mlflow.training import TrainConfig, _EpochHook, seed_everything, train_base
 
-    rng = np.random.default_rng(0)
-    idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
-    x, y = ds.x[idx], ds.label[idx]
-    templates, record_index, rr_patient = ds.patient_context()
-    source = BeatSource(x, y, ds.rr_features()[idx], (templates, record_index[idx], rr_patient[idx]))
-    rows, defaults = np.arange(len(idx)), TrainConfig()
+    source, rows = _bench_source(ds, n)
+    x, y, idx, defaults = source.x_np, source.y_np, rows, TrainConfig()
     print(f"\n1. base training throughput: {len(idx)} beats; each measurement is {epochs} timed epoch(s) after a "
           f"first epoch that pays tracing; {repeats} interleaved repeat(s), median (min-max) shown")
 
@@ -103,16 +113,58 @@ def bench_training(ds, n: int, epochs: int, configs: list[tuple[int, bool]], rep
         f"this project (batch {bs}{', XLA' if jit else ''}"
         f"{', default' if (bs, jit) == (defaults.batch_size, defaults.jit_compile) else ''})" for bs, jit in configs]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    both = "two models at once, one core each (batch 256)"
+    if parallel is not None:
+        runs[both] = []
     for _ in range(repeats):  # interleaved, so a change of load on the machine hits every path alike
         runs[names[0]].append(seed_path())
         for name, (bs, jit) in zip(names[1:], configs):
             runs[name].append(ours(bs, jit))
+        if parallel is not None:  # machine throughput; the accuracy column does not apply
+            runs[both].append((side_by_side(*parallel, len(idx), epochs), float("nan")))
     seed_median = float(np.median([r for r, _ in runs[names[0]]]))
-    for name in names:
+    for name in runs:
         rates = [r for r, _ in runs[name]]
         med = float(np.median(rates))
         print(f"   {name:52s} {med:8.0f} beats/s ({min(rates):.0f}-{max(rates):.0f})   "
-              f"acc {runs[name][-1][1]:.4f}   {med / seed_median:.2f}x")
+              f"acc {runs[name][-1][1]:.4f}   {med / seed_median:.2f}x".replace("acc nan   ", "acc   -      "))
+
+
+def _side_by_side_worker(args: tuple) -> list[tuple[float, float]]:
+    """One of the parallel trainers: one TensorFlow thread (as ``executor=local`` with
+    ``threads=1`` gives each fold), the same beats and configuration as the single-model
+    measurement. Returns (start, end) wall-clock times of every epoch."""
+    data_dir, cache, n, epochs = args
+    from ecg_mlflow.executors import configure_worker
+
+    configure_worker(1)
+    from ecg_mlflow.dataset import PrepareConfig, prepare
+    from ecg_mlflow.training import TrainConfig, train_base
+
+    ds = prepare(PrepareConfig(data_dir=data_dir, cache_dir=cache))
+    source, rows = _bench_source(ds, n)
+    times, last = [], [time.time()]
+
+    def on_epoch(epoch: int, logs: dict) -> None:
+        now = time.time()
+        times.append((last[0], now))
+        last[0] = now
+
+    train_base(source, rows, len(ds.classes), TrainConfig(epochs=epochs + 1), on_epoch=on_epoch)
+    return times
+
+
+def side_by_side(data_dir: str | None, cache: str, n: int, epochs: int) -> float:
+    """Machine throughput (beats/s) of two base models trained at once, one core each: how LOSO
+    folds run on ``executor=local workers=2 threads=1``. The timed span runs from the earlier
+    start of the first timed epoch to the later end of the last, so any time one trainer runs
+    alone counts against the figure."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        runs = pool.map(_side_by_side_worker, [(data_dir, cache, n, epochs)] * 2)
+    start, end = min(t[1][0] for t in runs), max(t[-1][1] for t in runs)
+    return 2 * n * epochs / (end - start)
 
 
 class CallTimer:
@@ -196,6 +248,8 @@ def main() -> int:
     p.add_argument("--holdout", type=int, default=3, help="held-out subjects in the tracking-share run")
     p.add_argument("--full", action="store_true", help="time the full 43-subject LOSO (20+ minutes)")
     p.add_argument("--store", default="", help="directory whose mlflow.db keeps the LOSO run (default: a temporary one)")
+    p.add_argument("--no-parallel", action="store_true",
+                   help="leave out the row of two models trained at once, one core each")
     p.add_argument("--skip-training", action="store_true", help="skip the throughput comparison (1.)")
     a = p.parse_args()
 
@@ -211,7 +265,8 @@ def main() -> int:
     cached = time.perf_counter() - t
     configs = [(int(c.split("+")[0]), c.endswith("+xla")) for c in a.configs.split(",")]
     if not a.skip_training:
-        bench_training(ds, a.beats, a.epochs, configs, a.repeats)
+        bench_training(ds, a.beats, a.epochs, configs, a.repeats,
+                       None if a.no_parallel else (a.data_dir or None, cache))
     print(f"\n2. prepare (aami, 44 records, {len(ds)} beats): cold {cold:.2f} s, cached {cached:.2f} s")
     bench_loso(a.data_dir or None, cache, a.holdout, a.full, a.store or None)
     return 0

@@ -19,6 +19,7 @@ from ecg_mlflow.labels import BEAT_SYMBOLS
 from ecg_mlflow.records import Record
 
 RR_LOCAL_BEATS = 10  # local mean RR over this many preceding intervals
+RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 average one RR over ±5 min)
 
 
 @dataclass
@@ -75,6 +76,31 @@ def rr_intervals(sample: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray,
     local = (csum[k + 1] - csum[lo]) / (k + 1 - lo)
     rr_local = np.concatenate([nan, local])
     return rr_prev.astype(np.float32), rr_next.astype(np.float32), rr_local.astype(np.float32)
+
+
+def rr_average(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
+               beats: int = RR_AVERAGE_BEATS) -> np.ndarray:
+    """Mean of the (up to) ``beats`` intervals ending at each beat and the beats before it in the
+    same record (s), float64 ``(n,)``. ``record``, ``sample``, ``rr_prev``: ``(n,)`` per beat, rows
+    in any order; NaN intervals are skipped, and NaN is returned where a beat has none. It never
+    looks ahead, nor into another record."""
+    if not len(record) == len(sample) == len(rr_prev):
+        raise ValueError(f"record, sample and rr_prev differ in length: {len(record)}, {len(sample)}, {len(rr_prev)}")
+    if isinstance(beats, bool) or not isinstance(beats, (int, np.integer)) or beats < 1:
+        raise ValueError(f"beats must be a whole number >= 1, got {beats!r}")
+    out = np.full(len(record), np.nan)
+    for r in np.unique(record):
+        rows = np.flatnonzero(record == r)
+        rows = rows[np.argsort(sample[rows], kind="stable")]
+        v = rr_prev[rows].astype(np.float64)
+        ok = np.isfinite(v)
+        total = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+        count = np.concatenate([[0], np.cumsum(ok)])
+        k = np.arange(len(rows))
+        lo = np.maximum(0, k + 1 - beats)
+        n = count[k + 1] - count[lo]
+        out[rows] = np.where(n > 0, (total[k + 1] - total[lo]) / np.maximum(n, 1), np.nan)
+    return out
 
 
 def extract_beats(rec: Record, window: int) -> RecordBeats:

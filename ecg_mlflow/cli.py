@@ -98,7 +98,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="beats per class from the base-training subjects mixed into each fine-tune set")
     p.add_argument("--precision", default=d.precision, help="auto (mixed on a GPU), float32 or mixed")
     p.add_argument("--rr-features", default=d.rr_features,
-                   help="all, or relative: without the local mean RR in seconds (the heart rate)")
+                   help="all; relative: without the local mean RR in seconds (the heart rate); "
+                        "long: all, plus previous and local RR over the average RR of about five minutes")
     p.add_argument("--dropout", type=number("dropout"), default=d.dropout,
                    help="dropout rate on the flattened beat features while training (0 = none)")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")

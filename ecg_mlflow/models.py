@@ -20,7 +20,8 @@ HEAD_LAYERS: tuple[str, ...] = ("head_dense", "logits")
 # (previous and next RR over the local mean RR, local mean RR in s; see BeatDataset.rr_features);
 # "template" ``(window, leads)`` mV, the patient's median normal beat, and "rr_patient" ``(3,)``,
 # RR over the patient's normal RR, both from the patient's fine-tune minutes
-# (BeatDataset.patient_context).
+# (BeatDataset.patient_context). With rr_features="long" the rr models also read "rr_long"
+# ``(2,)``: previous and local-mean RR over the average RR of about five minutes (BeatDataset.rr_long).
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "seed_cnn": ("beat",), "rr_cnn": ("beat", "rr"), "patient_cnn": ("beat", "rr", "template", "rr_patient"),
 }
@@ -54,8 +55,10 @@ def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template
 
 
 # Columns of "rr" each rr_features setting keeps: "relative" drops the local mean RR in seconds, so
-# a head re-trained on a few minutes cannot take the heart rate of those minutes for a beat class.
-RR_COLUMNS: dict[str, tuple[int, ...]] = {"all": (0, 1, 2), "relative": (0, 1)}
+# a head re-trained on a few minutes cannot take the heart rate of those minutes for a beat class;
+# "long" keeps all three and adds the "rr_long" input (RR_LONG).
+RR_COLUMNS: dict[str, tuple[int, ...]] = {"all": (0, 1, 2), "relative": (0, 1), "long": (0, 1, 2)}
+RR_LONG: tuple[str, ...] = ("long",)
 
 
 def _rr_input(rr, keep: tuple[int, ...]):
@@ -85,72 +88,81 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                  rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                 rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0) -> keras.Model:
+                 rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False) -> keras.Model:
     """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
-    input) join the flattened beat features before the head, so premature beats (short previous
-    RR) are visible to the classifier. ``rr_mean``/``rr_variance``: ``(len(rr_keep),)``."""
+    input, and with ``rr_long`` the ``(2,)`` input ``rr_long``) join the flattened beat features
+    before the head, so premature beats (short previous RR) are visible to the classifier.
+    ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 2 * rr_long,)``, the kept rr columns then rr_long."""
     beat = keras.Input(shape=(window, n_leads), name="beat")
     rr = keras.Input(shape=(3,), name="rr")
     x = _features(beat, mean, variance, dtype, dropout=dropout)
-    r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(_rr_input(rr, rr_keep))
-    x = layers.Concatenate(name="features", dtype=dtype)([x, r])
-    x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
-    logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
-    return keras.Model({"beat": beat, "rr": rr}, logits, name="rr_cnn")
-
-
-def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
-                      rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                      rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0) -> keras.Model:
-    """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
-    the beat minus the patient's median normal beat (``template``), and the head sees the RR
-    features both over the local mean RR (``rr``) and over the patient's normal RR
-    (``rr_patient``). A premature or odd-shaped beat stands out even in a patient whose
-    fine-tune minutes hold none like it. ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 3,)``, the
-    kept rr columns then rr_patient."""
-    beat = keras.Input(shape=(window, n_leads), name="beat")
-    template = keras.Input(shape=(window, n_leads), name="template")
-    rr = keras.Input(shape=(3,), name="rr")
-    rr_patient = keras.Input(shape=(3,), name="rr_patient")
-    x = _features(beat, mean, variance, dtype, template=template, dropout=dropout)
-    r = layers.Concatenate(name="rhythm")([_rr_input(rr, rr_keep), rr_patient])
+    inputs, r = {"beat": beat, "rr": rr}, _rr_input(rr, rr_keep)
+    if rr_long:
+        inputs["rr_long"] = keras.Input(shape=(2,), name="rr_long")
+        r = layers.Concatenate(name="rhythm")([r, inputs["rr_long"]])
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
     logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, logits, name="rr_cnn")
+
+
+def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
+                      rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
+                      rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False) -> keras.Model:
+    """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
+    the beat minus the patient's median normal beat (``template``), and the head sees the RR
+    features both over the local mean RR (``rr``) and over the patient's normal RR
+    (``rr_patient``). A premature or odd-shaped beat stands out even in a patient whose
+    fine-tune minutes hold none like it. ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 3 + 2 *
+    rr_long,)``, the kept rr columns, rr_patient, then rr_long."""
+    beat = keras.Input(shape=(window, n_leads), name="beat")
+    template = keras.Input(shape=(window, n_leads), name="template")
+    rr = keras.Input(shape=(3,), name="rr")
+    rr_patient = keras.Input(shape=(3,), name="rr_patient")
     inputs = {"beat": beat, "rr": rr, "template": template, "rr_patient": rr_patient}
+    x = _features(beat, mean, variance, dtype, template=template, dropout=dropout)
+    rhythm = [_rr_input(rr, rr_keep), rr_patient]
+    if rr_long:
+        inputs["rr_long"] = keras.Input(shape=(2,), name="rr_long")
+        rhythm.append(inputs["rr_long"])
+    r = layers.Concatenate(name="rhythm")(rhythm)
+    r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
+    x = layers.Concatenate(name="features", dtype=dtype)([x, r])
+    x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
+    logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name="patient_cnn")
 
 
 def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
                 train_rr: np.ndarray | None = None, dtype: str = "float32",
                 train_rr_patient: np.ndarray | None = None, rr_features: str = "all",
-                dropout: float = 0.0) -> keras.Model:
+                dropout: float = 0.0, train_rr_long: np.ndarray | None = None) -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
     ``(n, window, n_leads)`` (and, for ``rr_cnn`` and ``patient_cnn``, training RR features
-    ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``);
+    ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``; with
+    ``rr_features="long"`` also ``train_rr_long`` ``(n, 2)``);
     ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``);
-    ``rr_features`` which RR columns the rr models read (:data:`RR_COLUMNS`); ``dropout`` the rate
-    of the ``feature_dropout`` layer (none at 0)."""
+    ``rr_features`` which RR inputs the rr models read (:data:`RR_COLUMNS`, :data:`RR_LONG`);
+    ``dropout`` the rate of the ``feature_dropout`` layer (none at 0)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
     if rr_features not in RR_COLUMNS:
         raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
-    keep = RR_COLUMNS[rr_features]
+    keep, long = RR_COLUMNS[rr_features], rr_features in RR_LONG and name != "seed_cnn"
     mean, variance = lead_stats(train_x)
-    if train_rr is not None:
-        train_rr = train_rr[:, list(keep)]
-    if name == "patient_cnn":
-        if train_rr is None or train_rr_patient is None:
-            raise ValueError("model patient_cnn needs the training RR features rr and rr_patient, each (n, 3)")
-        rr_mean, rr_var = lead_stats(np.concatenate([train_rr, train_rr_patient], axis=1)[:, None, :])
-        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout)
-    if name == "rr_cnn":
-        if train_rr is None:
-            raise ValueError("model rr_cnn needs the training RR features (n, 3)")
-        rr_mean, rr_var = lead_stats(train_rr[:, None, :])
-        return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout)
-    return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout)
+    if name == "seed_cnn":
+        return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout)
+    if train_rr is None or (name == "patient_cnn" and train_rr_patient is None):
+        raise ValueError(f"model {name} needs the training RR features rr"
+                         f"{' and rr_patient' if name == 'patient_cnn' else ''}, each (n, 3)")
+    if long and train_rr_long is None:
+        raise ValueError(f"rr_features={rr_features!r} needs the training features rr_long (n, 2)")
+    rhythm = [train_rr[:, list(keep)]] + ([train_rr_patient] if name == "patient_cnn" else []) \
+        + ([train_rr_long] if long else [])
+    rr_mean, rr_var = lead_stats(np.concatenate(rhythm, axis=1)[:, None, :])
+    build = build_patient_cnn if name == "patient_cnn" else build_rr_cnn
+    return build(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long)
 
 
 def transfer_copy(base: keras.Model, layers_to_train: str = "head") -> keras.Model:

@@ -15,7 +15,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from ecg_mlflow.models import MODEL_INPUTS, MODELS, RR_COLUMNS, build_model, transfer_copy
+from ecg_mlflow.models import MODELS, RR_COLUMNS, build_model, transfer_copy
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "all")
@@ -41,7 +41,7 @@ class TrainConfig:
     precision: str = "auto"  # float32 | mixed (float16 compute, float32 weights and logits) | auto: mixed on a GPU
     finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
-    rr_features: str = "all"  # all | relative: rr models leave out the local mean RR in s (the heart rate)
+    rr_features: str = "all"  # all | relative: leave out the local mean RR in s (the heart rate) | long: add RR over ~5 min
     dropout: float = 0.5  # dropout rate on the flattened beat features while training (never on the RR features)
     # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
 
@@ -118,27 +118,29 @@ class BeatSource:
     x: ``(n, window, leads)`` float32 mV; y: ``(n,)`` class codes; rr: ``(n, 3)`` RR features or None;
     patient: None or ``(templates (n_records, window, leads), record_index (n,), rr_patient (n, 3))``
     as :meth:`ecg_mlflow.dataset.BeatDataset.patient_context` gives (a row's template is gathered
-    by its record, so no per-beat copy of the templates is made).
+    by its record, so no per-beat copy of the templates is made); rr_long: ``(n, 2)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None,
-                 patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
-        if len(x) != len(y) or (rr is not None and len(rr) != len(x)):
+                 patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 rr_long: np.ndarray | None = None):
+        if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in (rr, rr_long)):
             raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
-                             f"{None if rr is None else len(rr)}")
+                             f"{None if rr is None else len(rr)}, {None if rr_long is None else len(rr_long)}")
         if patient is not None:
             templates, record_index, rr_patient = patient
             if len(record_index) != len(x) or len(rr_patient) != len(x) or templates.shape[1:] != x.shape[1:]:
                 raise ValueError(f"patient context does not fit {x.shape} beats: templates {templates.shape}, "
                                  f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
         self.x_np, self.y_np, self.rr_np = x, np.asarray(y).astype(np.int32), rr
-        self.patient = patient
+        self.patient, self.rr_long_np = patient, rr_long
         self._tensors: dict[str, tf.Tensor] | None = None
 
     @classmethod
     def from_dataset(cls, ds) -> "BeatSource":
         """A source over a :class:`ecg_mlflow.dataset.BeatDataset`."""
-        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context())
+        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long())
 
     def __len__(self) -> int:
         return len(self.y_np)
@@ -148,6 +150,8 @@ class BeatSource:
             self._tensors = {"beat": tf.constant(self.x_np), "y": tf.constant(self.y_np)}
             if self.rr_np is not None:
                 self._tensors["rr"] = tf.constant(self.rr_np)
+            if self.rr_long_np is not None:
+                self._tensors["rr_long"] = tf.constant(self.rr_long_np)
             if self.patient is not None:
                 templates, record_index, rr_patient = self.patient
                 self._tensors.update(templates=tf.constant(templates), record_index=tf.constant(record_index),
@@ -159,6 +163,8 @@ class BeatSource:
             return self.x_np[idx]
         if name == "rr":
             return None if self.rr_np is None else self.rr_np[idx]
+        if name == "rr_long":
+            return None if self.rr_long_np is None else self.rr_long_np[idx]
         if name in ("template", "rr_patient") and self.patient is not None:
             templates, record_index, rr_patient = self.patient
             return templates[record_index[idx]] if name == "template" else rr_patient[idx]
@@ -286,12 +292,12 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need training beats, got none")
-    names = MODEL_INPUTS[cfg.model]
     seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
-                        dropout=cfg.dropout)
+                        dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx))
+    names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
     hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0,
                      shuffle=False,

@@ -12,7 +12,7 @@ import wfdb
 import wfdb.io.download
 
 from ecg_mlflow import dataset as dataset_mod
-from ecg_mlflow.beats import RR_LOCAL_BEATS, extract_beats, rr_intervals
+from ecg_mlflow.beats import RR_LOCAL_BEATS, extract_beats, rr_average, rr_intervals
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
 )
@@ -103,6 +103,26 @@ def test_rr_intervals_match_a_direct_computation():
     for n in (0, 1):
         out = rr_intervals(sample[:n], 360.0)
         assert [len(a) for a in out] == [n, n, n]
+
+
+def test_rr_average_looks_back_within_its_own_record_in_any_row_order():
+    rng = np.random.default_rng(1)
+    record = np.array(["100"] * 12 + ["101"] * 8, dtype=object)
+    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 12)), np.cumsum(rng.integers(200, 400, 8))])
+    rr_prev = rng.uniform(0.5, 1.5, 20)
+    rr_prev[[0, 12, 5]] = np.nan  # each record's first beat, and a gap inside record 100
+    order = rng.permutation(20)  # rows shuffled: the result follows each row, not its position
+    got = rr_average(record[order], sample[order], rr_prev[order], beats=4)[np.argsort(order)]
+    for start, stop in ((0, 12), (12, 20)):
+        for i in range(start, stop):
+            window = rr_prev[max(start, i - 3):i + 1]
+            window = window[np.isfinite(window)]
+            assert np.isnan(got[i]) if len(window) == 0 else got[i] == pytest.approx(window.mean())
+    assert np.isnan(got[12])  # never the last beats of record 100
+    with pytest.raises(ValueError, match="beats"):
+        rr_average(record, sample, rr_prev, beats=0)
+    with pytest.raises(ValueError, match="length"):
+        rr_average(record, sample[:5], rr_prev)
 
 
 # ---------------------------------------------------------------- labels

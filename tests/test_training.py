@@ -172,6 +172,29 @@ def test_rr_model_reads_rhythm_features():
         train_base(x, y, 3, cfg)  # plain arrays carry no RR features
 
 
+def test_long_rr_features_are_an_extra_input_the_model_reads():
+    # Two classes that differ only in the RR over the last minutes (rr_long): beats and rr alike.
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 600)
+    x = rng.normal(0, 0.05, (600, WINDOW, 2)).astype(np.float32)
+    rr = np.ones((600, 3), np.float32)
+    rr_long = np.stack([1 - 0.4 * y, np.ones(600)], axis=1).astype(np.float32) + rng.normal(0, 0.03, (600, 2)).astype(np.float32)
+    src = BeatSource(x, y, rr, rr_long=rr_long)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "rr_features": "long"})
+    model, _ = train_base(src, np.arange(500), 2, cfg)
+    assert set(model.input) == {"beat", "rr", "rr_long"}
+    assert (predict_classes(model, src, np.arange(500, 600)) == y[500:]).mean() > 0.9
+    tuned, _ = fine_tune(model, src, np.arange(500, 550), cfg)
+    assert set(tuned.input) == {"beat", "rr", "rr_long"}
+    plain, _ = train_base(src, np.arange(500), 2, TrainConfig(**{**cfg.__dict__, "rr_features": "all"}))
+    assert set(plain.input) == {"beat", "rr"}
+    assert (predict_classes(plain, src, np.arange(500, 600)) == y[500:]).mean() < 0.75
+    with pytest.raises(ValueError, match="rr_long"):
+        train_base(BeatSource(x, y, rr), np.arange(500), 2, cfg)
+    with pytest.raises(ValueError, match="rr_long"):
+        predict_classes(model, BeatSource(x, y, rr), np.arange(10))
+
+
 def test_replay_rows_come_only_from_training_rows_capped_per_class():
     labels = np.array([0] * 50 + [1] * 5 + [2] * 30 + [0] * 20 + [2] * 20)  # rows 105+ are the patient's
     train_idx = np.arange(105)
