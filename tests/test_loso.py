@@ -3,7 +3,6 @@ left in the store and the registry is read back and checked against the data."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from ecg_mlflow.dataset import load

@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import mlflow
 from mlflow import MlflowClient
 
 from ecg_mlflow.dataset import PrepareConfig, prepare
