@@ -19,7 +19,7 @@ from ecg_mlflow.labels import BEAT_SYMBOLS
 from ecg_mlflow.records import Record
 
 RR_LOCAL_BEATS = 10  # local mean RR over this many preceding intervals
-RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 average one RR over ±5 min)
+RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 take ±5 min; ours looks back only)
 
 
 @dataclass
