@@ -19,6 +19,7 @@ from ecg_mlflow.labels import BEAT_SYMBOLS
 from ecg_mlflow.records import Record
 
 RR_LOCAL_BEATS = 10  # local mean RR over this many preceding intervals
+RECENT_BEATS = 20  # a beat is compared with the median of this many beats before it
 RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 take ±5 min; ours looks back only)
 
 
@@ -100,6 +101,34 @@ def rr_average(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
         lo = np.maximum(0, k + 1 - beats)
         n = count[k + 1] - count[lo]
         out[rows] = np.where(n > 0, (total[k + 1] - total[lo]) / np.maximum(n, 1), np.nan)
+    return out
+
+
+def recent_median(record: np.ndarray, sample: np.ndarray, x: np.ndarray, beats: int = RECENT_BEATS,
+                  chunk: int = 512) -> np.ndarray:
+    """Sample-wise median of the windows of the (up to) ``beats`` beats before each beat in the same
+    record, float32 ``(n, window, leads)``; ``x``: ``(n, window, leads)``, ``record``/``sample``:
+    ``(n,)``, rows in any order. Labels are not read (a test beat's neighbours have none), so
+    ectopic neighbours count too; the median keeps a few of them from moving it. The first beat of
+    a record has no beat before it and gets its own window. It never looks ahead, nor into another
+    record."""
+    if not len(record) == len(sample) == len(x):
+        raise ValueError(f"record, sample and x differ in length: {len(record)}, {len(sample)}, {len(x)}")
+    if isinstance(beats, bool) or not isinstance(beats, (int, np.integer)) or beats < 1:
+        raise ValueError(f"beats must be a whole number >= 1, got {beats!r}")
+    out = np.empty(x.shape, dtype=np.float32)
+    for r in np.unique(record):
+        rows = np.flatnonzero(record == r)
+        rows = rows[np.argsort(sample[rows], kind="stable")]
+        xr = x[rows]
+        out[rows[0]] = xr[0]
+        for i in range(1, min(beats, len(rows))):  # fewer than `beats` before these
+            out[rows[i]] = np.median(xr[:i], axis=0)
+        # Beat i (i >= beats) reads beats i - beats .. i - 1: window j of the view ends at beat j + beats - 1.
+        for i0 in range(beats, len(rows), chunk):
+            i1 = min(len(rows), i0 + chunk)
+            view = np.lib.stride_tricks.sliding_window_view(xr[i0 - beats:i1 - 1], beats, axis=0)
+            out[rows[i0:i1]] = np.median(view, axis=-1)
     return out
 
 

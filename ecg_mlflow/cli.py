@@ -102,6 +102,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "long: all, plus previous and local RR over the average RR of about five minutes")
     p.add_argument("--dropout", type=number("dropout"), default=d.dropout,
                    help="dropout rate on the flattened beat features while training (0 = none)")
+    p.add_argument("--finetune-blend", type=number("finetune_blend"), default=d.finetune_blend,
+                   help="transfer weights = blend x fine-tuned + (1 - blend) x base weights (1 = fine-tuned only)")
+    p.add_argument("--ensemble", type=whole_number("ensemble"), default=d.ensemble,
+                   help="base models per fold (seeds seed, seed + 1, ...), each fine-tuned; their logits averaged")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -121,7 +125,8 @@ def train_config(a: argparse.Namespace):
                        class_weight=a.class_weight, jit_compile=a.jit_compile,
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
                        finetune_replay=a.finetune_replay, rr_features=a.rr_features.strip().lower(),
-                       dropout=a.dropout)
+                       dropout=a.dropout, ensemble=a.ensemble,
+                       finetune_blend=a.finetune_blend)
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -157,6 +157,13 @@ class BeatDataset:
         feats[~np.isfinite(feats)] = 1.0
         return feats.astype(np.float32)
 
+    def recent_template(self) -> np.ndarray:
+        """Each beat's recent neighbours, float32 ``(n, window, leads)``: the sample-wise median of the
+        windows of the 20 beats before it in its record (:func:`ecg_mlflow.beats.recent_median`).
+        Unlike :meth:`patient_context` it follows the record as it drifts, and reads no labels.
+        About 10 s for the 44 records here, so sources compute it only for models that read it."""
+        return beats_mod.recent_median(self.record, self.sample, self.x)
+
     def patient_context(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each record's own normal beat and rhythm, from the labelled beats of its fine-tune
         minutes only (never its test part), so a model can read a beat against its patient.

@@ -22,8 +22,10 @@ HEAD_LAYERS: tuple[str, ...] = ("head_dense", "logits")
 # RR over the patient's normal RR, both from the patient's fine-tune minutes
 # (BeatDataset.patient_context). With rr_features="long" the rr models also read "rr_long"
 # ``(2,)``: previous and local-mean RR over the average RR of about five minutes (BeatDataset.rr_long).
+# "recent" ``(window, leads)`` mV: the median of the 20 beats before (BeatDataset.recent_template).
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "seed_cnn": ("beat",), "rr_cnn": ("beat", "rr"), "patient_cnn": ("beat", "rr", "template", "rr_patient"),
+    "recent_cnn": ("beat", "rr", "recent"),
 }
 MODELS: tuple[str, ...] = tuple(MODEL_INPUTS)
 
@@ -88,15 +90,22 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                  rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                 rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False) -> keras.Model:
+                 rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False,
+                 recent: bool = False) -> keras.Model:
     """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
     input, and with ``rr_long`` the ``(2,)`` input ``rr_long``) join the flattened beat features
     before the head, so premature beats (short previous RR) are visible to the classifier.
-    ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 2 * rr_long,)``, the kept rr columns then rr_long."""
+    ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 2 * rr_long,)``, the kept rr columns then rr_long.
+    With ``recent`` (model ``recent_cnn``) the convolutions also see the beat minus the median of
+    the beats just before it (input ``recent``): a beat that differs from its neighbours stands
+    out, while a record whose beats slowly change shape keeps its normal beats normal."""
     beat = keras.Input(shape=(window, n_leads), name="beat")
     rr = keras.Input(shape=(3,), name="rr")
-    x = _features(beat, mean, variance, dtype, dropout=dropout)
-    inputs, r = {"beat": beat, "rr": rr}, _rr_input(rr, rr_keep)
+    inputs = {"beat": beat, "rr": rr}
+    if recent:
+        inputs["recent"] = keras.Input(shape=(window, n_leads), name="recent")
+    x = _features(beat, mean, variance, dtype, template=inputs.get("recent"), dropout=dropout)
+    r = _rr_input(rr, rr_keep)
     if rr_long:
         inputs["rr_long"] = keras.Input(shape=(2,), name="rr_long")
         r = layers.Concatenate(name="rhythm")([r, inputs["rr_long"]])
@@ -104,7 +113,7 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
     logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
-    return keras.Model(inputs, logits, name="rr_cnn")
+    return keras.Model(inputs, logits, name="recent_cnn" if recent else "rr_cnn")
 
 
 def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
@@ -161,8 +170,49 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
     rhythm = [train_rr[:, list(keep)]] + ([train_rr_patient] if name == "patient_cnn" else []) \
         + ([train_rr_long] if long else [])
     rr_mean, rr_var = lead_stats(np.concatenate(rhythm, axis=1)[:, None, :])
-    build = build_patient_cnn if name == "patient_cnn" else build_rr_cnn
-    return build(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long)
+    if name == "patient_cnn":
+        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long)
+    return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long,
+                        recent=name == "recent_cnn")
+
+
+ENSEMBLE_NAME = "ensemble"
+
+
+def build_ensemble(members: list[keras.Model]) -> keras.Model:
+    """One model from ``members`` (each trained on its own, same inputs): the mean of their logits.
+
+    Averaging logits (not probabilities) needs no custom layer, so the saved model loads and
+    serves as any other; ``softmax`` of the mean is the normalised geometric mean of the members'
+    probabilities. One member is returned as it is, so ``ensemble=1`` is the single model."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member model, got none")
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+    names = tuple(first.input.keys()) if isinstance(first.input, dict) else None
+    for m in members[1:]:
+        other = tuple(m.input.keys()) if isinstance(m.input, dict) else None
+        if other != names:
+            raise ValueError(f"ensemble members read different inputs: {names or ('beat',)} and {other or ('beat',)}")
+    # Each member under its own name ("member1", ...), so the saved ensemble keeps them apart.
+    renamed = [keras.Model(m.input, m.output, name=f"member{i}") for i, m in enumerate(members, start=1)]
+    if names is None:
+        inputs = keras.Input(shape=first.input.shape[1:], name="beat")
+        outs = [m(inputs) for m in renamed]
+    else:
+        inputs = {n: keras.Input(shape=first.input[n].shape[1:], name=n) for n in names}
+        outs = [m(inputs) for m in renamed]
+    logits = layers.Average(name="mean_logits", dtype="float32")(outs)
+    return keras.Model(inputs, logits, name=ENSEMBLE_NAME)
+
+
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The member models of an ensemble built by :func:`build_ensemble` (also after save and load),
+    or ``[model]`` for a single model."""
+    if model.name != ENSEMBLE_NAME:
+        return [model]
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
 def transfer_copy(base: keras.Model, layers_to_train: str = "head") -> keras.Model:

@@ -15,7 +15,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from ecg_mlflow.models import MODELS, RR_COLUMNS, build_model, transfer_copy
+from ecg_mlflow.models import MODELS, RR_COLUMNS, build_ensemble, build_model, ensemble_members, transfer_copy
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "all")
@@ -44,6 +44,8 @@ class TrainConfig:
     rr_features: str = "all"  # all | relative: leave out the local mean RR in s (the heart rate) | long: add RR over ~5 min
     dropout: float = 0.5  # dropout rate on the flattened beat features while training (never on the RR features)
     # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
+    finetune_blend: float = 1.0  # transfer weights = blend * fine-tuned + (1 - blend) * base (1: fine-tuned only)
+    ensemble: int = 1  # base models trained with seeds seed, seed + 1, ...; each fine-tuned; their logits averaged
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -57,6 +59,7 @@ class TrainConfig:
         whole("finetune_batch_size", 1)
         whole("seed", 0)
         whole("finetune_replay", 0)
+        whole("ensemble", 1)
         for name in ("learning_rate", "finetune_learning_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < 10:
@@ -73,6 +76,9 @@ class TrainConfig:
             raise ValueError(f"rr_features must be one of {list(RR_FEATURES)}, got {self.rr_features!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if isinstance(self.finetune_blend, bool) or not isinstance(self.finetune_blend, (int, float)) \
+                or not 0 < self.finetune_blend <= 1:
+            raise ValueError(f"finetune_blend must be a number in (0, 1], got {self.finetune_blend!r}")
         if not isinstance(self.jit_compile, bool):
             raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
@@ -83,7 +89,7 @@ class TrainConfig:
 
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
-                                    "finetune_layers", "finetune_replay")
+                                    "finetune_layers", "finetune_replay", "finetune_blend")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -119,12 +125,15 @@ class BeatSource:
     patient: None or ``(templates (n_records, window, leads), record_index (n,), rr_patient (n, 3))``
     as :meth:`ecg_mlflow.dataset.BeatDataset.patient_context` gives (a row's template is gathered
     by its record, so no per-beat copy of the templates is made); rr_long: ``(n, 2)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None.
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None; recent: ``(n, window, leads)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`), a function that makes it on first
+    use (only models that read ``recent`` pay for it), or None.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None,
                  patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                 rr_long: np.ndarray | None = None):
+                 rr_long: np.ndarray | None = None,
+                 recent: np.ndarray | Callable[[], np.ndarray] | None = None):
         if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in (rr, rr_long)):
             raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
                              f"{None if rr is None else len(rr)}, {None if rr_long is None else len(rr_long)}")
@@ -135,12 +144,21 @@ class BeatSource:
                                  f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
         self.x_np, self.y_np, self.rr_np = x, np.asarray(y).astype(np.int32), rr
         self.patient, self.rr_long_np = patient, rr_long
+        self._recent = recent
         self._tensors: dict[str, tf.Tensor] | None = None
+
+    def _recent_np(self) -> np.ndarray | None:
+        if callable(self._recent):
+            made = np.asarray(self._recent(), dtype=np.float32)
+            if made.shape != self.x_np.shape:
+                raise ValueError(f"recent templates {made.shape} do not fit {self.x_np.shape} beats")
+            self._recent = made
+        return self._recent
 
     @classmethod
     def from_dataset(cls, ds) -> "BeatSource":
         """A source over a :class:`ecg_mlflow.dataset.BeatDataset`."""
-        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long())
+        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(), ds.recent_template)
 
     def __len__(self) -> int:
         return len(self.y_np)
@@ -165,6 +183,9 @@ class BeatSource:
             return None if self.rr_np is None else self.rr_np[idx]
         if name == "rr_long":
             return None if self.rr_long_np is None else self.rr_long_np[idx]
+        if name == "recent":
+            recent = self._recent_np()
+            return None if recent is None else recent[idx]
         if name in ("template", "rr_patient") and self.patient is not None:
             templates, record_index, rr_patient = self.patient
             return templates[record_index[idx]] if name == "template" else rr_patient[idx]
@@ -185,6 +206,8 @@ class BeatSource:
                 shuffle: bool = True) -> tf.data.Dataset:
         """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``."""
         t = self._t()
+        if "recent" in names and "recent" not in t and self._recent_np() is not None:
+            t["recent"] = tf.constant(self._recent_np())
         missing = [n for n in names if n not in t and not (n == "template" and "templates" in t)]
         if missing:
             raise ValueError(f"this beat source has no {missing} input")
@@ -283,23 +306,45 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> Non
 
 def train_base(x, y, n_classes: int, cfg: TrainConfig,
                on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Train a base model from scratch.
+    """Train a base model from scratch; with ``cfg.ensemble = k > 1``, ``k`` of them, with seeds
+    ``seed`` to ``seed + k - 1``, joined by :func:`ecg_mlflow.models.build_ensemble`.
 
     ``(x, y)`` is either a :class:`BeatSource` and the training row indices ``(n,)``, or beats
     ``(n, window, leads)`` and labels ``(n,)``. Returns the model and its history (``loss``,
-    ``accuracy`` per epoch).
+    ``accuracy`` per epoch; member ``i >= 2`` of an ensemble as ``member<i>_loss`` ...).
     """
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need training beats, got none")
-    seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
+    members, history = [], {}
+    for i in range(cfg.ensemble):
+        model, hist = _train_one(source, idx, n_classes, cfg, cfg.seed + i, _member_hook(on_epoch, i))
+        members.append(model)
+        history |= {f"{_member_prefix(i)}{k}": v for k, v in hist.items()}
+    return build_ensemble(members), history
+
+
+def _member_prefix(i: int) -> str:
+    # The first member's metrics keep their plain names: an ensemble of one is the single model.
+    return "" if i == 0 else f"member{i + 1}_"
+
+
+def _member_hook(on_epoch: EpochCallback | None, i: int) -> EpochCallback | None:
+    if on_epoch is None or i == 0:
+        return on_epoch
+    return lambda epoch, logs: on_epoch(epoch, {f"{_member_prefix(i)}{k}": v for k, v in logs.items()})
+
+
+def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: TrainConfig, seed: int,
+               on_epoch: EpochCallback | None) -> tuple[keras.Model, dict[str, list[float]]]:
+    seed_everything(seed, deterministic_ops=not cfg.jit_compile)
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
                         dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx))
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
-    hist = model.fit(source.dataset(idx, cfg.batch_size, cfg.seed, names), epochs=cfg.epochs, verbose=0,
+    hist = model.fit(source.dataset(idx, cfg.batch_size, seed, names), epochs=cfg.epochs, verbose=0,
                      shuffle=False,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "")])
@@ -310,21 +355,46 @@ def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
               on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     """Copy ``base``, freeze all but its head (``finetune_layers=head``; ``all`` trains every
     layer), re-train on the fine-tune beats (``(x, y)`` as in :func:`train_base`). ``base`` itself
-    is left unchanged. Returns the transfer model and its history (``finetune_loss``,
-    ``finetune_accuracy`` per epoch)."""
+    is left unchanged. An ensemble's members are fine-tuned one by one (member ``i`` with seed
+    ``seed + i - 1``) and joined again. Returns the transfer model and its history
+    (``finetune_loss``, ``finetune_accuracy`` per epoch; later members as ``member<i>_finetune_loss`` ...)."""
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need fine-tune beats, got none")
+    members, history = [], {}
+    for i, member in enumerate(ensemble_members(base)):
+        model, hist = _fine_tune_one(member, source, idx, cfg, cfg.seed + i, _member_hook(on_epoch, i))
+        members.append(model)
+        history |= {f"{_member_prefix(i)}{k}": v for k, v in hist.items()}
+    return build_ensemble(members), history
+
+
+def _fine_tune_one(base: keras.Model, source: "BeatSource", idx: np.ndarray, cfg: TrainConfig, seed: int,
+                   on_epoch: EpochCallback | None) -> tuple[keras.Model, dict[str, list[float]]]:
     names = model_input_names(base)
-    seed_everything(cfg.seed, deterministic_ops=not cfg.jit_compile)
+    seed_everything(seed, deterministic_ops=not cfg.jit_compile)
     model = transfer_copy(base, cfg.finetune_layers)
     _compile(model, cfg.finetune_learning_rate, cfg.jit_compile)
     n_classes = int(model.output.shape[-1])
-    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, cfg.seed, names), epochs=cfg.finetune_epochs,
+    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, seed, names), epochs=cfg.finetune_epochs,
                      shuffle=False, verbose=0,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "finetune_")])
+    if cfg.finetune_blend < 1:
+        blend_weights(model, base, cfg.finetune_blend)
     return model, {f"finetune_{k}": [float(v) for v in vs] for k, vs in hist.history.items()}
+
+
+def blend_weights(tuned: keras.Model, base: keras.Model, blend: float) -> None:
+    """Set every trainable weight of ``tuned`` (a :func:`transfer_copy` of ``base``, re-trained) to
+    ``blend * tuned + (1 - blend) * base``, in place: the weight-space ensembling of fine-tuned and
+    original weights (Wortsman et al. 2022, "WiSE-FT"), which keeps the patient's gains while the
+    head strays less from what every other subject taught it. Frozen weights are equal anyway."""
+    for layer in tuned.layers:
+        if layer.trainable and layer.weights:
+            mixed = [blend * t + (1 - blend) * b
+                     for t, b in zip(layer.get_weights(), base.get_layer(layer.name).get_weights())]
+            layer.set_weights(mixed)
 
 
 def model_input_names(model: keras.Model) -> tuple[str, ...]:

@@ -247,3 +247,27 @@ def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tmp_path, mitd
     proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-101@newest", "patient": "100"}, env)
     assert proc.returncode != 0
     assert "ecg-base-101" in proc.stderr and "subject 100" in proc.stderr
+
+
+@pytest.mark.parametrize("entry", ["train_base", "transfer", "loso"])
+def test_every_training_option_is_an_entry_point_parameter_with_its_default(entry):
+    # A TrainConfig field missing from MLproject could not be set by `mlflow run`, and a stale
+    # default there would silently differ from the package's.
+    import dataclasses
+
+    import yaml
+
+    from ecg_mlflow.training import TrainConfig
+
+    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
+    for f in dataclasses.fields(TrainConfig):
+        param = spec["parameters"].get(f.name)
+        assert param is not None, f"MLproject {entry} has no parameter {f.name}"
+        default = f.default
+        if isinstance(default, bool):
+            assert str(param["default"]).lower() == str(default).lower(), f.name
+        elif isinstance(default, (int, float)):
+            assert float(param["default"]) == default, f.name
+        else:
+            assert param["default"] == default, f.name
+        assert f"--{f.name.replace('_', '-')} {{{f.name}}}" in spec["command"], f"{entry} does not pass {f.name}"

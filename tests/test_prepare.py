@@ -12,7 +12,7 @@ import wfdb
 import wfdb.io.download
 
 from ecg_mlflow import dataset as dataset_mod
-from ecg_mlflow.beats import RR_LOCAL_BEATS, extract_beats, rr_average, rr_intervals
+from ecg_mlflow.beats import RR_LOCAL_BEATS, extract_beats, recent_median, rr_average, rr_intervals
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
 )
@@ -123,6 +123,25 @@ def test_rr_average_looks_back_within_its_own_record_in_any_row_order():
         rr_average(record, sample, rr_prev, beats=0)
     with pytest.raises(ValueError, match="length"):
         rr_average(record, sample[:5], rr_prev)
+
+
+def test_recent_median_is_the_median_of_the_beats_before_within_the_record_in_any_row_order():
+    rng = np.random.default_rng(2)
+    record = np.array(["100"] * 40 + ["101"] * 25, dtype=object)
+    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 40)), np.cumsum(rng.integers(200, 400, 25))])
+    x = rng.normal(size=(65, 6, 2)).astype(np.float32)
+    order = rng.permutation(65)
+    # chunk=4 makes the chunked path cross chunk borders many times.
+    got = recent_median(record[order], sample[order], x[order], beats=7, chunk=4)[np.argsort(order)]
+    for start, stop in ((0, 40), (40, 65)):
+        assert np.array_equal(got[start], x[start])  # nothing before the first beat: its own window
+        for i in range(start + 1, stop):
+            np.testing.assert_allclose(got[i], np.median(x[max(start, i - 7):i], axis=0), rtol=1e-6)
+    assert got.dtype == np.float32
+    with pytest.raises(ValueError, match="beats"):
+        recent_median(record, sample, x, beats=0)
+    with pytest.raises(ValueError, match="length"):
+        recent_median(record, sample[:5], x)
 
 
 # ---------------------------------------------------------------- labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_mlflow.models import HEAD_LAYERS, build_model, lead_stats, transfer_copy
+from ecg_mlflow.models import HEAD_LAYERS, build_model, ensemble_members, lead_stats, transfer_copy
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, fine_tune, predict_classes,
                                  replay_rows, train_base)
 
@@ -195,6 +195,91 @@ def test_long_rr_features_are_an_extra_input_the_model_reads():
         predict_classes(model, BeatSource(x, y, rr), np.arange(10))
 
 
+def test_ensemble_members_are_the_single_models_of_their_seeds_and_the_logits_their_mean(tmp_path):
+    import keras
+
+    x, y, rr = toy_beats()
+    src, idx = BeatSource(x, y, rr), np.arange(400)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "ensemble": 2})
+    model, hist = train_base(src, idx, 3, cfg)
+    assert set(model.input) == {"beat", "rr"} and hist["loss"] != hist["member2_loss"]
+    members = ensemble_members(model)
+    assert [m.name for m in members] == ["member1", "member2"]
+    for member, seed in zip(members, (cfg.seed, cfg.seed + 1)):
+        single, _ = train_base(src, idx, 3, TrainConfig(**{**cfg.__dict__, "ensemble": 1, "seed": seed}))
+        for a, b in zip(member.get_weights(), single.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    inputs = src.inputs(np.arange(400, 600), ("beat", "rr"))
+    logits = [m.predict(inputs, verbose=0) for m in members]
+    assert not np.allclose(logits[0], logits[1])
+    np.testing.assert_allclose(model.predict(inputs, verbose=0), (logits[0] + logits[1]) / 2, rtol=1e-5, atol=1e-5)
+
+    # Fine-tuning re-trains each member's head on its own; the base ensemble is left as it was.
+    before = [w.copy() for w in model.get_weights()]
+    tuned, ft_hist = fine_tune(model, src, np.arange(400, 500), cfg)
+    assert {"finetune_loss", "member2_finetune_loss"} <= set(ft_hist)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for base_m, tuned_m in zip(members, ensemble_members(tuned)):
+        assert not np.array_equal(base_m.get_layer("logits").get_weights()[0], tuned_m.get_layer("logits").get_weights()[0])
+        np.testing.assert_array_equal(base_m.get_layer("conv1").get_weights()[0], tuned_m.get_layer("conv1").get_weights()[0])
+
+    # The saved ensemble loads as one model with the same predictions, and fine-tunes again.
+    tuned.save(tmp_path / "ensemble.keras")
+    loaded = keras.models.load_model(tmp_path / "ensemble.keras")
+    np.testing.assert_allclose(loaded.predict(inputs, verbose=0), tuned.predict(inputs, verbose=0), rtol=1e-6)
+    assert len(ensemble_members(loaded)) == 2
+    again, _ = fine_tune(loaded, src, np.arange(400, 450), cfg)
+    assert predict_classes(again, src, np.arange(500, 600)).shape == (100,)
+
+    # One member is the plain model, as before the option existed.
+    single, _ = train_base(src, idx, 3, TrainConfig(**{**cfg.__dict__, "ensemble": 1}))
+    assert single.name == "rr_cnn" and ensemble_members(single) == [single]
+
+
+def test_finetune_blend_moves_the_head_part_way_from_the_base_to_the_fine_tuned_weights():
+    x, y, _ = toy_beats()
+    base, _ = train_base(x[:300], y[:300], 3, FAST)
+    full, _ = fine_tune(base, x[300:400], y[300:400], FAST)
+    half, _ = fine_tune(base, x[300:400], y[300:400], TrainConfig(**{**FAST.__dict__, "finetune_blend": 0.25}))
+    for name in HEAD_LAYERS:
+        for b, f, h in zip(base.get_layer(name).get_weights(), full.get_layer(name).get_weights(),
+                           half.get_layer(name).get_weights()):
+            assert not np.allclose(b, f)
+            np.testing.assert_allclose(h, 0.25 * f + 0.75 * b, rtol=1e-5, atol=1e-6)
+    for b, h in zip(base.get_layer("conv1").get_weights(), half.get_layer("conv1").get_weights()):
+        np.testing.assert_array_equal(b, h)  # frozen layers stay the base model's
+
+
+def test_recent_cnn_reads_each_beat_against_the_beats_before_it():
+    # Two classes alike in rhythm whose beats differ from their own neighbours in opposite ways, on
+    # a baseline that wanders between beats: only the beat minus its neighbours sets them apart.
+    rng = np.random.default_rng(3)
+    n = 800
+    y = rng.integers(0, 2, n)
+    drift = rng.normal(0, 1.0, (n, 1, 2)).astype(np.float32)
+    recent = drift + rng.normal(0, 0.02, (n, WINDOW, 2)).astype(np.float32)
+    recent[:, 10:14, 0] += rng.normal(0, 1.0, (n, 1)).astype(np.float32)  # the record's own shape, shared
+    x = recent + rng.normal(0, 0.02, (n, WINDOW, 2)).astype(np.float32)
+    x[:, 10:14, 0] += np.where(y == 1, 0.5, -0.5)[:, None]  # alone, the beat is ambiguous
+    rr = np.ones((n, 3), np.float32)
+    made = []
+    src = BeatSource(x, y, rr, recent=lambda: made.append(1) or recent)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn"})
+    plain, _ = train_base(src, np.arange(600), 2, cfg)
+    assert made == []  # models that do not read it never make it
+    model, _ = train_base(src, np.arange(600), 2, TrainConfig(**{**cfg.__dict__, "model": "recent_cnn"}))
+    assert set(model.input) == {"beat", "rr", "recent"} and made == [1]
+    assert "minus_template" in [layer.name for layer in model.layers]
+    test = np.arange(600, n)
+    assert (predict_classes(model, src, test) == y[test]).mean() > 0.9
+    assert (predict_classes(plain, src, test) == y[test]).mean() < 0.8
+    tuned, _ = fine_tune(model, src, np.arange(600, 650), TrainConfig(**{**cfg.__dict__, "model": "recent_cnn"}))
+    assert set(tuned.input) == {"beat", "rr", "recent"}
+    with pytest.raises(ValueError, match="recent"):
+        train_base(BeatSource(x, y, rr), np.arange(600), 2, TrainConfig(**{**cfg.__dict__, "model": "recent_cnn"}))
+
+
 def test_replay_rows_come_only_from_training_rows_capped_per_class():
     labels = np.array([0] * 50 + [1] * 5 + [2] * 30 + [0] * 20 + [2] * 20)  # rows 105+ are the patient's
     train_idx = np.arange(105)
@@ -242,7 +327,8 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("jit_compile", "yes", "jit_compile"), ("finetune_epochs", True, "finetune_epochs"),
     ("finetune_layers", "conv", "finetune_layers"), ("precision", "bf16", "precision"),
     ("finetune_replay", -1, "finetune_replay"), ("rr_features", "heart", "rr_features"),
-    ("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"),
+    ("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"), ("ensemble", 0, "ensemble"), ("ensemble", 1.5, "ensemble"),
+    ("finetune_blend", 0, "finetune_blend"), ("finetune_blend", 1.5, "finetune_blend"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
