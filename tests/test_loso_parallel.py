@@ -394,7 +394,9 @@ def test_base_run_id_refuses_other_base_training_before_work(change, culprit, se
 def test_fold_rides_out_a_tracking_server_restart(tmp_path, mitdb_dir, cache_root):
     from ecg_mlflow.server import free_port, start_server
 
-    epochs, ft_epochs = 3, 4
+    # Enough base epochs (a fraction of a second each on these records) that some are still to be
+    # logged during the restart's seconds, whichever of them the server stops after.
+    epochs, ft_epochs = 20, 4
     db = tmp_path / "mlflow.db"
     port = free_port()
     store = dict(port=port, backend_store_uri=f"sqlite:///{db}", artifacts_destination=str(tmp_path / "art"),
