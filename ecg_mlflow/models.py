@@ -197,13 +197,9 @@ def build_ensemble(members: list[keras.Model]) -> keras.Model:
             raise ValueError(f"ensemble members read different inputs: {names or ('beat',)} and {other or ('beat',)}")
     # Each member under its own name ("member1", ...), so the saved ensemble keeps them apart.
     renamed = [keras.Model(m.input, m.output, name=f"member{i}") for i, m in enumerate(members, start=1)]
-    if names is None:
-        inputs = keras.Input(shape=first.input.shape[1:], name="beat")
-        outs = [m(inputs) for m in renamed]
-    else:
-        inputs = {n: keras.Input(shape=first.input[n].shape[1:], name=n) for n in names}
-        outs = [m(inputs) for m in renamed]
-    logits = layers.Average(name="mean_logits", dtype="float32")(outs)
+    inputs = (keras.Input(shape=first.input.shape[1:], name="beat") if names is None
+              else {n: keras.Input(shape=first.input[n].shape[1:], name=n) for n in names})
+    logits = layers.Average(name="mean_logits", dtype="float32")([m(inputs) for m in renamed])
     return keras.Model(inputs, logits, name=ENSEMBLE_NAME)
 
 

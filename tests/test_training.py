@@ -236,6 +236,11 @@ def test_ensemble_members_are_the_single_models_of_their_seeds_and_the_logits_th
     single, _ = train_base(src, idx, 3, TrainConfig(**{**cfg.__dict__, "ensemble": 1}))
     assert single.name == "rr_cnn" and ensemble_members(single) == [single]
 
+    # A model with one plain input (seed_cnn) makes an ensemble of plain input too.
+    seeds, _ = train_base(x[:300], y[:300], 3, TrainConfig(**{**FAST.__dict__, "ensemble": 2, "epochs": 1}))
+    assert seeds.name == "ensemble" and not isinstance(seeds.input, dict)
+    assert (predict_classes(seeds, x[300:400]) == y[300:400]).mean() > 0.5
+
 
 def test_finetune_blend_moves_the_head_part_way_from_the_base_to_the_fine_tuned_weights():
     x, y, _ = toy_beats()
