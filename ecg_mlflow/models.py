@@ -179,6 +179,11 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
 ENSEMBLE_NAME = "ensemble"
 
 
+def model_input_names(model: keras.Model) -> tuple[str, ...]:
+    """The inputs a model reads, in :data:`MODEL_INPUTS` terms."""
+    return tuple(model.input.keys()) if isinstance(model.input, dict) else ("beat",)
+
+
 def build_ensemble(members: list[keras.Model]) -> keras.Model:
     """One model from ``members`` (each trained on its own, same inputs): the mean of their logits.
 
@@ -190,15 +195,14 @@ def build_ensemble(members: list[keras.Model]) -> keras.Model:
     if len(members) == 1:
         return members[0]
     first = members[0]
-    names = tuple(first.input.keys()) if isinstance(first.input, dict) else None
     for m in members[1:]:
-        other = tuple(m.input.keys()) if isinstance(m.input, dict) else None
-        if other != names:
-            raise ValueError(f"ensemble members read different inputs: {names or ('beat',)} and {other or ('beat',)}")
+        if model_input_names(m) != model_input_names(first):
+            raise ValueError(f"ensemble members read different inputs: {model_input_names(first)} and "
+                             f"{model_input_names(m)}")
     # Each member under its own name ("member1", ...), so the saved ensemble keeps them apart.
     renamed = [keras.Model(m.input, m.output, name=f"member{i}") for i, m in enumerate(members, start=1)]
-    inputs = (keras.Input(shape=first.input.shape[1:], name="beat") if names is None
-              else {n: keras.Input(shape=first.input[n].shape[1:], name=n) for n in names})
+    inputs = ({n: keras.Input(shape=first.input[n].shape[1:], name=n) for n in model_input_names(first)}
+              if isinstance(first.input, dict) else keras.Input(shape=first.input.shape[1:], name="beat"))
     logits = layers.Average(name="mean_logits", dtype="float32")([m(inputs) for m in renamed])
     return keras.Model(inputs, logits, name=ENSEMBLE_NAME)
 

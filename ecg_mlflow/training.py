@@ -15,7 +15,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from ecg_mlflow.models import MODELS, RR_COLUMNS, build_ensemble, build_model, ensemble_members, transfer_copy
+from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, ensemble_members, model_input_names,
+                               transfer_copy)
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "all")
@@ -316,23 +317,26 @@ def train_base(x, y, n_classes: int, cfg: TrainConfig,
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need training beats, got none")
+    return _each_member(cfg.ensemble, on_epoch,
+                        lambda i, hook: _train_one(source, idx, n_classes, cfg, cfg.seed + i, hook))
+
+
+TrainOne = Callable[[int, EpochCallback | None], tuple[keras.Model, dict[str, list[float]]]]
+
+
+def _each_member(count: int, on_epoch: EpochCallback | None, train_one: TrainOne) -> tuple[keras.Model, dict]:
+    """``train_one(i, on_epoch)`` for members ``i = 0 .. count - 1``, joined by ``build_ensemble``.
+    The first member's metrics keep their plain names (an ensemble of one is the single model);
+    member ``i + 1 >= 2`` logs and returns them as ``member<i + 1>_<name>``."""
     members, history = [], {}
-    for i in range(cfg.ensemble):
-        model, hist = _train_one(source, idx, n_classes, cfg, cfg.seed + i, _member_hook(on_epoch, i))
+    for i in range(count):
+        prefix = "" if i == 0 else f"member{i + 1}_"
+        hook = on_epoch if on_epoch is None or i == 0 else \
+            (lambda epoch, logs, p=prefix: on_epoch(epoch, {f"{p}{k}": v for k, v in logs.items()}))
+        model, hist = train_one(i, hook)
         members.append(model)
-        history |= {f"{_member_prefix(i)}{k}": v for k, v in hist.items()}
+        history |= {f"{prefix}{k}": v for k, v in hist.items()}
     return build_ensemble(members), history
-
-
-def _member_prefix(i: int) -> str:
-    # The first member's metrics keep their plain names: an ensemble of one is the single model.
-    return "" if i == 0 else f"member{i + 1}_"
-
-
-def _member_hook(on_epoch: EpochCallback | None, i: int) -> EpochCallback | None:
-    if on_epoch is None or i == 0:
-        return on_epoch
-    return lambda epoch, logs: on_epoch(epoch, {f"{_member_prefix(i)}{k}": v for k, v in logs.items()})
 
 
 def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: TrainConfig, seed: int,
@@ -361,12 +365,9 @@ def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need fine-tune beats, got none")
-    members, history = [], {}
-    for i, member in enumerate(ensemble_members(base)):
-        model, hist = _fine_tune_one(member, source, idx, cfg, cfg.seed + i, _member_hook(on_epoch, i))
-        members.append(model)
-        history |= {f"{_member_prefix(i)}{k}": v for k, v in hist.items()}
-    return build_ensemble(members), history
+    members = ensemble_members(base)
+    return _each_member(len(members), on_epoch,
+                        lambda i, hook: _fine_tune_one(members[i], source, idx, cfg, cfg.seed + i, hook))
 
 
 def _fine_tune_one(base: keras.Model, source: "BeatSource", idx: np.ndarray, cfg: TrainConfig, seed: int,
@@ -395,11 +396,6 @@ def blend_weights(tuned: keras.Model, base: keras.Model, blend: float) -> None:
             mixed = [blend * t + (1 - blend) * b
                      for t, b in zip(layer.get_weights(), base.get_layer(layer.name).get_weights())]
             layer.set_weights(mixed)
-
-
-def model_input_names(model: keras.Model) -> tuple[str, ...]:
-    """The inputs a model reads, in :data:`ecg_mlflow.models.MODEL_INPUTS` terms."""
-    return tuple(model.input.keys()) if isinstance(model.input, dict) else ("beat",)
 
 
 def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:
