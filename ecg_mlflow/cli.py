@@ -106,6 +106,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="transfer weights = blend x fine-tuned + (1 - blend) x base weights (1 = fine-tuned only)")
     p.add_argument("--ensemble", type=whole_number("ensemble"), default=d.ensemble,
                    help="base models per fold (seeds seed, seed + 1, ...), each fine-tuned; their logits averaged")
+    p.add_argument("--augment", type=number("augment"), default=d.augment,
+                   help="strength of random gain, baseline shift and noise on training beats (0 = none)")
+    p.add_argument("--sveb-gate", type=number("sveb_gate"), default=d.sveb_gate,
+                   help="0 = off; q in (0, 1): transfer calls S only for beats that come earlier than q of "
+                        "the training subjects' S beats (previous RR over local or five-minute mean RR)")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -126,7 +131,8 @@ def train_config(a: argparse.Namespace):
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
                        finetune_replay=a.finetune_replay, rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
-                       finetune_blend=a.finetune_blend)
+                       finetune_blend=a.finetune_blend, augment=a.augment,
+                       sveb_gate=a.sveb_gate)
 
 
 def run_main(main: Callable[[], object]) -> None:

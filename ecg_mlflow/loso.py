@@ -48,10 +48,11 @@ from ecg_mlflow import registry, tracking
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
+from ecg_mlflow.models import gate_premature
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, fine_tune, model_input_names,
-                                 predict_classes, replay_rows, train_base)
+                                 predict_classes, premature_threshold, replay_rows, train_base)
 
 VARIANTS = ("no_transfer", "transfer")
 EVALUATE_ON = ("test", "validation")
@@ -255,6 +256,33 @@ def evaluate_no_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseMod
     return PatientResult(record, "no_transfer", mlflow.active_run().info.run_id, m, cm)
 
 
+def gate_sveb(ds: BeatDataset, fold: Fold, model, share: float):
+    """``model`` behind :func:`ecg_mlflow.models.gate_premature`, its threshold the ``share``
+    quantile of the earliness of the fold's training S beats (other subjects only); the threshold
+    is logged to the active run as ``sveb_gate_threshold``."""
+    code = ds.classes.index("S")
+    threshold = premature_threshold(ds.rr_features(), ds.rr_long(), ds.label, np.flatnonzero(fold.train),
+                                    code, share)
+    mlflow.log_param("sveb_gate_threshold", round(threshold, 4))
+    return gate_premature(model, threshold, code)
+
+
+def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
+    """``sveb_gate`` gates the AAMI scheme's S class and sets its threshold from each fold's training
+    S beats: refuse it (``ValueError`` naming ``sveb_gate``) before any training when the scheme is
+    another or a fold's training subjects have no S beat."""
+    if cfg.train.sveb_gate <= 0:
+        return
+    if ds.meta["label_scheme"] != "aami":
+        raise ValueError(f"sveb_gate={cfg.train.sveb_gate} needs label_scheme=aami (its S class), "
+                         f"got {ds.meta['label_scheme']!r}")
+    code = ds.classes.index("S")
+    for fold in folds:
+        if not (ds.label[fold.train] == code).any():
+            raise ValueError(f"sveb_gate={cfg.train.sveb_gate}: the training subjects of fold {fold.subject} "
+                             "have no S beat to set the gate's threshold from; add records or set sveb_gate=0")
+
+
 def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg: LosoConfig,
                  loso_run_id: str | None = None) -> PatientResult:
     """Re-train ``base``'s head on ``record``'s fine-tune part, evaluate on its test part, log to the
@@ -267,6 +295,8 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     mlflow.log_params({"n_finetune_beats": len(ft_idx), "n_replay_beats": len(replay)})
     model, _ = fine_tune(base.model, src, np.concatenate([ft_idx, replay]), cfg.train,
                          on_epoch=tracking.log_epoch_metrics)
+    if cfg.train.sveb_gate > 0:
+        model = gate_sveb(ds, fold, model, cfg.train.sveb_gate)
     mask = fold.test[record]
     m, cm = _log_test_results(ds, mask, predict_classes(model, src, np.flatnonzero(mask)), f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))
@@ -383,6 +413,7 @@ def run_loso(cfg: LosoConfig) -> str:
         check_base_settings(source, cfg)
     ds = prepare(cfg.prepare, verbose=True)
     folds = plan_folds(ds, cfg)
+    check_sveb_gate(cfg, ds, folds)
     if len(ds.records) < 2:
         raise ValueError(f"LOSO needs at least two subjects' records, got {ds.records}")
     reused = reused_bases(source, ds, folds) if source is not None else {}
@@ -811,6 +842,7 @@ def run_transfer(cfg: LosoConfig, base_model_uri: str, patient: str) -> list[Pat
         raise ValueError(f"patient {patient!r} is not among the prepared records {ds.records}")
     base = load_base(base_model_uri, patient)
     (fold,) = loso_folds(ds.record, ds.part, [subject_of(patient)])
+    check_sveb_gate(cfg, ds, [fold])
     with mlflow.start_run(run_name=f"{patient}-patient") as run:
         mlflow.set_tags({tracking.ROLE_TAG: "patient", "patient": patient, "subject": subject_of(patient)})
         tracking.log_new_params(cfg.params() | {"base_model_uri": base_model_uri, "patient": patient})

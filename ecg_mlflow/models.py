@@ -207,6 +207,55 @@ def build_ensemble(members: list[keras.Model]) -> keras.Model:
     return keras.Model(inputs, logits, name=ENSEMBLE_NAME)
 
 
+GATED_NAME = "premature_gate"
+# Above this much the gate's step is closed: a beat exactly at the threshold is still called early.
+_STEP = 1e4
+
+
+def _fixed_dense(units: int, kernel: np.ndarray, bias: np.ndarray | None, name: str) -> layers.Dense:
+    """A Dense layer with given, never-trained weights: built-in, so the saved model needs no custom layer."""
+    return layers.Dense(units, use_bias=bias is not None, trainable=False, name=name, dtype="float32",
+                        kernel_initializer=keras.initializers.Constant(kernel),
+                        bias_initializer=keras.initializers.Constant(0.0 if bias is None else bias))
+
+
+def gate_premature(model: keras.Model, threshold: float, class_index: int) -> keras.Model:
+    """``model`` with class ``class_index`` (SVEB) ruled out for every beat that does not come early:
+    where the previous RR over the local mean RR (``rr`` column 0) and the previous RR over the
+    average of about five minutes (``rr_long`` column 0) are both above ``threshold``, that class's
+    logit is lowered by 1e4, so the beat takes the best of the other classes. Premature atrial and
+    junctional beats come early by definition, and a beat that is early against neither the beats
+    around it nor the minutes before is, in these records, a normal beat whose shape has drifted
+    towards the patient's ectopic ones.
+
+    The returned model reads ``model``'s inputs plus ``rr`` ``(3,)`` and ``rr_long`` ``(2,)`` and gives
+    logits ``(batch, n_classes)``; the gate is built from built-in layers with fixed weights, so it
+    saves, loads and serves as any other model."""
+    n_classes = int(model.output.shape[-1])
+    if not 0 <= class_index < n_classes:
+        raise ValueError(f"class_index must be in [0, {n_classes}), got {class_index}")
+    inner = model_input_names(model)
+    inputs = {n: keras.Input(shape=(model.input[n] if isinstance(model.input, dict) else model.input).shape[1:], name=n)
+              for n in inner}
+    for name, size in (("rr", 3), ("rr_long", 2)):
+        inputs.setdefault(name, keras.Input(shape=(size,), name=name))
+    logits = model({n: inputs[n] for n in inner} if isinstance(model.input, dict) else inputs["beat"])
+    first = np.zeros((3, 1), np.float32)
+    first[0, 0] = 1.0
+    early_local = _fixed_dense(1, first, None, "gate_rr_prev")(inputs["rr"])
+    early_long = _fixed_dense(1, first[:2], None, "gate_rr_prev_long")(inputs["rr_long"])
+    earliest = layers.Minimum(name="gate_earliest", dtype="float32")([early_local, early_long])
+    # 0 while earliest <= threshold, 1 once it is 1e-4 above: a step made of Dense + capped ReLU.
+    late = _fixed_dense(1, np.full((1, 1), _STEP, np.float32), np.array([-threshold * _STEP], np.float32),
+                        "gate_step")(earliest)
+    late = layers.ReLU(max_value=1.0, name="gate_late", dtype="float32")(late)
+    penalty = np.zeros((1, n_classes), np.float32)
+    penalty[0, class_index] = -_STEP
+    out = layers.Add(name="gated_logits", dtype="float32")([logits, _fixed_dense(n_classes, penalty, None,
+                                                                                 "gate_penalty")(late)])
+    return keras.Model(inputs, out, name=GATED_NAME)
+
+
 def ensemble_members(model: keras.Model) -> list[keras.Model]:
     """The member models of an ensemble built by :func:`build_ensemble` (also after save and load),
     or ``[model]`` for a single model."""

@@ -47,6 +47,8 @@ class TrainConfig:
     # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
     finetune_blend: float = 1.0  # transfer weights = blend * fine-tuned + (1 - blend) * base (1: fine-tuned only)
     ensemble: int = 1  # base models trained with seeds seed, seed + 1, ...; each fine-tuned; their logits averaged
+    augment: float = 0.0  # strength of random gain, baseline and noise on training waveforms (0: none)
+    sveb_gate: float = 0.0  # > 0: transfer calls S only for beats earlier than this share of training S beats
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -61,6 +63,8 @@ class TrainConfig:
         whole("seed", 0)
         whole("finetune_replay", 0)
         whole("ensemble", 1)
+        if isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not 0 <= self.augment <= 1:
+            raise ValueError(f"augment must be a number in [0, 1], got {self.augment!r}")
         for name in ("learning_rate", "finetune_learning_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < 10:
@@ -80,6 +84,9 @@ class TrainConfig:
         if isinstance(self.finetune_blend, bool) or not isinstance(self.finetune_blend, (int, float)) \
                 or not 0 < self.finetune_blend <= 1:
             raise ValueError(f"finetune_blend must be a number in (0, 1], got {self.finetune_blend!r}")
+        if isinstance(self.sveb_gate, bool) or not isinstance(self.sveb_gate, (int, float)) \
+                or not 0 <= self.sveb_gate < 1:
+            raise ValueError(f"sveb_gate must be 0 (off) or a share in (0, 1), got {self.sveb_gate!r}")
         if not isinstance(self.jit_compile, bool):
             raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
@@ -90,7 +97,7 @@ class TrainConfig:
 
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
-                                    "finetune_layers", "finetune_replay", "finetune_blend")
+                                    "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -204,8 +211,9 @@ class BeatSource:
         return self.y_np[idx]
 
     def dataset(self, idx: np.ndarray, batch_size: int, seed: int, names: tuple[str, ...] = ("beat",),
-                shuffle: bool = True) -> tf.data.Dataset:
-        """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``."""
+                shuffle: bool = True, augment: float = 0.0) -> tf.data.Dataset:
+        """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``; with
+        ``augment`` > 0 the waveforms are perturbed afresh every epoch (:func:`augment_waveforms`)."""
         t = self._t()
         if "recent" in names and "recent" not in t and self._recent_np() is not None:
             t["recent"] = tf.constant(self._recent_np())
@@ -216,12 +224,41 @@ class BeatSource:
         if shuffle:
             ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
 
-        def gather(i):
+        def gather(i, draw=None):
             feats = {n: tf.gather(t["templates"], tf.gather(t["record_index"], i)) if n == "template"
                      else tf.gather(t[n], i) for n in names}
+            if draw is not None:
+                feats = augment_waveforms(feats, augment, tf.stack([draw, seed]))
             return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], i)
 
-        return ds.batch(batch_size).map(gather).prefetch(2).with_options(pipeline_options())
+        ds = ds.batch(batch_size)
+        if augment > 0:  # one seed per batch, new every epoch, the same sequence for the same seed
+            ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
+        return ds.map(gather).prefetch(2).with_options(pipeline_options())
+
+
+WAVEFORM_INPUTS: tuple[str, ...] = ("beat", "template", "recent")
+
+
+def augment_waveforms(feats: dict[str, tf.Tensor], strength: float, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Randomly perturbed copies of a batch's waveform inputs (``beat`` and the references it is
+    read against, each ``(batch, window, leads)`` mV), for training only:
+
+    - gain: each beat's leads scaled by ``exp(N(0, strength))``, its references by the same
+      factor, as an electrode or a body position changes a record's amplitude;
+    - baseline: ``N(0, strength)`` mV added to each lead of the beat alone, as baseline wander
+      moves one beat against its neighbours;
+    - noise: ``N(0, strength / 5)`` mV white noise on the beat.
+
+    ``seed``: ``(2,)`` int64 for the stateless draws. RR inputs are left as they are."""
+    beat = feats["beat"]
+    shape, lead_shape = tf.shape(beat), tf.stack([tf.shape(beat)[0], 1, tf.shape(beat)[2]])
+    s1, s2, s3 = (tf.stack([seed[0], seed[1] + k]) for k in range(3))
+    gain = tf.exp(strength * tf.random.stateless_normal(lead_shape, s1, dtype=beat.dtype))
+    out = {n: (v * gain if n in WAVEFORM_INPUTS else v) for n, v in feats.items()}
+    out["beat"] = out["beat"] + strength * tf.random.stateless_normal(lead_shape, s2, dtype=beat.dtype) \
+        + strength / 5 * tf.random.stateless_normal(shape, s3, dtype=beat.dtype)
+    return out
 
 
 def pipeline_options() -> tf.data.Options:
@@ -249,6 +286,22 @@ def class_weights(y: np.ndarray, n_classes: int, how: str) -> dict[int, float] |
         w[present] = np.sqrt(w[present])
     w[present] /= (w[present] * counts[present]).sum() / counts[present].sum()
     return {int(c): float(w[c]) for c in range(n_classes)}
+
+
+def premature_threshold(rr: np.ndarray, rr_long: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                        class_code: int, share: float) -> float:
+    """The earliness a beat needs to be called class ``class_code`` (SVEB) under
+    :func:`ecg_mlflow.models.gate_premature`: the ``share`` quantile, over the beats of that class
+    among ``rows`` (training rows: never the held-out subject's), of the smaller of previous RR over
+    local mean RR (``rr[:, 0]``) and previous RR over the five-minute average (``rr_long[:, 0]``).
+    ``rr`` ``(n, 3)``, ``rr_long`` ``(n, 2)``, ``labels`` ``(n,)`` cover the whole table."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share!r}")
+    rows = np.asarray(rows)
+    rows = rows[labels[rows] == class_code]
+    if len(rows) == 0:
+        raise ValueError(f"no training beats of class {class_code} to set the premature gate from")
+    return float(np.quantile(np.minimum(rr[rows, 0], rr_long[rows, 0]), share))
 
 
 def replay_rows(labels: np.ndarray, train_idx: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -348,8 +401,8 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx))
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
-    hist = model.fit(source.dataset(idx, cfg.batch_size, seed, names), epochs=cfg.epochs, verbose=0,
-                     shuffle=False,
+    hist = model.fit(source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment), epochs=cfg.epochs,
+                     verbose=0, shuffle=False,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "")])
     return model, {k: [float(v) for v in vs] for k, vs in hist.history.items()}
@@ -377,8 +430,8 @@ def _fine_tune_one(base: keras.Model, source: "BeatSource", idx: np.ndarray, cfg
     model = transfer_copy(base, cfg.finetune_layers)
     _compile(model, cfg.finetune_learning_rate, cfg.jit_compile)
     n_classes = int(model.output.shape[-1])
-    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, seed, names), epochs=cfg.finetune_epochs,
-                     shuffle=False, verbose=0,
+    hist = model.fit(source.dataset(idx, cfg.finetune_batch_size, seed, names, augment=cfg.augment),
+                     epochs=cfg.finetune_epochs, shuffle=False, verbose=0,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "finetune_")])
     if cfg.finetune_blend < 1:

@@ -203,6 +203,9 @@ def _closed_port() -> int:
     (["--evaluate-on", "train"], "evaluate_on"),
     (["--finetune-layers", "conv"], "finetune_layers"),
     (["--rr-features", "heart"], "rr_features"),
+    (["--augment", "2"], "augment"),
+    (["--sveb-gate", "1"], "sveb_gate"),
+    (["--label-scheme", "raw", "--sveb-gate", "0.99"], "sveb_gate"),  # raw labels have no S class to gate
 ])
 def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tmp_path, mitdb_dir, cache_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

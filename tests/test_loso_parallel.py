@@ -364,6 +364,48 @@ def test_base_run_id_takes_that_runs_base_models_and_retrains_only_the_heads(seq
         assert len(got["variants"][(p, "transfer")][1]) == 3 != len(snap["variants"][(p, "transfer")][1])
 
 
+def test_sveb_gate_keeps_transfer_from_calling_s_on_beats_that_are_not_early(sequential, mitdb_dir, cache_root,
+                                                                             monkeypatch):
+    from dataclasses import replace
+
+    import mlflow.keras
+
+    from ecg_mlflow.dataset import prepare
+    from ecg_mlflow.loso import beat_source
+    from ecg_mlflow.models import model_input_names
+
+    uri, snap = sequential
+    _in_store_of(uri, monkeypatch)
+    share = 0.5  # a gate that many test beats fail, so it shows
+    try:
+        cfg = replace(config(mitdb_dir, cache_root), base_run_id=snap["parent"].info.run_id,
+                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=SEED, sveb_gate=share))
+        parent_id = run_loso(cfg)
+        got = snapshot(uri, parent_id)
+        ds = prepare(cfg.prepare)
+        earliest = np.minimum(ds.rr_features()[:, 0], ds.rr_long()[:, 0])
+        s = ds.classes.index("S")
+        for r in got["children"]:
+            if r.data.tags.get("variant") != "transfer":
+                continue
+            patient = r.data.tags["patient"]
+            # the threshold comes from the other subjects' S beats: here record 103's and the other patient's
+            train = (ds.record != patient) & (ds.label == s)
+            assert float(r.data.params["sveb_gate_threshold"]) == pytest.approx(
+                np.quantile(earliest[train], share), abs=1e-4)
+            model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/model")
+            assert "rr_long" in model_input_names(model)
+            rows = np.flatnonzero((ds.record == patient) & (ds.part == "test"))
+            pred = np.argmax(model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0), 1)
+            late = earliest[rows] > float(r.data.params["sveb_gate_threshold"]) + 1e-3
+            assert late.sum() > 100 and not (pred[late] == s).any()
+    finally:
+        mlflow.set_tracking_uri(None)
+    for p in PATIENTS:  # the base models are the same: no-transfer results do not move
+        nt, want = got["variants"][(p, "no_transfer")][0], snap["variants"][(p, "no_transfer")][0]
+        assert all(same_number(nt[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize("change, culprit", [
     ({"train": TrainConfig(epochs=2, seed=SEED)}, r"trained with epochs=1; this run asks for epochs=2"),
     ({"holdout": "100,103"}, r"no finished base model for \['103'\]"),

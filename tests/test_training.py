@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_mlflow.models import HEAD_LAYERS, build_model, ensemble_members, lead_stats, transfer_copy
-from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, fine_tune, predict_classes,
-                                 replay_rows, train_base)
+from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, ensemble_members, gate_premature,
+                               lead_stats, model_input_names, transfer_copy)
+from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, fine_tune,
+                                 predict_classes, premature_threshold, replay_rows, train_base)
 
 WINDOW = 32
 
@@ -108,6 +109,45 @@ def test_input_pipeline_runs_on_one_thread_without_autotuning_and_keeps_the_batc
         for (a, ya), (b, yb) in zip(ours, theirs):
             np.testing.assert_array_equal(a["beat"].numpy(), b["beat"].numpy())
             np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+def test_augmented_batches_scale_a_beat_with_its_reference_and_shift_the_beat_alone():
+    x, y, rr = toy_beats(200)
+    recent = np.random.default_rng(5).normal(0, 1, x.shape).astype(np.float32)
+    src, idx = BeatSource(x, y, rr, recent=recent), np.arange(10, 190)
+    names = ("beat", "rr", "recent")
+    plain = list(src.dataset(idx, 32, seed=3, names=names))
+    first = list(src.dataset(idx, 32, seed=3, names=names, augment=0.2))
+    ds = src.dataset(idx, 32, seed=3, names=names, augment=0.2)
+    epoch1, epoch2 = list(ds), list(ds)
+    for (p, yp), (a, ya), (b, _) in zip(plain, epoch1, first):
+        np.testing.assert_array_equal(ya.numpy(), yp.numpy())  # the same rows in the same order
+        np.testing.assert_array_equal(a["rr"].numpy(), p["rr"].numpy())  # rhythm is left alone
+        np.testing.assert_array_equal(a["beat"].numpy(), b["beat"].numpy())  # a seed repeats its draws
+        gain = a["recent"].numpy() / p["recent"].numpy()  # one gain per beat and lead ...
+        np.testing.assert_allclose(gain, np.repeat(gain[:, :1], WINDOW, axis=1), rtol=1e-4)
+        assert 0.1 < np.log(gain[:, 0]).std() < 0.35  # exp(N(0, 0.2)); a batch of 32 x 2 draws
+        # ... the beat shares it, plus an offset of its own and noise
+        rest = a["beat"].numpy() - p["beat"].numpy() * gain[:, :1]
+        assert 0.1 < np.abs(rest.mean(axis=1)).mean() < 0.3
+        assert 0.02 < rest.std(axis=1).mean() < 0.08
+    assert not np.allclose(epoch1[0][0]["beat"].numpy(), epoch2[0][0]["beat"].numpy())  # fresh every epoch
+    for (p, _), (z, _) in zip(plain, src.dataset(idx, 32, seed=3, names=names, augment=0.0)):
+        np.testing.assert_array_equal(z["beat"].numpy(), p["beat"].numpy())
+
+
+def test_training_with_augmentation_repeats_with_its_seed_and_still_learns():
+    x, y, rr = toy_beats()
+    cfg = TrainConfig(**{**FAST.__dict__, "augment": 0.1})
+    m1, h1 = train_base(x[:500], y[:500], 3, cfg)
+    m2, h2 = train_base(x[:500], y[:500], 3, cfg)
+    _, h0 = train_base(x[:500], y[:500], 3, FAST)
+    assert h1 == h2 and h1["loss"] != h0["loss"]
+    for a, b in zip(m1.get_weights(), m2.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert (predict_classes(m1, x[500:]) == y[500:]).mean() > 0.9
+    tuned, _ = fine_tune(m1, x[500:], y[500:], cfg)
+    assert len(tuned.get_weights()) == len(m1.get_weights())
 
 
 def test_fine_tune_retrains_only_the_head_and_leaves_the_base_unchanged():
@@ -285,6 +325,56 @@ def test_recent_cnn_reads_each_beat_against_the_beats_before_it():
         train_base(BeatSource(x, y, rr), np.arange(600), 2, TrainConfig(**{**cfg.__dict__, "model": "recent_cnn"}))
 
 
+@pytest.mark.parametrize("model_name, members", [("seed_cnn", 1), ("rr_cnn", 1), ("rr_cnn", 2)])
+def test_premature_gate_rules_out_s_only_for_beats_that_are_not_early(model_name, members, tmp_path):
+    import keras
+
+    x, y, rr = toy_beats(200)
+    rng = np.random.default_rng(3)
+    rr[:, 0] = rng.uniform(0.5, 1.5, len(x))
+    rr_long = rng.uniform(0.5, 1.5, (len(x), 2)).astype(np.float32)
+    plain = build_ensemble([build_model(model_name, WINDOW, 2, 3, x, rr, dropout=0.1 * i) for i in range(members)])
+    gated = gate_premature(plain, 0.9, class_index=1)
+    assert set(model_input_names(gated)) == set(model_input_names(plain)) | {"rr", "rr_long"}
+    src = BeatSource(x, y, rr, rr_long=rr_long)
+    want = plain.predict(src.inputs(np.arange(len(x)), model_input_names(plain)), verbose=0)
+    got = gated.predict(src.inputs(np.arange(len(x)), model_input_names(gated)), verbose=0)
+    earliest = np.minimum(rr[:, 0], rr_long[:, 0])
+    early = earliest <= 0.9
+    assert 0 < early.sum() < len(x)
+    np.testing.assert_allclose(got[early], want[early], rtol=1e-6)  # early beats: untouched
+    np.testing.assert_allclose(got[~early][:, [0, 2]], want[~early][:, [0, 2]], rtol=1e-6)
+    assert (got[~early, 1] < want[~early, 1] - 1000).all()  # late beats: never class 1
+    pred = predict_classes(gated, src, np.arange(len(x)))
+    assert not (pred[~early] == 1).any()
+    np.testing.assert_array_equal(pred[early], np.argmax(want[early], axis=1))
+    path = tmp_path / "gated.keras"
+    gated.save(path)
+    np.testing.assert_array_equal(predict_classes(keras.models.load_model(path), src, np.arange(len(x))), pred)
+    with pytest.raises(ValueError, match="class_index"):
+        gate_premature(plain, 0.9, class_index=3)
+
+
+def test_premature_threshold_is_a_quantile_over_the_given_rows_of_the_class_only():
+    rng = np.random.default_rng(0)
+    n = 1000
+    labels = rng.integers(0, 3, n)
+    rr = rng.uniform(0.4, 1.6, (n, 3)).astype(np.float32)
+    rr_long = rng.uniform(0.4, 1.6, (n, 2)).astype(np.float32)
+    rows = np.arange(0, 800)
+    got = premature_threshold(rr, rr_long, labels, rows, 1, 0.9)
+    s_rows = rows[labels[rows] == 1]
+    assert got == pytest.approx(np.quantile(np.minimum(rr[s_rows, 0], rr_long[s_rows, 0]), 0.9))
+    rr[800:, 0] = rr_long[800:, 0] = 100.0  # rows outside `rows` (a held-out subject's) change nothing
+    labels[800:] = 1
+    assert premature_threshold(rr, rr_long, labels, rows, 1, 0.9) == got
+    assert premature_threshold(rr, rr_long, labels, rows, 1, 0.5) < got
+    with pytest.raises(ValueError, match="no training beats of class 2"):
+        premature_threshold(rr, rr_long, np.zeros(n, int), rows, 2, 0.9)
+    with pytest.raises(ValueError, match="share"):
+        premature_threshold(rr, rr_long, labels, rows, 1, 1.0)
+
+
 def test_replay_rows_come_only_from_training_rows_capped_per_class():
     labels = np.array([0] * 50 + [1] * 5 + [2] * 30 + [0] * 20 + [2] * 20)  # rows 105+ are the patient's
     train_idx = np.arange(105)
@@ -334,6 +424,8 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("finetune_replay", -1, "finetune_replay"), ("rr_features", "heart", "rr_features"),
     ("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"), ("ensemble", 0, "ensemble"), ("ensemble", 1.5, "ensemble"),
     ("finetune_blend", 0, "finetune_blend"), ("finetune_blend", 1.5, "finetune_blend"),
+    ("augment", -0.1, "augment"), ("augment", 2, "augment"), ("augment", True, "augment"),
+    ("sveb_gate", 1, "sveb_gate"), ("sveb_gate", -0.5, "sveb_gate"), ("sveb_gate", "on", "sveb_gate"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
