@@ -157,6 +157,14 @@ class BeatDataset:
         feats[~np.isfinite(feats)] = 1.0
         return feats.astype(np.float32)
 
+    def rr_irregular(self) -> np.ndarray:
+        """Rhythm irregularity before each beat, float32 ``(n, 1)``: the median absolute change
+        between successive RR intervals over the 16 before the beat's own, over their mean
+        (:func:`ecg_mlflow.beats.rr_irregularity`); 0.0 (regular) where undefined, at a record's
+        first beats. A short RR says "premature" in sinus rhythm, not in atrial fibrillation."""
+        irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev)
+        return np.nan_to_num(irregular, nan=0.0, posinf=0.0)[:, None].astype(np.float32)
+
     def recent_template(self) -> np.ndarray:
         """Each beat's recent neighbours, float32 ``(n, window, leads)``: the sample-wise median of the
         windows of the 20 beats before it in its record (:func:`ecg_mlflow.beats.recent_median`).

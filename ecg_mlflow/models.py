@@ -23,6 +23,8 @@ HEAD_LAYERS: tuple[str, ...] = ("head_dense", "logits")
 # (BeatDataset.patient_context). With rr_features="long" the rr models also read "rr_long"
 # ``(2,)``: previous and local-mean RR over the average RR of about five minutes (BeatDataset.rr_long).
 # "recent" ``(window, leads)`` mV: the median of the 20 beats before (BeatDataset.recent_template).
+# With rr_features="irregular" they read "rr_long" and "rr_irregular" ``(1,)``: how irregular the
+# rhythm is before the beat (BeatDataset.rr_irregular).
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "seed_cnn": ("beat",), "rr_cnn": ("beat", "rr"), "patient_cnn": ("beat", "rr", "template", "rr_patient"),
     "recent_cnn": ("beat", "rr", "recent"),
@@ -58,9 +60,12 @@ def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template
 
 # Columns of "rr" each rr_features setting keeps: "relative" drops the local mean RR in seconds, so
 # a head re-trained on a few minutes cannot take the heart rate of those minutes for a beat class;
-# "long" keeps all three and adds the "rr_long" input (RR_LONG).
-RR_COLUMNS: dict[str, tuple[int, ...]] = {"all": (0, 1, 2), "relative": (0, 1), "long": (0, 1, 2)}
-RR_LONG: tuple[str, ...] = ("long",)
+# "long" keeps all three and adds the "rr_long" input (RR_LONG); "irregular" is "long" plus the
+# "rr_irregular" input (RR_IRREGULAR), so that a short RR in atrial fibrillation need not look premature.
+RR_COLUMNS: dict[str, tuple[int, ...]] = {"all": (0, 1, 2), "relative": (0, 1), "long": (0, 1, 2),
+                                          "irregular": (0, 1, 2)}
+RR_LONG: tuple[str, ...] = ("long", "irregular")
+RR_IRREGULAR: tuple[str, ...] = ("irregular",)
 
 
 def _rr_input(rr, keep: tuple[int, ...]):
@@ -72,6 +77,16 @@ def _rr_input(rr, keep: tuple[int, ...]):
     select[list(keep), np.arange(len(keep))] = 1.0
     return layers.Dense(len(keep), use_bias=False, trainable=False, name="rr_select",
                         kernel_initializer=keras.initializers.Constant(select))(rr)
+
+
+def _rhythm(inputs: dict, parts: list, rr_long: bool, rr_irregular: bool):
+    """The rhythm features side by side: ``parts``, then the inputs ``rr_long`` ``(2,)`` and
+    ``rr_irregular`` ``(1,)`` where asked for (added to ``inputs``)."""
+    for name, size, wanted in (("rr_long", 2, rr_long), ("rr_irregular", 1, rr_irregular)):
+        if wanted:
+            inputs[name] = keras.Input(shape=(size,), name=name)
+            parts.append(inputs[name])
+    return parts[0] if len(parts) == 1 else layers.Concatenate(name="rhythm")(parts)
 
 
 def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
@@ -91,11 +106,12 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                  rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
                  rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False,
-                 recent: bool = False) -> keras.Model:
+                 recent: bool = False, rr_irregular: bool = False) -> keras.Model:
     """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
     input, and with ``rr_long`` the ``(2,)`` input ``rr_long``) join the flattened beat features
     before the head, so premature beats (short previous RR) are visible to the classifier.
-    ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 2 * rr_long,)``, the kept rr columns then rr_long.
+    ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 2 * rr_long + rr_irregular,)``, the kept rr columns,
+    rr_long, then ``rr_irregular`` (the ``(1,)`` input of the same name).
     With ``recent`` (model ``recent_cnn``) the convolutions also see the beat minus the median of
     the beats just before it (input ``recent``): a beat that differs from its neighbours stands
     out, while a record whose beats slowly change shape keeps its normal beats normal."""
@@ -105,10 +121,7 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
     if recent:
         inputs["recent"] = keras.Input(shape=(window, n_leads), name="recent")
     x = _features(beat, mean, variance, dtype, template=inputs.get("recent"), dropout=dropout)
-    r = _rr_input(rr, rr_keep)
-    if rr_long:
-        inputs["rr_long"] = keras.Input(shape=(2,), name="rr_long")
-        r = layers.Concatenate(name="rhythm")([r, inputs["rr_long"]])
+    r = _rhythm(inputs, [_rr_input(rr, rr_keep)], rr_long, rr_irregular)
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
@@ -118,24 +131,21 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
 
 def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                       rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                      rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False) -> keras.Model:
+                      rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False,
+                      rr_irregular: bool = False) -> keras.Model:
     """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
     the beat minus the patient's median normal beat (``template``), and the head sees the RR
     features both over the local mean RR (``rr``) and over the patient's normal RR
     (``rr_patient``). A premature or odd-shaped beat stands out even in a patient whose
     fine-tune minutes hold none like it. ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 3 + 2 *
-    rr_long,)``, the kept rr columns, rr_patient, then rr_long."""
+    rr_long + rr_irregular,)``, the kept rr columns, rr_patient, rr_long, then rr_irregular."""
     beat = keras.Input(shape=(window, n_leads), name="beat")
     template = keras.Input(shape=(window, n_leads), name="template")
     rr = keras.Input(shape=(3,), name="rr")
     rr_patient = keras.Input(shape=(3,), name="rr_patient")
     inputs = {"beat": beat, "rr": rr, "template": template, "rr_patient": rr_patient}
     x = _features(beat, mean, variance, dtype, template=template, dropout=dropout)
-    rhythm = [_rr_input(rr, rr_keep), rr_patient]
-    if rr_long:
-        inputs["rr_long"] = keras.Input(shape=(2,), name="rr_long")
-        rhythm.append(inputs["rr_long"])
-    r = layers.Concatenate(name="rhythm")(rhythm)
+    r = _rhythm(inputs, [_rr_input(rr, rr_keep), rr_patient], rr_long, rr_irregular)
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
@@ -146,11 +156,13 @@ def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarra
 def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
                 train_rr: np.ndarray | None = None, dtype: str = "float32",
                 train_rr_patient: np.ndarray | None = None, rr_features: str = "all",
-                dropout: float = 0.0, train_rr_long: np.ndarray | None = None) -> keras.Model:
+                dropout: float = 0.0, train_rr_long: np.ndarray | None = None,
+                train_rr_irregular: np.ndarray | None = None) -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
     ``(n, window, n_leads)`` (and, for ``rr_cnn`` and ``patient_cnn``, training RR features
     ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``; with
-    ``rr_features="long"`` also ``train_rr_long`` ``(n, 2)``);
+    ``rr_features="long"`` also ``train_rr_long`` ``(n, 2)``; with ``"irregular"`` also that and
+    ``train_rr_irregular`` ``(n, 1)``);
     ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``);
     ``rr_features`` which RR inputs the rr models read (:data:`RR_COLUMNS`, :data:`RR_LONG`);
     ``dropout`` the rate of the ``feature_dropout`` layer (none at 0)."""
@@ -159,6 +171,7 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
     if rr_features not in RR_COLUMNS:
         raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
     keep, long = RR_COLUMNS[rr_features], rr_features in RR_LONG and name != "seed_cnn"
+    irregular = rr_features in RR_IRREGULAR and name != "seed_cnn"
     mean, variance = lead_stats(train_x)
     if name == "seed_cnn":
         return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout)
@@ -167,13 +180,16 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
                          f"{' and rr_patient' if name == 'patient_cnn' else ''}, each (n, 3)")
     if long and train_rr_long is None:
         raise ValueError(f"rr_features={rr_features!r} needs the training features rr_long (n, 2)")
+    if irregular and train_rr_irregular is None:
+        raise ValueError(f"rr_features={rr_features!r} needs the training features rr_irregular (n, 1)")
     rhythm = [train_rr[:, list(keep)]] + ([train_rr_patient] if name == "patient_cnn" else []) \
-        + ([train_rr_long] if long else [])
+        + ([train_rr_long] if long else []) + ([train_rr_irregular] if irregular else [])
     rr_mean, rr_var = lead_stats(np.concatenate(rhythm, axis=1)[:, None, :])
     if name == "patient_cnn":
-        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long)
+        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long,
+                                 irregular)
     return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long,
-                        recent=name == "recent_cnn")
+                        recent=name == "recent_cnn", rr_irregular=irregular)
 
 
 ENSEMBLE_NAME = "ensemble"

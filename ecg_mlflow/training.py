@@ -43,6 +43,7 @@ class TrainConfig:
     finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
     rr_features: str = "all"  # all | relative: leave out the local mean RR in s (the heart rate) | long: add RR over ~5 min
+    # | irregular: long plus the rhythm's irregularity before the beat
     dropout: float = 0.5  # dropout rate on the flattened beat features while training (never on the RR features)
     # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
     finetune_blend: float = 1.0  # transfer weights = blend * fine-tuned + (1 - blend) * base (1: fine-tuned only)
@@ -133,7 +134,8 @@ class BeatSource:
     patient: None or ``(templates (n_records, window, leads), record_index (n,), rr_patient (n, 3))``
     as :meth:`ecg_mlflow.dataset.BeatDataset.patient_context` gives (a row's template is gathered
     by its record, so no per-beat copy of the templates is made); rr_long: ``(n, 2)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None; recent: ``(n, window, leads)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None; rr_irregular: ``(n, 1)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_irregular`) or None; recent: ``(n, window, leads)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`), a function that makes it on first
     use (only models that read ``recent`` pay for it), or None.
     """
@@ -141,17 +143,18 @@ class BeatSource:
     def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None,
                  patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  rr_long: np.ndarray | None = None,
-                 recent: np.ndarray | Callable[[], np.ndarray] | None = None):
-        if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in (rr, rr_long)):
+                 recent: np.ndarray | Callable[[], np.ndarray] | None = None,
+                 rr_irregular: np.ndarray | None = None):
+        if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in (rr, rr_long, rr_irregular)):
             raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
-                             f"{None if rr is None else len(rr)}, {None if rr_long is None else len(rr_long)}")
+                             + ", ".join(str(None if a is None else len(a)) for a in (rr, rr_long, rr_irregular)))
         if patient is not None:
             templates, record_index, rr_patient = patient
             if len(record_index) != len(x) or len(rr_patient) != len(x) or templates.shape[1:] != x.shape[1:]:
                 raise ValueError(f"patient context does not fit {x.shape} beats: templates {templates.shape}, "
                                  f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
         self.x_np, self.y_np, self.rr_np = x, np.asarray(y).astype(np.int32), rr
-        self.patient, self.rr_long_np = patient, rr_long
+        self.patient, self.rr_long_np, self.rr_irregular_np = patient, rr_long, rr_irregular
         self._recent = recent
         self._tensors: dict[str, tf.Tensor] | None = None
 
@@ -166,7 +169,8 @@ class BeatSource:
     @classmethod
     def from_dataset(cls, ds) -> "BeatSource":
         """A source over a :class:`ecg_mlflow.dataset.BeatDataset`."""
-        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(), ds.recent_template)
+        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(), ds.recent_template,
+                   ds.rr_irregular())
 
     def __len__(self) -> int:
         return len(self.y_np)
@@ -178,6 +182,8 @@ class BeatSource:
                 self._tensors["rr"] = tf.constant(self.rr_np)
             if self.rr_long_np is not None:
                 self._tensors["rr_long"] = tf.constant(self.rr_long_np)
+            if self.rr_irregular_np is not None:
+                self._tensors["rr_irregular"] = tf.constant(self.rr_irregular_np)
             if self.patient is not None:
                 templates, record_index, rr_patient = self.patient
                 self._tensors.update(templates=tf.constant(templates), record_index=tf.constant(record_index),
@@ -191,6 +197,8 @@ class BeatSource:
             return None if self.rr_np is None else self.rr_np[idx]
         if name == "rr_long":
             return None if self.rr_long_np is None else self.rr_long_np[idx]
+        if name == "rr_irregular":
+            return None if self.rr_irregular_np is None else self.rr_irregular_np[idx]
         if name == "recent":
             recent = self._recent_np()
             return None if recent is None else recent[idx]
@@ -398,7 +406,8 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
-                        dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx))
+                        dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx),
+                        train_rr_irregular=source._array("rr_irregular", idx))
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
     hist = model.fit(source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment), epochs=cfg.epochs,

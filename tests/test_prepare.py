@@ -12,7 +12,8 @@ import wfdb
 import wfdb.io.download
 
 from ecg_mlflow import dataset as dataset_mod
-from ecg_mlflow.beats import RR_LOCAL_BEATS, extract_beats, recent_median, rr_average, rr_intervals
+from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rr_average, rr_intervals,
+                              rr_irregularity)
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
 )
@@ -123,6 +124,35 @@ def test_rr_average_looks_back_within_its_own_record_in_any_row_order():
         rr_average(record, sample, rr_prev, beats=0)
     with pytest.raises(ValueError, match="length"):
         rr_average(record, sample[:5], rr_prev)
+
+
+def test_rr_irregularity_reads_the_intervals_before_the_beats_own_within_its_record_in_any_row_order():
+    rng = np.random.default_rng(3)
+    record = np.array(["100"] * 30 + ["101"] * 12, dtype=object)
+    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 30)), np.cumsum(rng.integers(200, 400, 12))])
+    rr_prev = rng.uniform(0.5, 1.5, 42)
+    rr_prev[[0, 30, 9]] = np.nan  # each record's first beat, and a gap inside record 100
+    order = rng.permutation(42)
+    got = rr_irregularity(record[order], sample[order], rr_prev[order], beats=5)[np.argsort(order)]
+    for start, stop in ((0, 30), (30, 42)):
+        for i in range(start, stop):
+            before = rr_prev[max(start, i - 6):i]  # the 6 intervals before beat i's own: 5 differences
+            diffs = np.abs(np.diff(before))
+            diffs = diffs[np.isfinite(diffs)]
+            if len(diffs) == 0:
+                assert np.isnan(got[i])
+            else:
+                assert got[i] == pytest.approx(np.median(diffs) / np.nanmean(before))
+    assert np.isnan(got[30]) and np.isnan(got[31])  # never record 100's intervals
+    # The beat's own interval never counts: a premature beat after a steady rhythm reads 0.
+    steady = np.full(10, 0.8)
+    steady[0], steady[-1] = np.nan, 0.4
+    flat = rr_irregularity(np.array(["1"] * 10, dtype=object), np.arange(10), steady, beats=5)
+    assert flat[-1] == 0.0
+    with pytest.raises(ValueError, match="beats"):
+        rr_irregularity(record, sample, rr_prev, beats=0)
+    with pytest.raises(ValueError, match="length"):
+        rr_irregularity(record, sample[:5], rr_prev)
 
 
 def test_recent_median_is_the_median_of_the_beats_before_within_the_record_in_any_row_order():
