@@ -21,6 +21,12 @@ from ecg_mlflow.records import Record
 
 RR_LOCAL_BEATS = 10  # local mean RR over this many preceding intervals
 RECENT_BEATS = 20  # a beat is compared with the median of this many beats before it
+# recent_reference="ontime": only beats whose previous RR is at least this share of the five-minute
+# average RR serve as reference (the "premature" cut of de Chazal et al.'s features is alike).
+ONTIME_SHARE = 0.9
+# What a recent_cnn beat is read against (BeatDataset.recent_template): all of the beats before it,
+# or only those of them that came on time.
+RECENT_REFERENCES: tuple[str, ...] = ("all", "ontime")
 RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 take ±5 min; ours looks back only)
 RR_IRREGULAR_BEATS = 16  # rhythm irregularity over the successive RR differences of about the last 12 s
 
@@ -139,24 +145,44 @@ def rr_irregularity(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
 
 
 def recent_median(record: np.ndarray, sample: np.ndarray, x: np.ndarray, beats: int = RECENT_BEATS,
-                  chunk: int = 512) -> np.ndarray:
-    """Sample-wise median of the windows of the (up to) ``beats`` beats before each beat in the same
-    record, float32 ``(n, window, leads)``; ``x``: ``(n, window, leads)``, ``record``/``sample``:
-    ``(n,)``, rows in any order. Labels are not read (a test beat's neighbours have none), so
-    ectopic neighbours count too; the median keeps a few of them from moving it. The first beat of
-    a record has no beat before it and gets its own window. It never looks ahead, nor into another
-    record."""
+                  chunk: int = 512, reference: np.ndarray | None = None) -> np.ndarray:
+    """Sample-wise median of the windows of the (up to) ``beats`` reference beats before each beat in
+    the same record, float32 ``(n, window, leads)``; ``x``: ``(n, window, leads)``,
+    ``record``/``sample``: ``(n,)``, rows in any order. ``reference``: bool ``(n,)``, the beats that
+    may serve as reference (None: every beat). Labels are not read (a test beat's neighbours have
+    none), so ectopic neighbours count too unless ``reference`` leaves them out; the median keeps a
+    few of them from moving it. A beat with no reference beat before it gets its own window. It
+    never looks ahead, nor into another record."""
+    if reference is None:
+        reference = np.ones(len(record), dtype=bool)
+    reference = np.asarray(reference)
+    if reference.dtype != bool or reference.shape != (len(record),):
+        raise ValueError(f"reference must be a bool array of shape ({len(record)},), "
+                         f"got {reference.dtype} {reference.shape}")
     out = np.empty(x.shape, dtype=np.float32)
     for rows in _rows_by_record(record, sample, x, "x", beats):
         xr = x[rows]
-        out[rows[0]] = xr[0]
-        for i in range(1, min(beats, len(rows))):  # fewer than `beats` before these
-            out[rows[i]] = np.median(xr[:i], axis=0)
-        # Beat i (i >= beats) reads beats i - beats .. i - 1: window j of the view ends at beat j + beats - 1.
-        for i0 in range(beats, len(rows), chunk):
-            i1 = min(len(rows), i0 + chunk)
-            view = np.lib.stride_tricks.sliding_window_view(xr[i0 - beats:i1 - 1], beats, axis=0)
-            out[rows[i0:i1]] = np.median(view, axis=-1)
+        ref = np.flatnonzero(reference[rows])
+        medians = _preceding_medians(xr[ref], beats, chunk)  # medians[k]: of reference beats k - beats .. k - 1
+        # Beat i reads the reference beats before it: as many as there are among rows 0 .. i - 1.
+        before = np.searchsorted(ref, np.arange(len(rows)), side="left")
+        has = before > 0
+        out[rows[~has]] = xr[~has]
+        out[rows[has]] = medians[before[has]]
+    return out
+
+
+def _preceding_medians(xs: np.ndarray, beats: int, chunk: int) -> np.ndarray:
+    """``(k + 1, window, leads)``: row ``j`` >= 1 is the sample-wise median of ``xs[max(0, j - beats):j]``
+    (``xs``: ``(k, window, leads)``); row 0, which has no beat before it, is zeros."""
+    out = np.zeros((len(xs) + 1,) + xs.shape[1:], dtype=np.float32)
+    for j in range(1, min(beats, len(xs)) + 1):  # fewer than `beats` before these
+        out[j] = np.median(xs[:j], axis=0)
+    # Row j (j > beats) reads xs[j - beats .. j - 1]: window m of the view starts at xs[m].
+    for j0 in range(beats + 1, len(xs) + 1, chunk):
+        j1 = min(len(xs) + 1, j0 + chunk)
+        view = np.lib.stride_tricks.sliding_window_view(xs[j0 - beats:j1 - 1], beats, axis=0)
+        out[j0:j1] = np.median(view, axis=-1)
     return out
 
 

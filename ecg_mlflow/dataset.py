@@ -165,12 +165,18 @@ class BeatDataset:
         irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev)
         return np.nan_to_num(irregular, nan=0.0, posinf=0.0)[:, None].astype(np.float32)
 
-    def recent_template(self) -> np.ndarray:
+    def recent_template(self, reference: str = "all") -> np.ndarray:
         """Each beat's recent neighbours, float32 ``(n, window, leads)``: the sample-wise median of the
         windows of the 20 beats before it in its record (:func:`ecg_mlflow.beats.recent_median`).
-        Unlike :meth:`patient_context` it follows the record as it drifts, and reads no labels.
-        About 10 s for the 44 records here, so sources compute it only for models that read it."""
-        return beats_mod.recent_median(self.record, self.sample, self.x)
+        ``reference="ontime"`` takes the 20 beats before it that came on time (previous RR at least
+        0.9 of the five-minute average, :meth:`rr_long`), so that inside a run of premature or
+        fast beats the reference stays the rhythm before the run. Unlike :meth:`patient_context` it
+        follows the record as it drifts, and reads no labels. About 10 s for the 44 records here,
+        so sources compute it only for models that read it."""
+        if reference not in beats_mod.RECENT_REFERENCES:
+            raise ValueError(f"recent_reference must be one of {list(beats_mod.RECENT_REFERENCES)}, got {reference!r}")
+        mask = None if reference == "all" else self.rr_long()[:, 0] >= beats_mod.ONTIME_SHARE
+        return beats_mod.recent_median(self.record, self.sample, self.x, reference=mask)
 
     def patient_context(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each record's own normal beat and rhythm, from the labelled beats of its fine-tune

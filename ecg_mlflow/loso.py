@@ -178,14 +178,14 @@ def register_once(model_uri: str, name: str, tags: dict[str, object]) -> str:
     return registry.register(model_uri, name, tags)
 
 
-def beat_source(ds: BeatDataset) -> BeatSource:
-    """The dataset's beats as tensors, made once per dataset object (once per process in workers)
-    and shared by every fold: folds select rows by index, nothing copies the beat array."""
-    src = getattr(ds, "_beat_source", None)
-    if src is None:
-        src = BeatSource.from_dataset(ds)
-        ds._beat_source = src  # cached on the dataset, which each process loads once
-    return src
+def beat_source(ds: BeatDataset, recent_reference: str = "all") -> BeatSource:
+    """The dataset's beats as tensors, made once per dataset object and ``recent_reference`` (once
+    per process in workers) and shared by every fold: folds select rows by index, nothing copies
+    the beat array."""
+    sources = ds.__dict__.setdefault("_beat_sources", {})  # cached on the dataset, which each process loads once
+    if recent_reference not in sources:
+        sources[recent_reference] = BeatSource.from_dataset(ds, recent_reference)
+    return sources[recent_reference]
 
 
 def _epoch_printer(total: int, label: str):
@@ -203,7 +203,7 @@ def _epoch_printer(total: int, label: str):
 def fit_base(ds: BeatDataset, fold: Fold, cfg: LosoConfig, loso_run_id: str | None = None) -> BaseModel:
     """Train the base model of ``fold`` on every other subject's beats; log it to the active run."""
     run_id = mlflow.active_run().info.run_id
-    src, train_idx = beat_source(ds), np.flatnonzero(fold.train)
+    src, train_idx = beat_source(ds, cfg.train.recent_reference), np.flatnonzero(fold.train)
     train_records = tuple(dict.fromkeys(ds.record[fold.train].tolist()))
     # Leakage guard: the held-out subject's records must not be among the training records.
     assert not set(train_records) & set(fold.records), "held-out subject leaked into base training"
@@ -247,11 +247,12 @@ def _variant_tags(record: str, variant: str, base: BaseModel, loso_run_id: str |
 
 
 def evaluate_no_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel,
-                         loso_run_id: str | None = None) -> PatientResult:
-    """The base model on ``record``'s test part, logged to the active run (variant ``no_transfer``)."""
+                         loso_run_id: str | None = None, recent_reference: str = "all") -> PatientResult:
+    """The base model on ``record``'s test part, logged to the active run (variant ``no_transfer``);
+    ``recent_reference``: the one the base model was trained with (:class:`TrainConfig`)."""
     mlflow.set_tags(_variant_tags(record, "no_transfer", base, loso_run_id))
     mask = fold.test[record]
-    pred = predict_classes(base.model, beat_source(ds), np.flatnonzero(mask))
+    pred = predict_classes(base.model, beat_source(ds, recent_reference), np.flatnonzero(mask))
     m, cm = _log_test_results(ds, mask, pred, f"{record} no transfer")
     return PatientResult(record, "no_transfer", mlflow.active_run().info.run_id, m, cm)
 
@@ -289,7 +290,7 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     active run (variant ``transfer``) and register the transfer model."""
     run_id = mlflow.active_run().info.run_id
     mlflow.set_tags(_variant_tags(record, "transfer", base, loso_run_id))
-    src, ft_idx = beat_source(ds), np.flatnonzero(fold.finetune[record])
+    src, ft_idx = beat_source(ds, cfg.train.recent_reference), np.flatnonzero(fold.finetune[record])
     # Replayed beats come from the fold's base-training rows: other subjects only.
     replay = replay_rows(ds.label, np.flatnonzero(fold.train), cfg.train.finetune_replay, cfg.train.seed)
     mlflow.log_params({"n_finetune_beats": len(ft_idx), "n_replay_beats": len(replay)})
@@ -368,7 +369,8 @@ def run_fold(task: FoldTask) -> FoldOutcome:
                     continue
                 with _child_run(f"{record}-{variant}", task):
                     if variant == "no_transfer":
-                        result = evaluate_no_transfer(ds, fold, record, base, task.parent_run_id)
+                        result = evaluate_no_transfer(ds, fold, record, base, task.parent_run_id,
+                                                      cfg.train.recent_reference)
                     else:
                         result = fit_transfer(ds, fold, record, base, cfg, task.parent_run_id)
                 outcome.results.append(result)
@@ -830,6 +832,16 @@ def load_base(model_uri: str, *patients: str) -> BaseModel:
     return BaseModel(mlflow.keras.load_model(model_uri), subject, run_id, model_uri, trained_on)
 
 
+def base_training_param(run_id: str, name: str, default: str) -> str:
+    """A training parameter of the run that trained a base model: its own (``train_base``) or its
+    LOSO parent's (a LOSO base run logs none of its own); ``default`` for runs from before it existed."""
+    run = mlflow.get_run(run_id)
+    if name in run.data.params:
+        return run.data.params[name]
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return mlflow.get_run(parent).data.params.get(name, default) if parent else default
+
+
 def run_transfer(cfg: LosoConfig, base_model_uri: str, patient: str) -> list[PatientResult]:
     """Entry point ``transfer``: no-transfer and transfer runs for one patient from a given base model.
 
@@ -841,13 +853,17 @@ def run_transfer(cfg: LosoConfig, base_model_uri: str, patient: str) -> list[Pat
     if patient not in ds.records:
         raise ValueError(f"patient {patient!r} is not among the prepared records {ds.records}")
     base = load_base(base_model_uri, patient)
+    trained = base_training_param(base.run_id, "recent_reference", "all")
+    if trained != cfg.train.recent_reference:
+        raise ValueError(f"recent_reference={cfg.train.recent_reference!r}: base model {base_model_uri} was trained "
+                         f"with recent_reference={trained!r}, and its recent input must be made the same way")
     (fold,) = loso_folds(ds.record, ds.part, [subject_of(patient)])
     check_sveb_gate(cfg, ds, [fold])
     with mlflow.start_run(run_name=f"{patient}-patient") as run:
         mlflow.set_tags({tracking.ROLE_TAG: "patient", "patient": patient, "subject": subject_of(patient)})
         tracking.log_new_params(cfg.params() | {"base_model_uri": base_model_uri, "patient": patient})
         with mlflow.start_run(run_name=f"{patient}-no_transfer", nested=True):
-            results = [evaluate_no_transfer(ds, fold, patient, base, run.info.run_id)]
+            results = [evaluate_no_transfer(ds, fold, patient, base, run.info.run_id, cfg.train.recent_reference)]
         with mlflow.start_run(run_name=f"{patient}-transfer", nested=True):
             results.append(fit_transfer(ds, fold, patient, base, cfg, run.info.run_id))
     for r in results:

@@ -15,6 +15,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
+from ecg_mlflow.beats import RECENT_REFERENCES
 from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, ensemble_members, model_input_names,
                                transfer_copy)
 
@@ -50,6 +51,8 @@ class TrainConfig:
     ensemble: int = 1  # base models trained with seeds seed, seed + 1, ...; each fine-tuned; their logits averaged
     augment: float = 0.0  # strength of random gain, baseline and noise on training waveforms (0: none)
     sveb_gate: float = 0.0  # > 0: transfer calls S only for beats earlier than this share of training S beats
+    recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
+    # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -88,6 +91,12 @@ class TrainConfig:
         if isinstance(self.sveb_gate, bool) or not isinstance(self.sveb_gate, (int, float)) \
                 or not 0 <= self.sveb_gate < 1:
             raise ValueError(f"sveb_gate must be 0 (off) or a share in (0, 1), got {self.sveb_gate!r}")
+        if self.recent_reference not in RECENT_REFERENCES:
+            raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, "
+                             f"got {self.recent_reference!r}")
+        if self.recent_reference != "all" and self.model != "recent_cnn":
+            raise ValueError(f"recent_reference={self.recent_reference!r} acts only on model=recent_cnn, "
+                             f"got model={self.model!r}")
         if not isinstance(self.jit_compile, bool):
             raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
@@ -167,10 +176,13 @@ class BeatSource:
         return self._recent
 
     @classmethod
-    def from_dataset(cls, ds) -> "BeatSource":
-        """A source over a :class:`ecg_mlflow.dataset.BeatDataset`."""
-        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(), ds.recent_template,
-                   ds.rr_irregular())
+    def from_dataset(cls, ds, recent_reference: str = "all") -> "BeatSource":
+        """A source over a :class:`ecg_mlflow.dataset.BeatDataset`; ``recent_reference``: what its
+        ``recent`` input is made of (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`)."""
+        if recent_reference not in RECENT_REFERENCES:
+            raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, got {recent_reference!r}")
+        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(),
+                   lambda: ds.recent_template(recent_reference), ds.rr_irregular())
 
     def __len__(self) -> int:
         return len(self.y_np)

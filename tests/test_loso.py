@@ -205,6 +205,8 @@ def _closed_port() -> int:
     (["--rr-features", "heart"], "rr_features"),
     (["--augment", "2"], "augment"),
     (["--sveb-gate", "1"], "sveb_gate"),
+    (["--recent-reference", "normal"], "recent_reference"),
+    (["--recent-reference", "ontime"], "recent_reference"),  # acts only on recent_cnn; the default is rr_cnn
     (["--label-scheme", "raw", "--sveb-gate", "0.99"], "sveb_gate"),  # raw labels have no S class to gate
 ])
 def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tmp_path, mitdb_dir, cache_root):
@@ -250,6 +252,11 @@ def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tmp_path, mitd
     proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-101@newest", "patient": "100"}, env)
     assert proc.returncode != 0
     assert "ecg-base-101" in proc.stderr and "subject 100" in proc.stderr
+    # A transfer must make the base model's inputs as its training made them.
+    proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-100@newest", "patient": "100",
+                                  "model": "recent_cnn", "recent_reference": "ontime"}, env)
+    assert proc.returncode != 0
+    assert "recent_reference='all'" in proc.stderr and "ecg-base-100" in proc.stderr
 
 
 @pytest.mark.parametrize("entry", ["train_base", "transfer", "loso"])

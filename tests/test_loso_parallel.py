@@ -406,6 +406,45 @@ def test_sveb_gate_keeps_transfer_from_calling_s_on_beats_that_are_not_early(seq
         assert all(same_number(nt[k], want[k]) for k in want)
 
 
+def test_recent_reference_ontime_reaches_training_and_evaluation(sequential, mitdb_dir, cache_root, monkeypatch):
+    from dataclasses import replace
+
+    import mlflow.keras
+
+    from ecg_mlflow.dataset import prepare
+    from ecg_mlflow.loso import base_training_param, beat_source
+    from ecg_mlflow.models import model_input_names
+
+    uri, _ = sequential
+    _in_store_of(uri, monkeypatch)
+    try:
+        cfg = replace(config(mitdb_dir, cache_root),
+                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=SEED, model="recent_cnn",
+                                        recent_reference="ontime"))
+        got = snapshot(uri, run_loso(cfg))
+        ds = prepare(cfg.prepare)
+        ontime, everyone = beat_source(ds, "ontime"), beat_source(ds, "all")
+        assert beat_source(ds, "ontime") is ontime  # made once per dataset and reference
+        base_runs = [r.info.run_id for r in got["children"] if r.data.tags.get("ecg.role") == "base"]
+        assert base_runs and all(base_training_param(b, "recent_reference", "all") == "ontime" for b in base_runs)
+        for r in got["children"]:
+            if r.data.tags.get("variant") != "transfer":
+                continue
+            model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/model")
+            names = model_input_names(model)
+            assert "recent" in names
+            rows = np.flatnonzero((ds.record == r.data.tags["patient"]) & (ds.part == "test"))
+            early = ds.rr_long()[rows, 0] < 0.9
+            a, b = ontime.inputs(rows, names)["recent"], everyone.inputs(rows, names)["recent"]
+            # The references differ where early beats were among the 20 before, so the check below can fail.
+            assert early.sum() > 0 and not np.allclose(np.asarray(a), np.asarray(b))
+            pred = np.argmax(model.predict(ontime.inputs(rows, names), verbose=0), 1)
+            # The logged test figures are those of the on-time references.
+            assert r.data.metrics["test_accuracy"] == pytest.approx((pred == ds.label[rows]).mean(), abs=1e-9)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.parametrize("change, culprit", [
     ({"train": TrainConfig(epochs=2, seed=SEED)}, r"trained with epochs=1; this run asks for epochs=2"),
     ({"holdout": "100,103"}, r"no finished base model for \['103'\]"),

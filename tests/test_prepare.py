@@ -174,6 +174,30 @@ def test_recent_median_is_the_median_of_the_beats_before_within_the_record_in_an
         recent_median(record, sample[:5], x)
 
 
+def test_recent_median_with_a_reference_mask_reads_only_the_reference_beats_before():
+    rng = np.random.default_rng(3)
+    record = np.array(["100"] * 40 + ["101"] * 25, dtype=object)
+    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 40)), np.cumsum(rng.integers(200, 400, 25))])
+    x = rng.normal(size=(65, 6, 2)).astype(np.float32)
+    reference = rng.random(65) < 0.6
+    reference[40:45] = False  # record 101 starts with beats that may not serve as reference
+    order = rng.permutation(65)
+    got = recent_median(record[order], sample[order], x[order], beats=5, chunk=3,
+                        reference=reference[order])[np.argsort(order)]
+    for start, stop in ((0, 40), (40, 65)):
+        for i in range(start, stop):
+            before = start + np.flatnonzero(reference[start:i])[-5:]
+            want = x[i] if len(before) == 0 else np.median(x[before], axis=0)  # none before: its own window
+            np.testing.assert_allclose(got[i], want, rtol=1e-6)
+    # Every beat a reference: the plain recent median.
+    np.testing.assert_array_equal(recent_median(record, sample, x, beats=5, reference=np.ones(65, bool)),
+                                  recent_median(record, sample, x, beats=5))
+    with pytest.raises(ValueError, match="reference"):
+        recent_median(record, sample, x, reference=reference[:10])
+    with pytest.raises(ValueError, match="reference"):
+        recent_median(record, sample, x, reference=reference.astype(int))
+
+
 # ---------------------------------------------------------------- labels
 
 

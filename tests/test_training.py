@@ -455,6 +455,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("finetune_blend", 0, "finetune_blend"), ("finetune_blend", 1.5, "finetune_blend"),
     ("augment", -0.1, "augment"), ("augment", 2, "augment"), ("augment", True, "augment"),
     ("sveb_gate", 1, "sveb_gate"), ("sveb_gate", -0.5, "sveb_gate"), ("sveb_gate", "on", "sveb_gate"),
+    ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
