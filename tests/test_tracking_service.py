@@ -301,6 +301,8 @@ def test_ui_shows_runs_and_confusion_matrix(loso, service, tmp_path):
 
     url, exp_id = service["url"], loso["experiment"]["experiment_id"]
     run = _variant(loso, RECORDS[1], "transfer")
+    # expect() waits 5 s unless told otherwise; the UI's run table can take longer on a busy machine.
+    expect.set_options(timeout=60_000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
