@@ -178,9 +178,8 @@ class BeatSource:
     @classmethod
     def from_dataset(cls, ds, recent_reference: str = "all") -> "BeatSource":
         """A source over a :class:`ecg_mlflow.dataset.BeatDataset`; ``recent_reference``: what its
-        ``recent`` input is made of (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`)."""
-        if recent_reference not in RECENT_REFERENCES:
-            raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, got {recent_reference!r}")
+        ``recent`` input is made of (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`, which
+        checks it when a model first reads it)."""
         return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(),
                    lambda: ds.recent_template(recent_reference), ds.rr_irregular())
 
