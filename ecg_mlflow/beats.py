@@ -29,6 +29,9 @@ ONTIME_SHARE = 0.9
 RECENT_REFERENCES: tuple[str, ...] = ("all", "ontime")
 RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 take ±5 min; ours looks back only)
 RR_IRREGULAR_BEATS = 16  # rhythm irregularity over the successive RR differences of about the last 12 s
+# Below this irregularity (rr_irregularity) the rhythm before a beat counts as regular: sinus rhythm
+# reads about 0.01-0.05 there, atrial fibrillation 0.15-0.3 (early_sveb, models.promote_early).
+REGULAR_IRREGULARITY = 0.05
 
 
 @dataclass

@@ -112,6 +112,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sveb-gate", type=number("sveb_gate"), default=d.sveb_gate,
                    help="0 = off; q in (0, 1): transfer calls S only for beats that come earlier than q of "
                         "the training subjects' S beats (previous RR over local or five-minute mean RR)")
+    p.add_argument("--early-sveb", type=number("early_sveb"), default=d.early_sveb,
+                   help="0 = off; q in (0, 1): transfer calls S instead of N for beats in regular rhythm that come "
+                        "earlier than all but q of the training subjects' N beats in regular rhythm "
+                        "(previous RR over the five-minute average)")
     p.add_argument("--recent-reference", default=d.recent_reference,
                    help="recent_cnn reads each beat against the 20 beats before it (all) or the 20 before it "
                         "that came on time (ontime: previous RR at least 0.9 of the five-minute average)")
@@ -136,7 +140,8 @@ def train_config(a: argparse.Namespace):
                        finetune_replay=a.finetune_replay, rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment,
-                       sveb_gate=a.sveb_gate, recent_reference=a.recent_reference.strip().lower())
+                       sveb_gate=a.sveb_gate, early_sveb=a.early_sveb,
+                       recent_reference=a.recent_reference.strip().lower())
 
 
 def run_main(main: Callable[[], object]) -> None:

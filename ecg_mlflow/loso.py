@@ -45,14 +45,15 @@ from mlflow import MlflowClient
 from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
+from ecg_mlflow.beats import REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
-from ecg_mlflow.models import gate_premature
+from ecg_mlflow.models import gate_premature, promote_early
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
-from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, fine_tune, model_input_names,
-                                 predict_classes, premature_threshold, replay_rows, train_base)
+from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, early_threshold, fine_tune,
+                                 model_input_names, predict_classes, premature_threshold, replay_rows, train_base)
 
 VARIANTS = ("no_transfer", "transfer")
 EVALUATE_ON = ("test", "validation")
@@ -268,20 +269,38 @@ def gate_sveb(ds: BeatDataset, fold: Fold, model, share: float):
     return gate_premature(model, threshold, code)
 
 
+def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float):
+    """``model`` behind :func:`ecg_mlflow.models.promote_early` (N calls become S for beats early in a
+    regular rhythm), its threshold the ``share`` quantile of the earliness of the fold's training N
+    beats in regular rhythm (other subjects only); the threshold is logged to the active run as
+    ``early_sveb_threshold``."""
+    normal, sveb = ds.classes.index("N"), ds.classes.index("S")
+    threshold = early_threshold(ds.rr_long(), ds.rr_irregular(), ds.label, np.flatnonzero(fold.train), normal, share)
+    mlflow.log_param("early_sveb_threshold", round(threshold, 4))
+    return promote_early(model, threshold, REGULAR_IRREGULARITY, normal, sveb)
+
+
 def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
-    """``sveb_gate`` gates the AAMI scheme's S class and sets its threshold from each fold's training
-    S beats: refuse it (``ValueError`` naming ``sveb_gate``) before any training when the scheme is
-    another or a fold's training subjects have no S beat."""
-    if cfg.train.sveb_gate <= 0:
-        return
-    if ds.meta["label_scheme"] != "aami":
-        raise ValueError(f"sveb_gate={cfg.train.sveb_gate} needs label_scheme=aami (its S class), "
-                         f"got {ds.meta['label_scheme']!r}")
-    code = ds.classes.index("S")
-    for fold in folds:
-        if not (ds.label[fold.train] == code).any():
-            raise ValueError(f"sveb_gate={cfg.train.sveb_gate}: the training subjects of fold {fold.subject} "
-                             "have no S beat to set the gate's threshold from; add records or set sveb_gate=0")
+    """``sveb_gate`` and ``early_sveb`` act on the AAMI scheme's S class and set their thresholds from
+    each fold's training S beats (``sveb_gate``) or N beats in regular rhythm (``early_sveb``): refuse
+    them (``ValueError`` naming the parameter) before any training when the scheme is another or a
+    fold's training subjects have no such beat."""
+    irregular = ds.rr_irregular()[:, 0] if cfg.train.early_sveb > 0 else None
+    for name, share, cls in (("sveb_gate", cfg.train.sveb_gate, "S"), ("early_sveb", cfg.train.early_sveb, "N")):
+        if share <= 0:
+            continue
+        if ds.meta["label_scheme"] != "aami":
+            raise ValueError(f"{name}={share} needs label_scheme=aami (its S class), "
+                             f"got {ds.meta['label_scheme']!r}")
+        code = ds.classes.index(cls)
+        what = "S beat" if cls == "S" else "N beat in regular rhythm"
+        for fold in folds:
+            usable = fold.train & (ds.label == code)
+            if cls == "N":
+                usable &= irregular < REGULAR_IRREGULARITY
+            if not usable.any():
+                raise ValueError(f"{name}={share}: the training subjects of fold {fold.subject} "
+                                 f"have no {what} to set the threshold from; add records or set {name}=0")
 
 
 def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg: LosoConfig,
@@ -298,6 +317,8 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
                          on_epoch=tracking.log_epoch_metrics)
     if cfg.train.sveb_gate > 0:
         model = gate_sveb(ds, fold, model, cfg.train.sveb_gate)
+    if cfg.train.early_sveb > 0:
+        model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb)
     mask = fold.test[record]
     m, cm = _log_test_results(ds, mask, predict_classes(model, src, np.flatnonzero(mask)), f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))

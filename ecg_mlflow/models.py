@@ -272,6 +272,66 @@ def gate_premature(model: keras.Model, threshold: float, class_index: int) -> ke
     return keras.Model(inputs, out, name=GATED_NAME)
 
 
+PROMOTED_NAME = "early_promotion"
+
+
+def promote_early(model: keras.Model, threshold: float, regular: float, from_index: int,
+                  to_index: int) -> keras.Model:
+    """``model`` with class ``from_index`` (N) handed to class ``to_index`` (SVEB) for every beat that
+    comes early in a regular rhythm: where the previous RR over the average of about five minutes
+    (``rr_long`` column 0) is below ``threshold`` and the rhythm before the beat is regular
+    (``rr_irregular`` below ``regular``), the ``to_index`` logit becomes the larger of the two and
+    the ``from_index`` logit is lowered by 1e4. So a beat the model called N is called S there, and
+    a beat it called V (or any other class) keeps its class. In sinus rhythm a beat that early is
+    premature by definition, so not normal, whatever its shape; in atrial fibrillation short RRs
+    are ordinary, hence the rhythm condition. This is the converse of :func:`gate_premature`.
+
+    The returned model reads ``model``'s inputs plus ``rr_long`` ``(2,)`` and ``rr_irregular``
+    ``(1,)`` and gives logits ``(batch, n_classes)``; it is built from built-in layers with fixed
+    weights, so it saves, loads and serves as any other model."""
+    n_classes = int(model.output.shape[-1])
+    for name, index in (("from_index", from_index), ("to_index", to_index)):
+        if not 0 <= index < n_classes:
+            raise ValueError(f"{name} must be in [0, {n_classes}), got {index}")
+    if from_index == to_index:
+        raise ValueError(f"from_index and to_index must differ, got {from_index} for both")
+    inner = model_input_names(model)
+    inputs = {n: keras.Input(shape=(model.input[n] if isinstance(model.input, dict) else model.input).shape[1:], name=n)
+              for n in inner}
+    for name, size in (("rr_long", 2), ("rr_irregular", 1)):
+        inputs.setdefault(name, keras.Input(shape=(size,), name=name))
+    logits = model({n: inputs[n] for n in inner} if isinstance(model.input, dict) else inputs["beat"])
+    # 1 while the value is at least 1e-4 below its bound, 0 from the bound on: Dense + capped ReLU.
+    first = np.zeros((2, 1), np.float32)
+    first[0, 0] = -_STEP
+    early = _fixed_dense(1, first, np.array([threshold * _STEP], np.float32), "promote_early_step")(inputs["rr_long"])
+    early = layers.ReLU(max_value=1.0, name="promote_early", dtype="float32")(early)
+    steady = _fixed_dense(1, np.full((1, 1), -_STEP, np.float32), np.array([regular * _STEP], np.float32),
+                          "promote_regular_step")(inputs["rr_irregular"])
+    steady = layers.ReLU(max_value=1.0, name="promote_regular", dtype="float32")(steady)
+    both = layers.Minimum(name="promote_when", dtype="float32")([early, steady])
+
+    def column(index: int, name: str):
+        pick = np.zeros((n_classes, 1), np.float32)
+        pick[index, 0] = 1.0
+        return _fixed_dense(1, pick, None, name)(logits)
+
+    source, target = column(from_index, "promote_from_logit"), column(to_index, "promote_to_logit")
+    # How far the target logit must rise to reach the source's (0 when it is already above).
+    rise = layers.Subtract(name="promote_rise", dtype="float32")(
+        [layers.Maximum(name="promote_larger", dtype="float32")([source, target]), target])
+    shift = np.zeros((2, n_classes), np.float32)
+    shift[0, to_index] = 1.0  # row 0: the rise goes to the target
+    shift[1, from_index] = -_STEP  # row 1 (a constant 1): the source is ruled out
+    ones = _fixed_dense(1, np.zeros((1, 1), np.float32), np.ones(1, np.float32), "promote_one")(both)
+    change = _fixed_dense(n_classes, shift, None, "promote_change")(
+        layers.Concatenate(name="promote_parts", dtype="float32")([rise, ones]))
+    spread = _fixed_dense(n_classes, np.ones((1, n_classes), np.float32), None, "promote_spread")(both)
+    out = layers.Add(name="promoted_logits", dtype="float32")(
+        [logits, layers.Multiply(name="promote_where", dtype="float32")([change, spread])])
+    return keras.Model(inputs, out, name=PROMOTED_NAME)
+
+
 def ensemble_members(model: keras.Model) -> list[keras.Model]:
     """The member models of an ensemble built by :func:`build_ensemble` (also after save and load),
     or ``[model]`` for a single model."""

@@ -15,7 +15,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from ecg_mlflow.beats import RECENT_REFERENCES
+from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
 from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, ensemble_members, model_input_names,
                                transfer_copy)
 
@@ -51,6 +51,8 @@ class TrainConfig:
     ensemble: int = 1  # base models trained with seeds seed, seed + 1, ...; each fine-tuned; their logits averaged
     augment: float = 0.0  # strength of random gain, baseline and noise on training waveforms (0: none)
     sveb_gate: float = 0.0  # > 0: transfer calls S only for beats earlier than this share of training S beats
+    early_sveb: float = 0.0  # > 0: transfer calls S instead of N for beats in regular rhythm earlier than all but
+    # this share of the training subjects' N beats in regular rhythm
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
 
@@ -91,6 +93,9 @@ class TrainConfig:
         if isinstance(self.sveb_gate, bool) or not isinstance(self.sveb_gate, (int, float)) \
                 or not 0 <= self.sveb_gate < 1:
             raise ValueError(f"sveb_gate must be 0 (off) or a share in (0, 1), got {self.sveb_gate!r}")
+        if isinstance(self.early_sveb, bool) or not isinstance(self.early_sveb, (int, float)) \
+                or not 0 <= self.early_sveb < 1:
+            raise ValueError(f"early_sveb must be 0 (off) or a share in (0, 1), got {self.early_sveb!r}")
         if self.recent_reference not in RECENT_REFERENCES:
             raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, "
                              f"got {self.recent_reference!r}")
@@ -107,7 +112,8 @@ class TrainConfig:
 
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
-                                    "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate")
+                                    "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
+                                    "early_sveb")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -321,6 +327,24 @@ def premature_threshold(rr: np.ndarray, rr_long: np.ndarray, labels: np.ndarray,
     if len(rows) == 0:
         raise ValueError(f"no training beats of class {class_code} to set the premature gate from")
     return float(np.quantile(np.minimum(rr[rows, 0], rr_long[rows, 0]), share))
+
+
+def early_threshold(rr_long: np.ndarray, irregular: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                    class_code: int, share: float, regular: float = REGULAR_IRREGULARITY) -> float:
+    """The earliness below which a beat in regular rhythm is no longer called class ``class_code``
+    (N) under :func:`ecg_mlflow.models.promote_early`: the ``share`` quantile of previous RR over the
+    five-minute average (``rr_long[:, 0]``) over the beats of that class among ``rows`` (training
+    rows: never the held-out subject's) whose rhythm before is regular (``irregular`` below
+    ``regular``). So about ``share`` of those beats would be called S. ``rr_long`` ``(n, 2)``,
+    ``irregular`` ``(n, 1)`` or ``(n,)``, ``labels`` ``(n,)`` cover the whole table."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share!r}")
+    rows = np.asarray(rows)
+    irregular = np.asarray(irregular).reshape(len(labels))
+    rows = rows[(labels[rows] == class_code) & (irregular[rows] < regular)]
+    if len(rows) == 0:
+        raise ValueError(f"no training beats of class {class_code} in regular rhythm to set the early threshold from")
+    return float(np.quantile(rr_long[rows, 0], share))
 
 
 def replay_rows(labels: np.ndarray, train_idx: np.ndarray, per_class: int, seed: int) -> np.ndarray:

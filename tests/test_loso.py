@@ -208,6 +208,8 @@ def _closed_port() -> int:
     (["--recent-reference", "normal"], "recent_reference"),
     (["--recent-reference", "ontime"], "recent_reference"),  # acts only on recent_cnn; the default is rr_cnn
     (["--label-scheme", "raw", "--sveb-gate", "0.99"], "sveb_gate"),  # raw labels have no S class to gate
+    (["--early-sveb", "1"], "early_sveb"),
+    (["--label-scheme", "raw", "--early-sveb", "0.01"], "early_sveb"),
 ])
 def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tmp_path, mitdb_dir, cache_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

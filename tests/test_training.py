@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, ensemble_members, gate_premature,
-                               lead_stats, model_input_names, transfer_copy)
-from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, fine_tune,
-                                 predict_classes, premature_threshold, replay_rows, train_base)
+                               lead_stats, model_input_names, promote_early, transfer_copy)
+from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_threshold,
+                                 fine_tune, predict_classes, premature_threshold, replay_rows, train_base)
 
 WINDOW = 32
 
@@ -404,6 +404,69 @@ def test_premature_threshold_is_a_quantile_over_the_given_rows_of_the_class_only
         premature_threshold(rr, rr_long, labels, rows, 1, 1.0)
 
 
+@pytest.mark.parametrize("model_name, members", [("seed_cnn", 1), ("rr_cnn", 2)])
+def test_early_promotion_hands_n_calls_to_s_only_for_early_beats_in_regular_rhythm(model_name, members, tmp_path):
+    from dataclasses import replace
+
+    import keras
+
+    x, y, rr = toy_beats(300)
+    rng = np.random.default_rng(4)
+    rr_long = rng.uniform(0.4, 1.4, (len(x), 2)).astype(np.float32)
+    irregular = rng.uniform(0.0, 0.1, (len(x), 1)).astype(np.float32)
+    src = BeatSource(x, y, rr, rr_long=rr_long, rr_irregular=irregular)
+    # trained on the separable toy classes, so its calls cover all three
+    plain, _ = train_base(src, np.arange(len(x)), 3, replace(FAST, model=model_name, ensemble=members))
+    promoted = promote_early(plain, 0.8, 0.05, from_index=0, to_index=1)
+    assert set(model_input_names(promoted)) == set(model_input_names(plain)) | {"rr_long", "rr_irregular"}
+    want = plain.predict(src.inputs(np.arange(len(x)), model_input_names(plain)), verbose=0)
+    got = promoted.predict(src.inputs(np.arange(len(x)), model_input_names(promoted)), verbose=0)
+    acts = (rr_long[:, 0] < 0.8 - 1e-3) & (irregular[:, 0] < 0.05 - 1e-3)
+    idle = (rr_long[:, 0] >= 0.8) | (irregular[:, 0] >= 0.05)
+    assert acts.sum() > 20 and idle.sum() > 20
+    np.testing.assert_allclose(got[idle], want[idle], rtol=1e-6)  # late or irregular beats: untouched
+    np.testing.assert_allclose(got[acts][:, 2], want[acts][:, 2], rtol=1e-6)  # the third class: untouched
+    np.testing.assert_allclose(got[acts][:, 1], want[acts][:, :2].max(axis=1), rtol=1e-5, atol=1e-4)  # S: the larger
+    assert (got[acts, 0] < want[acts, 0] - 1000).all()  # N: ruled out
+    before, pred = np.argmax(want, axis=1), predict_classes(promoted, src, np.arange(len(x)))
+    assert ((before == 0) & acts).sum() > 0 and ((before == 2) & acts).sum() > 0
+    np.testing.assert_array_equal(pred[acts & (before == 0)], 1)  # N calls become S ...
+    np.testing.assert_array_equal(pred[acts & (before != 0)], before[acts & (before != 0)])  # ... others stay
+    np.testing.assert_array_equal(pred[idle], before[idle])
+    path = tmp_path / "promoted.keras"
+    promoted.save(path)
+    np.testing.assert_array_equal(predict_classes(keras.models.load_model(path), src, np.arange(len(x))), pred)
+    # behind the premature gate, as transfer builds it: both inputs once, both rules kept
+    both = promote_early(gate_premature(plain, 0.9, class_index=1), 0.8, 0.05, 0, 1)
+    assert set(model_input_names(both)) == set(model_input_names(plain)) | {"rr", "rr_long", "rr_irregular"}
+    for bad, match in (((0.8, 0.05, 3, 1), "from_index"), ((0.8, 0.05, 0, -1), "to_index"),
+                       ((0.8, 0.05, 1, 1), "differ")):
+        with pytest.raises(ValueError, match=match):
+            promote_early(plain, *bad)
+
+
+def test_early_threshold_is_a_quantile_over_training_beats_of_the_class_in_regular_rhythm():
+    rng = np.random.default_rng(1)
+    n = 2000
+    labels = rng.integers(0, 3, n)
+    rr_long = rng.uniform(0.4, 1.6, (n, 2)).astype(np.float32)
+    irregular = rng.uniform(0.0, 0.1, (n, 1)).astype(np.float32)
+    rows = np.arange(0, 1600)
+    got = early_threshold(rr_long, irregular, labels, rows, 0, 0.01)
+    pick = rows[(labels[rows] == 0) & (irregular[rows, 0] < 0.05)]
+    assert got == pytest.approx(np.quantile(rr_long[pick, 0], 0.01))
+    rr_long[1600:, 0] = 0.01  # rows outside `rows` (a held-out subject's) change nothing
+    labels[1600:] = 0
+    assert early_threshold(rr_long, irregular, labels, rows, 0, 0.01) == got
+    irregular[rows[labels[rows] == 0], 0] = np.where(rr_long[rows[labels[rows] == 0], 0] < 0.6, 0.5, 0.0)
+    assert early_threshold(rr_long, irregular, labels, rows, 0, 0.01) > 0.6  # irregular beats never count
+    assert early_threshold(rr_long, irregular[:, 0], labels, rows, 0, 0.2) > got
+    with pytest.raises(ValueError, match="no training beats of class 2 in regular rhythm"):
+        early_threshold(rr_long, np.ones(n), labels, rows, 2, 0.01)
+    with pytest.raises(ValueError, match="share"):
+        early_threshold(rr_long, irregular, labels, rows, 0, 0.0)
+
+
 def test_replay_rows_come_only_from_training_rows_capped_per_class():
     labels = np.array([0] * 50 + [1] * 5 + [2] * 30 + [0] * 20 + [2] * 20)  # rows 105+ are the patient's
     train_idx = np.arange(105)
@@ -455,6 +518,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("finetune_blend", 0, "finetune_blend"), ("finetune_blend", 1.5, "finetune_blend"),
     ("augment", -0.1, "augment"), ("augment", 2, "augment"), ("augment", True, "augment"),
     ("sveb_gate", 1, "sveb_gate"), ("sveb_gate", -0.5, "sveb_gate"), ("sveb_gate", "on", "sveb_gate"),
+    ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
