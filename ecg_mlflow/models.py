@@ -235,6 +235,17 @@ def _fixed_dense(units: int, kernel: np.ndarray, bias: np.ndarray | None, name: 
                         bias_initializer=keras.initializers.Constant(0.0 if bias is None else bias))
 
 
+def _wrapped(model: keras.Model, extra: dict[str, int]) -> tuple[dict, object]:
+    """Fresh inputs for ``model``'s own plus the ``extra`` ones (name -> width) it lacks, and
+    ``model``'s logits on them: the start of a wrapper around a trained model."""
+    inner = model_input_names(model)
+    inputs = {n: keras.Input(shape=(model.input[n] if isinstance(model.input, dict) else model.input).shape[1:], name=n)
+              for n in inner}
+    for name, size in extra.items():
+        inputs.setdefault(name, keras.Input(shape=(size,), name=name))
+    return inputs, model({n: inputs[n] for n in inner} if isinstance(model.input, dict) else inputs["beat"])
+
+
 def gate_premature(model: keras.Model, threshold: float, class_index: int) -> keras.Model:
     """``model`` with class ``class_index`` (SVEB) ruled out for every beat that does not come early:
     where the previous RR over the local mean RR (``rr`` column 0) and the previous RR over the
@@ -250,12 +261,7 @@ def gate_premature(model: keras.Model, threshold: float, class_index: int) -> ke
     n_classes = int(model.output.shape[-1])
     if not 0 <= class_index < n_classes:
         raise ValueError(f"class_index must be in [0, {n_classes}), got {class_index}")
-    inner = model_input_names(model)
-    inputs = {n: keras.Input(shape=(model.input[n] if isinstance(model.input, dict) else model.input).shape[1:], name=n)
-              for n in inner}
-    for name, size in (("rr", 3), ("rr_long", 2)):
-        inputs.setdefault(name, keras.Input(shape=(size,), name=name))
-    logits = model({n: inputs[n] for n in inner} if isinstance(model.input, dict) else inputs["beat"])
+    inputs, logits = _wrapped(model, {"rr": 3, "rr_long": 2})
     first = np.zeros((3, 1), np.float32)
     first[0, 0] = 1.0
     early_local = _fixed_dense(1, first, None, "gate_rr_prev")(inputs["rr"])
@@ -295,12 +301,7 @@ def promote_early(model: keras.Model, threshold: float, regular: float, from_ind
             raise ValueError(f"{name} must be in [0, {n_classes}), got {index}")
     if from_index == to_index:
         raise ValueError(f"from_index and to_index must differ, got {from_index} for both")
-    inner = model_input_names(model)
-    inputs = {n: keras.Input(shape=(model.input[n] if isinstance(model.input, dict) else model.input).shape[1:], name=n)
-              for n in inner}
-    for name, size in (("rr_long", 2), ("rr_irregular", 1)):
-        inputs.setdefault(name, keras.Input(shape=(size,), name=name))
-    logits = model({n: inputs[n] for n in inner} if isinstance(model.input, dict) else inputs["beat"])
+    inputs, logits = _wrapped(model, {"rr_long": 2, "rr_irregular": 1})
     # 1 while the value is at least 1e-4 below its bound, 0 from the bound on: Dense + capped ReLU.
     first = np.zeros((2, 1), np.float32)
     first[0, 0] = -_STEP

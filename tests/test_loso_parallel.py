@@ -364,100 +364,83 @@ def test_base_run_id_takes_that_runs_base_models_and_retrains_only_the_heads(seq
         assert len(got["variants"][(p, "transfer")][1]) == 3 != len(snap["variants"][(p, "transfer")][1])
 
 
-def test_sveb_gate_keeps_transfer_from_calling_s_on_beats_that_are_not_early(sequential, mitdb_dir, cache_root,
-                                                                             monkeypatch):
+def _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, **train):
+    """Re-run the sequential LOSO on its own base models with transfer options ``train``. Checks that
+    the no-transfer results do not move (the base models are the same) and returns the prepared
+    dataset and, per transfer run, (patient, its params, its loaded model, its test rows)."""
     from dataclasses import replace
 
     import mlflow.keras
 
     from ecg_mlflow.dataset import prepare
-    from ecg_mlflow.loso import beat_source
-    from ecg_mlflow.models import model_input_names
 
     uri, snap = sequential
     _in_store_of(uri, monkeypatch)
-    share = 0.5  # a gate that many test beats fail, so it shows
     try:
         cfg = replace(config(mitdb_dir, cache_root), base_run_id=snap["parent"].info.run_id,
-                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=SEED, sveb_gate=share))
-        parent_id = run_loso(cfg)
-        got = snapshot(uri, parent_id)
+                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=SEED, **train))
+        got = snapshot(uri, run_loso(cfg))
         ds = prepare(cfg.prepare)
-        earliest = np.minimum(ds.rr_features()[:, 0], ds.rr_long()[:, 0])
-        s = ds.classes.index("S")
-        for r in got["children"]:
-            if r.data.tags.get("variant") != "transfer":
-                continue
-            patient = r.data.tags["patient"]
-            # the threshold comes from the other subjects' S beats: here record 103's and the other patient's
-            train = (ds.record != patient) & (ds.label == s)
-            assert float(r.data.params["sveb_gate_threshold"]) == pytest.approx(
-                np.quantile(earliest[train], share), abs=1e-4)
-            model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/model")
-            assert "rr_long" in model_input_names(model)
-            rows = np.flatnonzero((ds.record == patient) & (ds.part == "test"))
-            pred = np.argmax(model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0), 1)
-            late = earliest[rows] > float(r.data.params["sveb_gate_threshold"]) + 1e-3
-            assert late.sum() > 100 and not (pred[late] == s).any()
+        transfers = [(r.data.tags["patient"], r.data.params, mlflow.keras.load_model(f"runs:/{r.info.run_id}/model"),
+                      np.flatnonzero((ds.record == r.data.tags["patient"]) & (ds.part == "test")))
+                     for r in got["children"] if r.data.tags.get("variant") == "transfer"]
     finally:
         mlflow.set_tracking_uri(None)
     for p in PATIENTS:  # the base models are the same: no-transfer results do not move
         nt, want = got["variants"][(p, "no_transfer")][0], snap["variants"][(p, "no_transfer")][0]
         assert all(same_number(nt[k], want[k]) for k in want)
+    return ds, transfers
+
+
+def test_sveb_gate_keeps_transfer_from_calling_s_on_beats_that_are_not_early(sequential, mitdb_dir, cache_root,
+                                                                             monkeypatch):
+    from ecg_mlflow.loso import beat_source
+    from ecg_mlflow.models import model_input_names
+
+    share = 0.5  # a gate that many test beats fail, so it shows
+    ds, transfers = _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, sveb_gate=share)
+    earliest = np.minimum(ds.rr_features()[:, 0], ds.rr_long()[:, 0])
+    s = ds.classes.index("S")
+    for patient, params, model, rows in transfers:
+        # the threshold comes from the other subjects' S beats: here record 103's and the other patient's
+        train = (ds.record != patient) & (ds.label == s)
+        assert float(params["sveb_gate_threshold"]) == pytest.approx(np.quantile(earliest[train], share), abs=1e-4)
+        assert "rr_long" in model_input_names(model)
+        pred = np.argmax(model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0), 1)
+        late = earliest[rows] > float(params["sveb_gate_threshold"]) + 1e-3
+        assert late.sum() > 100 and not (pred[late] == s).any()
 
 
 def test_early_sveb_makes_transfer_call_s_for_early_beats_in_regular_rhythm(sequential, mitdb_dir, cache_root,
                                                                           monkeypatch):
-    from dataclasses import replace
-
     import keras
-    import mlflow.keras
 
     from ecg_mlflow.beats import REGULAR_IRREGULARITY
-    from ecg_mlflow.dataset import prepare
     from ecg_mlflow.loso import beat_source
     from ecg_mlflow.models import model_input_names
 
-    uri, snap = sequential
-    _in_store_of(uri, monkeypatch)
     share = 0.2  # a threshold that many test beats pass, so it shows
-    try:
-        cfg = replace(config(mitdb_dir, cache_root), base_run_id=snap["parent"].info.run_id,
-                      train=TrainConfig(epochs=EPOCHS, finetune_epochs=FT_EPOCHS, seed=SEED, early_sveb=share))
-        parent_id = run_loso(cfg)
-        got = snapshot(uri, parent_id)
-        ds = prepare(cfg.prepare)
-        earliness, regular = ds.rr_long()[:, 0], ds.rr_irregular()[:, 0] < REGULAR_IRREGULARITY
-        n, s = ds.classes.index("N"), ds.classes.index("S")
-        checked = 0
-        for r in got["children"]:
-            if r.data.tags.get("variant") != "transfer":
-                continue
-            patient = r.data.tags["patient"]
-            # the threshold comes from the other subjects' N beats in regular rhythm
-            train = (ds.record != patient) & (ds.label == n) & regular
-            threshold = float(r.data.params["early_sveb_threshold"])
-            assert threshold == pytest.approx(np.quantile(earliness[train], share), abs=1e-4)
-            model = mlflow.keras.load_model(f"runs:/{r.info.run_id}/model")
-            assert {"rr_long", "rr_irregular"} <= set(model_input_names(model))
-            rows = np.flatnonzero((ds.record == patient) & (ds.part == "test"))
-            logits = model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0)
-            pred = np.argmax(logits, 1)
-            acts = (earliness[rows] < threshold - 1e-3) & regular[rows]
-            assert acts.sum() > 20 and not (pred[acts] == n).any()
-            # the same model without the promotion (its inner model) called some of them N
-            inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-            plain = np.argmax(inner.predict(beat_source(ds).inputs(rows, model_input_names(inner)), verbose=0), 1)
-            np.testing.assert_array_equal(pred[acts & (plain == n)], s)
-            np.testing.assert_array_equal(pred[~acts & (earliness[rows] >= threshold)],
-                                          plain[~acts & (earliness[rows] >= threshold)])
-            checked += int((acts & (plain == n)).sum())
-        assert checked > 0
-    finally:
-        mlflow.set_tracking_uri(None)
-    for p in PATIENTS:  # the base models are the same: no-transfer results do not move
-        nt, want = got["variants"][(p, "no_transfer")][0], snap["variants"][(p, "no_transfer")][0]
-        assert all(same_number(nt[k], want[k]) for k in want)
+    ds, transfers = _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, early_sveb=share)
+    earliness, regular = ds.rr_long()[:, 0], ds.rr_irregular()[:, 0] < REGULAR_IRREGULARITY
+    n, s = ds.classes.index("N"), ds.classes.index("S")
+    checked = 0
+    for patient, params, model, rows in transfers:
+        # the threshold comes from the other subjects' N beats in regular rhythm
+        train = (ds.record != patient) & (ds.label == n) & regular
+        threshold = float(params["early_sveb_threshold"])
+        assert threshold == pytest.approx(np.quantile(earliness[train], share), abs=1e-4)
+        assert {"rr_long", "rr_irregular"} <= set(model_input_names(model))
+        pred = np.argmax(model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0), 1)
+        acts = (earliness[rows] < threshold - 1e-3) & regular[rows]
+        assert acts.sum() > 20 and not (pred[acts] == n).any()
+        # the same model without the promotion (its inner model) called some of them N
+        inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+        plain = np.argmax(inner.predict(beat_source(ds).inputs(rows, model_input_names(inner)), verbose=0), 1)
+        np.testing.assert_array_equal(pred[acts & (plain == n)], s)
+        np.testing.assert_array_equal(pred[~acts & (earliness[rows] >= threshold)],
+                                      plain[~acts & (earliness[rows] >= threshold)])
+        checked += int((acts & (plain == n)).sum())
+    assert checked > 0
 
 
 def test_recent_reference_ontime_reaches_training_and_evaluation(sequential, mitdb_dir, cache_root, monkeypatch):
