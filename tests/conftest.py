@@ -54,6 +54,23 @@ def entry_env(tracking_uri: str, data_dir: Path, cache_root: Path, **extra: str)
     return env
 
 
+def run_script_in_process(script: Path, argv: list[str], monkeypatch, capsys, **env: str) -> tuple[int, str]:
+    """Run an entry-point script as ``python script argv...`` would, but in this process (no
+    interpreter and TensorFlow start-up, seconds each); returns (exit status, stderr). The script
+    must exit through ``sys.exit``, as ``cli.run_main`` does on bad input."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the checkout first
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(script), run_name="__main__")
+    return exc.value.code, capsys.readouterr().err
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh embedded SQLite tracking store; artifacts land under tmp_path (the cwd)."""

@@ -14,7 +14,7 @@ import pytest
 import mlflow
 from mlflow import MlflowClient
 
-from conftest import REPO, entry_env
+from conftest import REPO, entry_env, run_script_in_process
 from ecg_mlflow.dataset import PrepareConfig, prepare
 from ecg_mlflow.splits import subject_of
 
@@ -191,7 +191,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args, culprit", [
+BAD_PARAMETERS = [
     (["--epochs", "0"], "epochs"),
     (["--epochs", "1.5"], "epochs"),
     (["--learning-rate", "-1"], "learning_rate"),
@@ -210,19 +210,36 @@ def _closed_port() -> int:
     (["--label-scheme", "raw", "--sveb-gate", "0.99"], "sveb_gate"),  # raw labels have no S class to gate
     (["--early-sveb", "1"], "early_sveb"),
     (["--label-scheme", "raw", "--early-sveb", "0.01"], "early_sveb"),
-])
-def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tmp_path, mitdb_dir, cache_root):
+]
+
+
+def _assert_refused(code: int, stderr: str, culprit: str, uri: str) -> None:
+    assert code == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "error:" in last and culprit in last  # ours: "error: ...", argparse: "loso.py: error: ..."
+    assert "Traceback" not in stderr
+    # nothing half-written: no run was started
+    client = MlflowClient(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("args, culprit", BAD_PARAMETERS)
+def test_bad_parameters_fail_before_training_with_a_clear_error(args, culprit, tracking_uri, mitdb_dir, cache_root,
+                                                                monkeypatch, capsys):
+    # The script itself, run in this process: a new interpreter for each case would spend most of
+    # its time starting TensorFlow. The next test runs two cases as real processes.
+    code, err = run_script_in_process(REPO / "entrypoints" / "loso.py", ["--records", "100,101", *args], monkeypatch,
+                                      capsys, ECG_DATA_DIR=str(mitdb_dir), ECG_CACHE_DIR=str(cache_root))
+    _assert_refused(code, err, culprit, tracking_uri)
+
+
+@pytest.mark.parametrize("args, culprit", [BAD_PARAMETERS[0], BAD_PARAMETERS[3]])  # argparse's, ours
+def test_bad_parameters_exit_2_from_a_real_process(args, culprit, tmp_path, mitdb_dir, cache_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "loso.py"), "--records", "100,101", *args],
                           env=entry_env(uri, mitdb_dir, cache_root), cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "error:" in last and culprit in last  # ours: "error: ...", argparse: "loso.py: error: ..."
-    assert "Traceback" not in proc.stderr
-    # nothing half-written: no run was started
-    client = MlflowClient(uri)
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    _assert_refused(proc.returncode, proc.stderr, culprit, uri)
 
 
 def test_unreachable_tracking_server_is_named_before_work(tmp_path, mitdb_dir, cache_root):
@@ -234,13 +251,13 @@ def test_unreachable_tracking_server_is_named_before_work(tmp_path, mitdb_dir, c
     assert uri in proc.stderr.strip().splitlines()[-1] and "unreachable" in proc.stderr
 
 
-def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tmp_path, mitdb_dir, cache_root):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tracking_uri, mitdb_dir, cache_root, monkeypatch,
+                                                                 capsys):
+    uri = tracking_uri
     env = entry_env(uri, mitdb_dir, cache_root)
     common = {"records": "100,101", "epochs": 1, "finetune_epochs": 1}
-    for holdout in ("100", "101"):
-        proc = run_entry("train_base", {**common, "holdout": holdout}, env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_entry("train_base", {**common, "holdout": "100"}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-100@newest", "patient": "100"}, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(uri)
@@ -250,15 +267,24 @@ def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tmp_path, mitd
     assert {r.data.tags["patient"] for r in variants} == {"100"}
     assert client.get_model_version_by_alias("ecg-transfer-100", "newest").tags["base_model_uri"] == \
         "models:/ecg-base-100@newest"
-    # The base model that held out 101 was trained on 100: using it for patient 100 would leak.
-    proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-101@newest", "patient": "100"}, env)
-    assert proc.returncode != 0
-    assert "ecg-base-101" in proc.stderr and "subject 100" in proc.stderr
+
+    def transfer(**params: object) -> tuple[int, str]:  # the script in this process: refusals come before work
+        argv = [f"--{k.replace('_', '-')}={v}" for k, v in {**common, **params}.items()]
+        return run_script_in_process(REPO / "entrypoints" / "transfer.py", argv, monkeypatch, capsys,
+                                     ECG_DATA_DIR=str(mitdb_dir), ECG_CACHE_DIR=str(cache_root))
+
+    def n_runs() -> int:
+        return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+    before = n_runs()
+    # The base model that held out 100 was trained on 101: using it for patient 101 would leak.
+    code, err = transfer(base_model_uri="models:/ecg-base-100@newest", patient="101")
+    assert code == 2 and "ecg-base-100" in err and "subject 101" in err, err[-2000:]
     # A transfer must make the base model's inputs as its training made them.
-    proc = run_entry("transfer", {**common, "base_model_uri": "models:/ecg-base-100@newest", "patient": "100",
-                                  "model": "recent_cnn", "recent_reference": "ontime"}, env)
-    assert proc.returncode != 0
-    assert "recent_reference='all'" in proc.stderr and "ecg-base-100" in proc.stderr
+    code, err = transfer(base_model_uri="models:/ecg-base-100@newest", patient="100", model="recent_cnn",
+                         recent_reference="ontime")
+    assert code == 2 and "recent_reference='all'" in err and "ecg-base-100" in err, err[-2000:]
+    assert n_runs() == before  # refused before any run was started
 
 
 @pytest.mark.parametrize("entry", ["train_base", "transfer", "loso"])
