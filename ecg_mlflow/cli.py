@@ -119,6 +119,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recent-reference", default=d.recent_reference,
                    help="recent_cnn reads each beat against the 20 beats before it (all) or the 20 before it "
                         "that came on time (ontime: previous RR at least 0.9 of the five-minute average)")
+    p.add_argument("--kernel-size", type=whole_number("kernel_size"), default=d.kernel_size,
+                   help="the convolutions' kernel in samples (360 Hz); 3 = the seed notebook's")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -141,7 +143,7 @@ def train_config(a: argparse.Namespace):
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment,
                        sveb_gate=a.sveb_gate, early_sveb=a.early_sveb,
-                       recent_reference=a.recent_reference.strip().lower())
+                       recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size)
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -49,7 +49,7 @@ from ecg_mlflow.beats import REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
-from ecg_mlflow.models import gate_premature, promote_early
+from ecg_mlflow.models import check_kernel_size, gate_premature, promote_early
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, early_threshold, fine_tune,
@@ -79,6 +79,7 @@ class LosoConfig:
         self.prepare.validated()
         self.train.validated()
         self.execution.validated()
+        check_kernel_size(self.train.kernel_size, self.prepare.window)
         if isinstance(self.base_folds, bool) or not isinstance(self.base_folds, int) or self.base_folds < 0 \
                 or self.base_folds == 1:
             raise ValueError(f"base_folds must be 0 (one base model per subject) or a whole number >= 2, "

@@ -55,6 +55,7 @@ class TrainConfig:
     # this share of the training subjects' N beats in regular rhythm
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
+    kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -69,6 +70,7 @@ class TrainConfig:
         whole("seed", 0)
         whole("finetune_replay", 0)
         whole("ensemble", 1)
+        whole("kernel_size", 1)
         if isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not 0 <= self.augment <= 1:
             raise ValueError(f"augment must be a number in [0, 1], got {self.augment!r}")
         for name in ("learning_rate", "finetune_learning_rate"):
@@ -442,7 +444,7 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
                         dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx),
-                        train_rr_irregular=source._array("rr_irregular", idx))
+                        train_rr_irregular=source._array("rr_irregular", idx), kernel_size=cfg.kernel_size)
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
     hist = model.fit(source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment), epochs=cfg.epochs,

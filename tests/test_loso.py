@@ -210,6 +210,8 @@ BAD_PARAMETERS = [
     (["--label-scheme", "raw", "--sveb-gate", "0.99"], "sveb_gate"),  # raw labels have no S class to gate
     (["--early-sveb", "1"], "early_sveb"),
     (["--label-scheme", "raw", "--early-sveb", "0.01"], "early_sveb"),
+    (["--kernel-size", "0"], "kernel_size"),
+    (["--kernel-size", "23"], "kernel_size"),  # three convolutions of 23 leave nothing of a 160-sample window
 ]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, ensemble_members, gate_premature,
-                               lead_stats, model_input_names, promote_early, transfer_copy)
+from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_kernel_size, ensemble_members,
+                               gate_premature, lead_stats, model_input_names, promote_early, transfer_copy)
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_threshold,
                                  fine_tune, predict_classes, premature_threshold, replay_rows, train_base)
 
@@ -76,6 +76,21 @@ def test_several_steps_per_execution_change_no_number(monkeypatch):
     assert hist == hist1 and ft_hist == ft_hist1
     for a, b in zip(tuned.get_weights(), tuned1.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_size_sets_every_convolution_and_is_checked_against_the_window():
+    x, y, rr = toy_beats()
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "kernel_size": 4})
+    model, _ = train_base(BeatSource(x, y, rr), np.arange(500), 3, cfg)
+    assert [model.get_layer(f"conv{i}").kernel.shape[0] for i in (1, 2, 3)] == [4, 4, 4]
+    assert (predict_classes(model, BeatSource(x, y, rr), np.arange(500, 600)) == y[500:]).mean() > 0.9
+    # 32 samples: kernel 4 leaves 29 -> 14 -> 11 -> 5 -> 2 -> 1 position, kernel 5 none
+    check_kernel_size(4, WINDOW)
+    for bad in (5, 0, 2.0):
+        with pytest.raises(ValueError, match=r"kernel_size must be a whole number from 1 to 4 \(for window 32\)"):
+            check_kernel_size(bad, WINDOW)
+    with pytest.raises(ValueError, match="kernel_size"):
+        build_model("seed_cnn", WINDOW, 2, 3, x, kernel_size=5)
 
 
 def test_beat_source_batches_hold_the_selected_rows():
@@ -520,6 +535,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("sveb_gate", 1, "sveb_gate"), ("sveb_gate", -0.5, "sveb_gate"), ("sveb_gate", "on", "sveb_gate"),
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
+    ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
