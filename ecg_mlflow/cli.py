@@ -96,6 +96,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-layers", default=d.finetune_layers, help="head or all: layers transfer re-trains")
     p.add_argument("--finetune-replay", type=whole_number("finetune_replay"), default=d.finetune_replay,
                    help="beats per class from the base-training subjects mixed into each fine-tune set")
+    p.add_argument("--finetune-replay-early", type=whole_number("finetune_replay_early"),
+                   default=d.finetune_replay_early,
+                   help="N beats that came early (previous RR under 0.9 of the local or five-minute mean), "
+                        "from the base-training subjects, added to each fine-tune set (0 = none)")
     p.add_argument("--precision", default=d.precision, help="auto (mixed on a GPU), float32 or mixed")
     p.add_argument("--rr-features", default=d.rr_features,
                    help="all; relative: without the local mean RR in seconds (the heart rate); "
@@ -139,7 +143,8 @@ def train_config(a: argparse.Namespace):
                        finetune_learning_rate=a.finetune_learning_rate, seed=a.seed,
                        class_weight=a.class_weight, jit_compile=a.jit_compile,
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
-                       finetune_replay=a.finetune_replay, rr_features=a.rr_features.strip().lower(),
+                       finetune_replay=a.finetune_replay, finetune_replay_early=a.finetune_replay_early,
+                       rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment,
                        sveb_gate=a.sveb_gate, early_sveb=a.early_sveb,

@@ -157,6 +157,12 @@ class BeatDataset:
         feats[~np.isfinite(feats)] = 1.0
         return feats.astype(np.float32)
 
+    def early(self, share: float = beats_mod.ONTIME_SHARE) -> np.ndarray:
+        """Which beats came early, bool ``(n,)``: previous RR under ``share`` of the local mean RR
+        (:meth:`rr_features`) or of the five-minute average (:meth:`rr_long`); never where a value is
+        missing. ``share`` 0.9 is the complement of ``recent_reference=ontime``."""
+        return (self.rr_features()[:, 0] < share) | (self.rr_long()[:, 0] < share)
+
     def rr_irregular(self) -> np.ndarray:
         """Rhythm irregularity before each beat, float32 ``(n, 1)``: the median absolute change
         between successive RR intervals over the 16 before the beat's own, over their mean

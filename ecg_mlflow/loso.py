@@ -52,8 +52,9 @@ from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
 from ecg_mlflow.models import check_kernel_size, gate_premature, promote_early
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
-from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, early_threshold, fine_tune,
-                                 model_input_names, predict_classes, premature_threshold, replay_rows, train_base)
+from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, early_normal_rows, early_threshold,
+                                 fine_tune, model_input_names, predict_classes, premature_threshold, replay_rows,
+                                 train_base)
 
 VARIANTS = ("no_transfer", "transfer")
 EVALUATE_ON = ("test", "validation")
@@ -313,7 +314,13 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     src, ft_idx = beat_source(ds, cfg.train.recent_reference), np.flatnonzero(fold.finetune[record])
     # Replayed beats come from the fold's base-training rows: other subjects only.
     replay = replay_rows(ds.label, np.flatnonzero(fold.train), cfg.train.finetune_replay, cfg.train.seed)
-    mlflow.log_params({"n_finetune_beats": len(ft_idx), "n_replay_beats": len(replay)})
+    n_replay = {"n_finetune_beats": len(ft_idx), "n_replay_beats": len(replay)}
+    if cfg.train.finetune_replay_early > 0:
+        early = early_normal_rows(ds.label, ds.early(), np.flatnonzero(fold.train), ds.classes.index("N"),
+                                  cfg.train.finetune_replay_early, cfg.train.seed, exclude=replay)
+        replay = np.sort(np.concatenate([replay, early]))
+        n_replay["n_replay_early_beats"] = len(early)
+    mlflow.log_params(n_replay)
     model, _ = fine_tune(base.model, src, np.concatenate([ft_idx, replay]), cfg.train,
                          on_epoch=tracking.log_epoch_metrics)
     if cfg.train.sveb_gate > 0:

@@ -56,6 +56,8 @@ class TrainConfig:
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
+    finetune_replay_early: int = 0  # N beats that came early, from the base-training subjects, added to the
+    # replay: they show the head short-RR beats that are not S (atrial fibrillation, sinus arrhythmia)
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -69,6 +71,7 @@ class TrainConfig:
         whole("finetune_batch_size", 1)
         whole("seed", 0)
         whole("finetune_replay", 0)
+        whole("finetune_replay_early", 0)
         whole("ensemble", 1)
         whole("kernel_size", 1)
         if isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not 0 <= self.augment <= 1:
@@ -115,7 +118,7 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "early_sveb")
+                                    "early_sveb", "finetune_replay_early")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -365,6 +368,26 @@ def replay_rows(labels: np.ndarray, train_idx: np.ndarray, per_class: int, seed:
     picked = [rng.choice(train_idx[y == c], size=min(per_class, int((y == c).sum())), replace=False)
               for c in np.unique(y)]
     return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def early_normal_rows(labels: np.ndarray, early: np.ndarray, train_idx: np.ndarray, normal: int, count: int,
+                      seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Up to ``count`` rows of class ``normal`` that came early (``early`` true), drawn without
+    replacement (seeded) from ``train_idx`` and not in ``exclude``: the hard negatives of the replay.
+    ``labels``, ``early``: per row of the whole table ``(n,)``. Returns sorted rows.
+
+    A head fine-tuned on a few minutes of sinus rhythm and on replayed S beats learns "short RR
+    means S"; normal beats that came early (atrial fibrillation, sinus arrhythmia, other subjects
+    only) show it that a short RR alone is not one."""
+    if count <= 0 or len(train_idx) == 0:
+        return np.zeros(0, dtype=np.int64)
+    train_idx = np.asarray(train_idx)
+    pool = train_idx[(labels[train_idx] == normal) & np.asarray(early, dtype=bool)[train_idx]]
+    if exclude is not None and len(exclude):
+        pool = np.setdiff1d(pool, exclude)
+    # Its own stream, so the per-class replay draws stay those of runs without this option.
+    rng = np.random.default_rng([seed, 1])
+    return np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False)).astype(np.int64)
 
 
 def _as_source(x, y) -> tuple["BeatSource", np.ndarray]:

@@ -454,6 +454,29 @@ def test_patient_context_comes_from_the_fine_tune_minutes_only(db):
     assert np.all(np.isfinite(rr_patient))
 
 
+def test_early_marks_beats_short_against_the_local_mean_or_the_minutes_before(db):
+    # RR 0.8 s, one beat at 0.6 s (short against both), then from 10 s a steady 0.6 s
+    # (short against the five-minute average only, which still holds the 0.8 s beats).
+    fs, seconds = 360, 20
+    times = np.concatenate([np.arange(0.3, 5.0, 0.8), [4.3 + 0.6], np.arange(4.9 + 0.8, 10.0, 0.8),
+                            np.arange(10.3, 19.5, 0.6)])
+    samples = np.round(times * fs).astype(int)
+    write_record(db, "100", samples=samples, symbols=["N"] * len(samples), signal=np.zeros((fs * seconds, 2)))
+    write_records_list(db, ["100"])
+    ds = prepare(cfg(db, "100"), workers=1)
+    early = ds.early()
+    assert early.dtype == bool and early.shape == (len(ds),)
+    short_local, short_long = ds.rr_features()[:, 0] < 0.9, ds.rr_long()[:, 0] < 0.9
+    np.testing.assert_array_equal(early, short_local | short_long)
+    t = ds.time_s
+    assert early[np.argmin(np.abs(t - 4.9))]  # the premature beat
+    assert not early[np.argmin(np.abs(t - 5.7))]  # the long interval after it
+    steady = t > 16.5  # ten 0.6 s intervals on: the local mean has caught up
+    assert steady.sum() >= 3 and early[steady].all() and not short_local[steady].any()
+    assert not early[t < 4.5].any()  # the regular beats before it (and the first, with no RR)
+    assert not ds.early(share=0.5).any()
+
+
 def test_record_sets_split_the_non_paced_records_by_subject(tmp_path):
     # Empty directory: ids are checked against the MIT-BIH list.
     half1, half2 = (parse_records(name, tmp_path) for name in ("half1", " HALF2 "))

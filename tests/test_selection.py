@@ -79,7 +79,8 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
                                                                                    dataset_cache):
     prep = PrepareConfig(data_dir=str(mitdb_dir), records="100,101,103", finetune_minutes=5,
                          cache_dir=str(dataset_cache))
-    cfg = LosoConfig(prepare=prep, train=TrainConfig(epochs=1, finetune_epochs=1, seed=3, finetune_replay=4), base_folds=2,
+    cfg = LosoConfig(prepare=prep, train=TrainConfig(epochs=1, finetune_epochs=1, seed=3, finetune_replay=4,
+                                                           finetune_replay_early=5), base_folds=2,
                      evaluate_on="validation", execution=ExecConfig(threads=1))
     parent_id = run_loso(cfg)
     client = MlflowClient()
@@ -105,7 +106,13 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
     for r in transfer:
         tuned = (ds.record == r.data.tags["patient"]) & (ds.part == FINETUNE) & (ds.time_s < 150)
         assert r.data.params["n_finetune_beats"] == str(tuned.sum())
-        assert 4 <= int(r.data.params["n_replay_beats"]) <= 4 * len(ds.classes)  # drawn from other subjects
+        n_early = int(r.data.params["n_replay_early_beats"])
+        assert 4 + n_early <= int(r.data.params["n_replay_beats"]) <= 4 * len(ds.classes) + n_early
+        base = client.get_run(r.data.tags["base_run_id"])
+        trained = base.data.tags["train_records"].split(",")
+        # As many early N beats as the other subjects' base-training rows hold, up to 5.
+        pool = (ds.label == ds.classes.index("N")) & ds.early() & np.isin(ds.record, trained)
+        assert n_early == min(5, int(pool.sum())) > 0
     assert not client.search_registered_models()  # validation models are not the experiment's
 
     # A run that takes these group base models: each one is loaded for every record of its group.

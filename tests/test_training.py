@@ -7,8 +7,9 @@ import pytest
 
 from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_kernel_size, ensemble_members,
                                gate_premature, lead_stats, model_input_names, promote_early, transfer_copy)
-from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_threshold,
-                                 fine_tune, predict_classes, premature_threshold, replay_rows, train_base)
+from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_normal_rows,
+                                 early_threshold, fine_tune, predict_classes, premature_threshold, replay_rows,
+                                 train_base)
 
 WINDOW = 32
 
@@ -493,6 +494,23 @@ def test_replay_rows_come_only_from_training_rows_capped_per_class():
     assert len(replay_rows(labels, train_idx, 0, seed=0)) == 0
 
 
+def test_early_normal_rows_are_early_normal_training_rows_not_yet_replayed():
+    labels = np.array([0] * 60 + [1] * 20 + [0] * 20)  # rows 80+ are the patient's
+    early = np.zeros(100, dtype=bool)
+    early[40:70] = True  # 20 early N and 10 early S rows for training, and the patient's first 10 N rows
+    early[80:90] = True
+    train_idx, replayed = np.arange(80), np.array([40, 41, 42, 60])
+    rows = early_normal_rows(labels, early, train_idx, 0, 15, seed=0, exclude=replayed)
+    assert len(rows) == 15 and len(set(rows)) == 15 and np.all(np.diff(rows) > 0)
+    assert set(rows) <= set(range(43, 60))  # early, N, training, not replayed already
+    assert set(early_normal_rows(labels, early, train_idx, 0, 99, seed=0, exclude=replayed)) == set(range(43, 60))
+    assert set(early_normal_rows(labels, early, train_idx, 0, 99, seed=0)) == set(range(40, 60))
+    np.testing.assert_array_equal(rows, early_normal_rows(labels, early, train_idx, 0, 15, seed=0, exclude=replayed))
+    assert not np.array_equal(rows, early_normal_rows(labels, early, train_idx, 0, 15, seed=1, exclude=replayed))
+    assert len(early_normal_rows(labels, early, train_idx, 0, 0, seed=0)) == 0
+    assert len(early_normal_rows(labels, np.zeros(100, dtype=bool), train_idx, 0, 5, seed=0)) == 0
+
+
 def test_class_weights():
     y = np.array([0] * 90 + [1] * 9 + [2] * 1)
     assert class_weights(y, 4, "none") is None
@@ -536,6 +554,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
+    ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
