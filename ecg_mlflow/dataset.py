@@ -158,10 +158,12 @@ class BeatDataset:
         return feats.astype(np.float32)
 
     def early(self, share: float = beats_mod.ONTIME_SHARE) -> np.ndarray:
-        """Which beats came early, bool ``(n,)``: previous RR under ``share`` of the local mean RR
-        (:meth:`rr_features`) or of the five-minute average (:meth:`rr_long`); never where a value is
-        missing. ``share`` 0.9 is the complement of ``recent_reference=ontime``."""
-        return (self.rr_features()[:, 0] < share) | (self.rr_long()[:, 0] < share)
+        """Which beats came early, bool ``(n,)``: their earliness, the smaller of previous RR over the
+        local mean RR (:meth:`rr_features`) and over the five-minute average (:meth:`rr_long`), the
+        measure ``sveb_gate`` thresholds (:func:`ecg_mlflow.training.premature_threshold`), is under
+        ``share``; never where a value is missing. ``share`` 0.9 is the complement of
+        ``recent_reference=ontime``."""
+        return np.minimum(self.rr_features()[:, 0], self.rr_long()[:, 0]) < share
 
     def rr_irregular(self) -> np.ndarray:
         """Rhythm irregularity before each beat, float32 ``(n, 1)``: the median absolute change
