@@ -16,8 +16,15 @@ For each LOSO run the comparison holds
   Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped), the
   matched-pairs rank-biserial correlation and a seeded percentile bootstrap 95% CI of the
   mean difference, with ``n`` (and the patients left out) reported per metric;
+- gross statistics with subject-bootstrap intervals (:mod:`ecg_mlflow.uncertainty`): VEB and
+  SVEB Se and +P of each variant, their smallest, and transfer - no-transfer, each with a
+  percentile 95% CI from resampling subjects;
 - figures: sorted per-patient difference bars, no-transfer against transfer scatter plots,
   and the summed confusion matrices of both variants.
+
+Several LOSO runs on the same patients (say two option sets) are also compared with the first
+one: the difference of each gross statistic and of their smallest, with a paired
+subject-bootstrap CI, so that one can tell a gain from the luck of a few records.
 
 :func:`compare` validates every LOSO run first (unknown id, not a LOSO run, not FINISHED,
 no variant children each raise :class:`CompareError` naming the run), then writes one
@@ -51,7 +58,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from ecg_mlflow import figures
+from ecg_mlflow import figures, uncertainty
 from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, classification_metrics, ec57_counts, ec57_stats
 
 VARIANTS: tuple[str, ...] = ("no_transfer", "transfer")
@@ -65,7 +72,7 @@ KEY_PARAMS: tuple[str, ...] = ("model", "label_scheme", "finetune_minutes", "rec
 LABELS: dict[str, str] = {
     "accuracy": "Accuracy", "macro_f1": "Macro-F1", "veb_se": "VEB Se", "veb_ppv": "VEB +P",
     "veb_fpr": "VEB FPR", "sveb_se": "SVEB Se", "sveb_ppv": "SVEB +P", "sveb_fpr": "SVEB FPR",
-    "no_transfer": "no transfer", "transfer": "transfer",
+    "no_transfer": "no transfer", "transfer": "transfer", "smallest": "smallest of the four",
 }
 # Published patient-specific results on the AAMI classes, in percent, as commonly cited (gross
 # statistics). Their protocols differ from ours (our base model is trained leave-one-subject-out
@@ -366,6 +373,79 @@ def aggregate_table(run: LosoRun) -> pd.DataFrame:
     return out
 
 
+def subject_count_table(run: LosoRun, variant: str) -> pd.DataFrame:
+    """The EC57 counts of one variant summed by subject: index ``subject`` (sorted), columns
+    :data:`~ecg_mlflow.metrics.EC57_COUNTS`, int64."""
+    c = run.children[run.children.variant == variant]
+    subjects, counts = uncertainty.subject_counts(list(c.subject), c[list(EC57_COUNTS)].to_numpy())
+    return pd.DataFrame(counts, index=pd.Index(subjects, name="subject"), columns=list(EC57_COUNTS))
+
+
+def _aligned_counts(tables: list[pd.DataFrame]) -> list[np.ndarray]:
+    """Count tables on the union of their subjects (a subject a table lacks counts zero)."""
+    subjects = sorted(set().union(*(t.index for t in tables)))
+    return [t.reindex(subjects, fill_value=0).to_numpy() for t in tables]
+
+
+def gross_ci_table(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0, level: float = CI_LEVEL) -> pd.DataFrame:
+    """Gross statistics with subject-bootstrap intervals, per statistic of
+    :data:`~ecg_mlflow.uncertainty.STATISTICS` (index): for each variant ``v`` ``gross_v``,
+    ``ci_low_v``, ``ci_high_v``; then ``diff`` (transfer - no transfer), ``diff_ci_low``,
+    ``diff_ci_high`` and ``share_transfer_higher`` (share of resamples where transfer is higher),
+    all on the same resamples of the run's subjects (:func:`uncertainty.resample_weights`)."""
+    nt, tr = _aligned_counts([subject_count_table(run, v) for v in VARIANTS])
+    weights = uncertainty.resample_weights(len(nt), n_boot, seed)
+    paired = uncertainty.paired_interval(nt, tr, weights, level)
+    out = pd.DataFrame(index=pd.Index(uncertainty.STATISTICS, name="statistic"))
+    for v, counts in zip(VARIANTS, (nt, tr)):
+        ci = uncertainty.gross_interval(counts, weights, level)
+        for j, col in enumerate((f"gross_{v}", f"ci_low_{v}", f"ci_high_{v}")):
+            out[col] = [ci[k][j] for k in out.index]
+    for col, key in (("diff", "diff"), ("diff_ci_low", "ci_low"), ("diff_ci_high", "ci_high"),
+                     ("share_transfer_higher", "share_b_higher")):
+        out[col] = [paired[k][key] for k in out.index]
+    return out
+
+
+@dataclass
+class RunDifferences:
+    """Each later LOSO run against the first, on the same patients (:func:`run_differences`).
+
+    table: one row per (``run``, ``variant``, ``statistic``): ``first`` and ``this`` (gross values),
+    ``diff`` (this - first), ``ci_low``, ``ci_high`` (paired subject bootstrap) and
+    ``share_higher`` (share of resamples where this run is higher). skipped: why a run has no rows.
+    """
+
+    table: pd.DataFrame
+    skipped: list[str]
+
+
+def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int = 0,
+                    level: float = CI_LEVEL) -> RunDifferences:
+    """Gross statistics of each later run minus those of ``analyses[0]``, with paired
+    subject-bootstrap CIs; only runs that hold exactly the first run's patients are compared."""
+    rows, skipped = [], []
+    if len(analyses) < 2:
+        return RunDifferences(pd.DataFrame(rows), skipped)
+    first = analyses[0]
+    patients = set(first.per_patient.index)
+    for i, a in enumerate(analyses[1:], start=1):
+        theirs = set(a.per_patient.index)
+        if theirs != patients:
+            only = sorted(theirs ^ patients, key=_patient_key)
+            skipped.append(f"[{i}] holds other patients than [0] (differing: {', '.join(only[:8])}"
+                           f"{' ...' if len(only) > 8 else ''}): no paired difference")
+            continue
+        for v in VARIANTS:
+            c0, ci = _aligned_counts([subject_count_table(first.run, v), subject_count_table(a.run, v)])
+            weights = uncertainty.resample_weights(len(c0), n_boot, seed)
+            for k, d in uncertainty.paired_interval(c0, ci, weights, level).items():
+                rows.append({"run": i, "loso_run_id": a.run.run_id, "variant": v, "statistic": k,
+                             "first": d["a"], "this": d["b"], "diff": d["diff"], "ci_low": d["ci_low"],
+                             "ci_high": d["ci_high"], "share_higher": d["share_b_higher"]})
+    return RunDifferences(pd.DataFrame(rows), skipped)
+
+
 def rank_biserial(d: np.ndarray) -> float:
     """Matched-pairs rank-biserial correlation of differences ``d`` ``(n,)``:
     ``(R+ - R-) / (R+ + R-)`` with ``R±`` the rank sums of ``|d|`` (average ranks for ties) over
@@ -450,6 +530,7 @@ class Analysis:
     aggregate: pd.DataFrame
     tests: pd.DataFrame
     figures: dict[str, bytes]
+    gross_ci: pd.DataFrame
 
 
 def analyse(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
@@ -457,6 +538,7 @@ def analyse(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
     pp = per_patient_table(run)
     agg = aggregate_table(run)
     tests = paired_tests(pp, n_boot, seed)
+    gross_ci = gross_ci_table(run, n_boot, seed)
     figs: dict[str, bytes] = {}
     bars, scatter = {}, {}
     for m in HEADLINE:
@@ -473,7 +555,7 @@ def analyse(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
     ):
         figs[name] = figures.to_png(fig)
         plt.close(fig)
-    return Analysis(run, pp, agg, tests, figs)
+    return Analysis(run, pp, agg, tests, figs, gross_ci)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,6 +570,10 @@ def _pct(x: float, digits: int = 1, signed: bool = False) -> str:
 
 def _num(x: float, fmt: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _ci(lo: float, hi: float, signed: bool = False) -> str:
+    return f"[{_pct(lo, signed=signed)}, {_pct(hi, signed=signed)}]"
 
 
 def display_per_patient(a: Analysis) -> pd.DataFrame:
@@ -529,14 +615,43 @@ def display_tests(a: Analysis) -> pd.DataFrame:
         "n": t.n.astype(str), "left out": t.n_left_out.astype(str),
         "mean NT (%)": t.mean_no_transfer.map(_pct), "mean T (%)": t.mean_transfer.map(_pct),
         "mean Δ (pp)": t.mean_diff.map(lambda x: _pct(x, signed=True)),
-        f"{level}% CI (pp)": [f"[{_pct(lo, signed=True)}, {_pct(hi, signed=True)}]"
-                              for lo, hi in zip(t.ci_low, t.ci_high)],
+        f"{level}% CI (pp)": [_ci(lo, hi, signed=True) for lo, hi in zip(t.ci_low, t.ci_high)],
         "Wilcoxon W": t.wilcoxon_W.map(lambda x: _num(x, ".1f")),
         "p": t.p_value.map(lambda x: _num(x, ".3g")),
         "rank-biserial r": t.rank_biserial.map(lambda x: _num(x, "+.2f")),
     }
     return pd.DataFrame({k: list(v) for k, v in cols.items()},
                         index=pd.Index([LABELS[m] for m in t.index], name="metric"))
+
+
+def display_gross_ci(a: Analysis) -> pd.DataFrame:
+    """Gross statistics and their subject-bootstrap CIs, in percent; Δ in points."""
+    g = a.gross_ci
+    level = int(round(100 * CI_LEVEL))
+    out = pd.DataFrame(index=pd.Index([LABELS[s] for s in g.index], name="statistic"))
+    for v in VARIANTS:
+        out[LABELS[v]] = [_pct(x) for x in g[f"gross_{v}"]]
+        out[f"{LABELS[v]} {level}% CI"] = [_ci(lo, hi) for lo, hi in zip(g[f"ci_low_{v}"], g[f"ci_high_{v}"])]
+    out["Δ (pp)"] = [_pct(x, signed=True) for x in g["diff"]]
+    out[f"Δ {level}% CI"] = [_ci(lo, hi, signed=True) for lo, hi in zip(g.diff_ci_low, g.diff_ci_high)]
+    out["resamples T > NT"] = [_num(100 * x, ".1f") + " %" if not math.isnan(x) else "—"
+                               for x in g.share_transfer_higher]
+    return out
+
+
+def display_run_differences(d: RunDifferences, analyses: list[Analysis]) -> pd.DataFrame:
+    """:func:`run_differences` in percent: one row per (run, variant, statistic)."""
+    level = int(round(100 * CI_LEVEL))
+    if d.table.empty:
+        return pd.DataFrame()
+    t = d.table
+    return pd.DataFrame({
+        "run": [f"[{i}] {analyses[i].run.name}" for i in t.run], "variant": [LABELS[v] for v in t.variant],
+        "statistic": [LABELS[k] for k in t.statistic], "[0] (%)": t["first"].map(_pct),
+        "this run (%)": t["this"].map(_pct), "Δ (pp)": t["diff"].map(lambda x: _pct(x, signed=True)),
+        f"Δ {level}% CI": [_ci(lo, hi, signed=True) for lo, hi in zip(t.ci_low, t.ci_high)],
+        "resamples higher": [_num(100 * x, ".1f") + " %" if not math.isnan(x) else "—" for x in t.share_higher],
+    }).set_index(["run", "variant", "statistic"])
 
 
 def side_by_side(analyses: list[Analysis]) -> pd.DataFrame:
@@ -600,7 +715,7 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render_html(analyses: list[Analysis], n_boot: int, seed: int) -> str:
+def render_html(analyses: list[Analysis], n_boot: int, seed: int, differences: RunDifferences | None = None) -> str:
     """The self-contained report: every table inline, every figure a base64 PNG."""
     e = html.escape
     level = int(round(100 * CI_LEVEL))
@@ -627,6 +742,15 @@ def render_html(analyses: list[Analysis], n_boot: int, seed: int) -> str:
     ]
     if len(analyses) > 1:
         parts += ["<h2>LOSO runs side by side</h2>", _table_html(display_side_by_side(analyses))]
+    if differences is not None and len(analyses) > 1:
+        parts += ["<h2>Against run [0]</h2>",
+                  "<p>Gross statistics of each later run minus those of run [0] on the same patients, with a paired "
+                  f"percentile bootstrap {level}% CI from resampling subjects (both runs on the same resamples; "
+                  f"{n_boot} resamples, seed {seed}), and the share of resamples in which the later run is higher. "
+                  "An interval that spans zero says that the subjects drawn decide the sign.</p>"]
+        if not differences.table.empty:
+            parts.append(_table_html(display_run_differences(differences, analyses)))
+        parts += [f"<p class='note'>{e(n)}</p>" for n in differences.skipped]
     for i, a in enumerate(analyses):
         r = a.run
         params = ", ".join(f"{k}={e(str(r.params[k]))}" for k in KEY_PARAMS if k in r.params)
@@ -639,6 +763,11 @@ def render_html(analyses: list[Analysis], n_boot: int, seed: int) -> str:
         parts += [f"<p class='note'>{e(n)}</p>" for n in r.notes]
         parts += [
             "<h3>Paired statistics over patients</h3>", _table_html(display_tests(a)),
+            "<h3>Gross statistics with subject-bootstrap intervals</h3>",
+            f"<p>Percentile bootstrap {level}% CI from resampling the run's subjects with replacement (records of "
+            "one subject together) and recomputing each gross statistic from the summed counts; Δ = transfer − "
+            "no transfer on the same resamples.</p>",
+            _table_html(display_gross_ci(a)),
             "<h3>Gross and average statistics</h3>", _table_html(display_aggregate(a)),
             "<h3>Per patient</h3>", "<p>NT = no transfer, T = transfer, Δ = T − NT (pp).</p>",
             _table_html(display_per_patient(a)),
@@ -664,7 +793,8 @@ def _json_safe(x):
     return x
 
 
-def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int) -> None:
+def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int,
+                 differences: RunDifferences | None = None) -> None:
     """Write ``report.html``, ``summary.json``, ``tables/*.csv`` and ``figures/*.png`` under ``out``.
 
     CSV/JSON hold fractions (as logged in MLflow); tables of several LOSO runs are stacked with
@@ -672,7 +802,8 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int) ->
     """
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "report.html").write_text(render_html(analyses, n_boot, seed), encoding="utf-8")
+    differences = differences if differences is not None else run_differences(analyses, n_boot, seed)
+    (out / "report.html").write_text(render_html(analyses, n_boot, seed, differences), encoding="utf-8")
 
     def stacked(attr: str) -> pd.DataFrame:
         return pd.concat([getattr(a, attr).reset_index().assign(loso_run_id=a.run.run_id) for a in analyses],
@@ -681,6 +812,9 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int) ->
     stacked("per_patient").to_csv(out / "tables" / "per_patient.csv", index=False)
     stacked("aggregate").to_csv(out / "tables" / "aggregate.csv", index=False)
     stacked("tests").to_csv(out / "tables" / "paired_tests.csv", index=False)
+    stacked("gross_ci").to_csv(out / "tables" / "gross_ci.csv", index=False)
+    if not differences.table.empty:
+        differences.table.to_csv(out / "tables" / "run_differences.csv", index=False)
     side_by_side(analyses).to_csv(out / "tables" / "side_by_side.csv")
     pd.DataFrame(PUBLISHED).to_csv(out / "tables" / "published.csv", index=False)
     summary = {
@@ -693,7 +827,10 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int) ->
             "per_patient": a.per_patient.reset_index().to_dict(orient="records"),
             "aggregate": a.aggregate.to_dict(orient="index"),
             "paired_tests": a.tests.to_dict(orient="index"),
+            "gross_ci": a.gross_ci.to_dict(orient="index"),
         } for a in analyses],
+        "run_differences": differences.table.to_dict(orient="records"),
+        "run_differences_skipped": differences.skipped,
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1, ensure_ascii=False))
     for i, a in enumerate(analyses):
@@ -701,17 +838,24 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int) ->
             (out / "figures" / f"{i}_{name}.png").write_bytes(png)
 
 
-def summary_text(analyses: list[Analysis]) -> str:
-    """The terminal summary: per LOSO run the paired statistics and the gross/average table."""
+def summary_text(analyses: list[Analysis], differences: RunDifferences | None = None) -> str:
+    """The terminal summary: per LOSO run the paired statistics, the gross/average table and the
+    gross statistics' intervals; then the runs side by side and against the first."""
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_colwidth", 60):
         parts = []
         for i, a in enumerate(analyses):
             parts += [f"=== [{i}] {a.run.label}  run {a.run.run_id}, {len(a.per_patient)} patients ===",
                       "Paired statistics (transfer - no transfer):", display_tests(a).to_string(), "",
-                      "Gross and average statistics (%):", display_aggregate(a).to_string(), ""]
+                      "Gross and average statistics (%):", display_aggregate(a).to_string(), "",
+                      "Gross statistics with subject-bootstrap CIs (%):", display_gross_ci(a).to_string(), ""]
             parts += [f"note: {n}" for n in a.run.notes]
         if len(analyses) > 1:
             parts += ["=== LOSO runs side by side (%) ===", display_side_by_side(analyses).to_string(), ""]
+        if differences is not None and len(analyses) > 1:
+            parts.append("=== Against run [0], paired subject bootstrap ===")
+            if not differences.table.empty:
+                parts.append(display_run_differences(differences, analyses).to_string())
+            parts += [f"note: {n}" for n in differences.skipped] + [""]
         parts += ["=== Published (as commonly cited) and ours, gross (%) ===",
                   published_table(analyses).drop(columns="protocol").to_string()]
     return "\n".join(parts)
@@ -725,6 +869,7 @@ def summary_text(analyses: list[Analysis]) -> str:
 class CompareResult:
     run_id: str
     analyses: list[Analysis]
+    differences: RunDifferences
 
 
 def _compare_run(default_experiment_id: str):
@@ -754,6 +899,7 @@ def compare(loso_runs: str = "", experiment: str = "", n_boot: int = N_BOOT, see
     # All validated (and pools checked) before any run is written.
     runs = [pool([load_loso_run(client, part) for part in rid.split("+")]) for rid in ids]
     analyses = [analyse(r, n_boot, seed) for r in runs]
+    differences = run_differences(analyses, n_boot, seed)
 
     with _compare_run(runs[0].experiment_id) as active, tempfile.TemporaryDirectory() as tmp:
         run_id = active.info.run_id
@@ -768,10 +914,19 @@ def compare(loso_runs: str = "", experiment: str = "", n_boot: int = N_BOOT, see
                 for k in ("mean_diff", "ci_low", "ci_high", "p_value", "rank_biserial", "n"):
                     if not math.isnan(float(row[k])):
                         metrics[f"loso{i}_{m}_{k}"] = float(row[k])
+            for k, row in a.gross_ci.iterrows():
+                for v in VARIANTS:
+                    for col, suffix in ((f"gross_{v}", ""), (f"ci_low_{v}", "_ci_low"), (f"ci_high_{v}", "_ci_high")):
+                        if not math.isnan(float(row[col])):
+                            metrics[f"loso{i}_gross_{v}_{k}{suffix}"] = float(row[col])
+        for _, row in differences.table.iterrows():
+            for col in ("diff", "ci_low", "ci_high"):
+                if not math.isnan(float(row[col])):
+                    metrics[f"loso{row.run}_vs_loso0_{row.variant}_{row.statistic}_{col}"] = float(row[col])
         mlflow.log_metrics(metrics)
-        write_report(analyses, Path(tmp), n_boot, seed)
+        write_report(analyses, Path(tmp), n_boot, seed, differences)
         mlflow.log_artifacts(tmp)
     if echo:
-        print(summary_text(analyses))
+        print(summary_text(analyses, differences))
         print(f"\ncompare run {run_id}: artifacts report.html, summary.json, tables/, figures/")
-    return CompareResult(run_id, analyses)
+    return CompareResult(run_id, analyses, differences)

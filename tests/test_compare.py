@@ -26,6 +26,7 @@ from scipy import stats
 
 from ecg_mlflow import compare as C
 from ecg_mlflow import figures
+from ecg_mlflow import uncertainty as U
 from ecg_mlflow.labels import AAMI
 from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, ec57_counts, ec57_stats, gross_and_average, metrics_from_cm
 from ecg_mlflow.splits import subject_of
@@ -253,6 +254,73 @@ def test_paired_test_edge_cases():
     assert all(math.isnan(none[k]) for k in ("mean_diff", "ci_low", "p_value", "wilcoxon_W", "rank_biserial"))
     with pytest.raises(ValueError, match="one length"):
         C.paired_test(np.zeros(2), np.zeros(3))
+
+
+def test_gross_statistics_carry_subject_bootstrap_intervals(tracking_uri, cms):
+    loso_id = log_loso(cms)
+    res = C.compare(loso_runs=loso_id, n_boot=N_BOOT, seed=2, echo=False)
+    (a,) = res.analyses
+    g = a.gross_ci
+    # Subjects are drawn, not records: 201 and 202 are one subject.
+    counts = {v: C.subject_count_table(a.run, v) for v in C.VARIANTS}
+    assert list(counts["transfer"].index) == ["100", "101", "105", "201", "208"]
+    assert counts["transfer"].loc["201"].tolist() == [
+        int(known(cms, "201", "transfer", k) + known(cms, "202", "transfer", k)) for k in EC57_COUNTS]
+    weights = U.resample_weights(5, N_BOOT, seed=2)  # the documented resamples
+    for v in C.VARIANTS:
+        ref = U.gross_interval(counts[v].to_numpy(), weights)
+        for k in U.STATISTICS:
+            want = a.aggregate.at[k, f"gross_{v}"] if k != U.SMALLEST else \
+                min(a.aggregate.at[r, f"gross_{v}"] for r in U.RATES)
+            assert g.at[k, f"gross_{v}"] == pytest.approx(want)
+            assert (g.at[k, f"ci_low_{v}"], g.at[k, f"ci_high_{v}"]) == pytest.approx(ref[k][1:])
+            assert g.at[k, f"ci_low_{v}"] <= g.at[k, f"gross_{v}"] <= g.at[k, f"ci_high_{v}"]
+    np.testing.assert_allclose(g["diff"], g.gross_transfer - g.gross_no_transfer)
+    paired = U.paired_interval(counts["no_transfer"].to_numpy(), counts["transfer"].to_numpy(), weights)
+    assert g.at["sveb_ppv", "diff_ci_low"] == pytest.approx(paired["sveb_ppv"]["ci_low"])
+    assert g.at["sveb_ppv", "share_transfer_higher"] == pytest.approx(paired["sveb_ppv"]["share_b_higher"])
+    assert (g.ci_high_transfer - g.ci_low_transfer).max() > 0.01  # five subjects leave real intervals
+    # Logged, written and shown as computed.
+    metrics = MlflowClient().get_run(res.run_id).data.metrics
+    assert metrics["loso0_gross_transfer_sveb_ppv_ci_low"] == pytest.approx(g.at["sveb_ppv", "ci_low_transfer"])
+    assert metrics["loso0_gross_no_transfer_smallest"] == pytest.approx(g.at["smallest", "gross_no_transfer"])
+    csv = pd.read_csv(_artifact(res.run_id, "tables/gross_ci.csv")).set_index("statistic")
+    assert csv.at["smallest", "ci_high_transfer"] == pytest.approx(g.at["smallest", "ci_high_transfer"])
+    assert "Gross statistics with subject-bootstrap intervals" in _artifact(res.run_id, "report.html").read_text()
+    shown = C.display_gross_ci(a).loc["SVEB +P"]
+    assert shown["transfer 95% CI"] == f"[{100 * g.at['sveb_ppv', 'ci_low_transfer']:.1f}, " \
+                                       f"{100 * g.at['sveb_ppv', 'ci_high_transfer']:.1f}]"
+    assert res.differences.table.empty and res.differences.skipped == []  # one run: nothing to pair
+
+
+def test_runs_on_the_same_patients_are_compared_with_the_first(tracking_uri, cms, capsys):
+    first = log_loso(cms, name="pick")
+    worse = {p: {v: m.copy() for v, m in d.items()} for p, d in cms.items()}
+    for d in worse.values():
+        d["transfer"][N, S] += 20  # 20 more false S calls in every patient, nothing else changed
+    second = log_loso(worse, name="candidate")
+    other = log_loso({p: cms[p] for p in ("100", "101")}, name="other patients")
+    res = C.compare(loso_runs=f"{first},{second},{other}", n_boot=N_BOOT)
+    t = res.differences.table
+    assert set(t.run) == {1} and len(t) == len(C.VARIANTS) * len(U.STATISTICS)
+    row = t[(t.variant == "transfer") & (t.statistic == "sveb_ppv")].iloc[0]
+    a0, a1 = (a.aggregate.at["sveb_ppv", "gross_transfer"] for a in res.analyses[:2])
+    assert row["first"] == pytest.approx(a0) and row["this"] == pytest.approx(a1)
+    assert row["diff"] == pytest.approx(a1 - a0) and row.ci_high < 0 and row.share_higher == 0
+    assert (t[t.statistic == "veb_se"]["diff"] == 0).all()
+    nt = t[t.variant == "no_transfer"]
+    assert (nt["diff"] == 0).all() and (nt.ci_low == 0).all() and (nt.ci_high == 0).all()
+    assert len(res.differences.skipped) == 1 and res.differences.skipped[0].startswith("[2] holds other patients")
+    assert "105" in res.differences.skipped[0]
+    metrics = MlflowClient().get_run(res.run_id).data.metrics
+    assert metrics["loso1_vs_loso0_transfer_sveb_ppv_ci_high"] == pytest.approx(row.ci_high)
+    assert not any(k.startswith("loso2_vs_") for k in metrics)
+    csv = pd.read_csv(_artifact(res.run_id, "tables/run_differences.csv"))
+    assert len(csv) == len(t) and set(csv.loso_run_id) == {second}
+    report = _artifact(res.run_id, "report.html").read_text()
+    assert "Against run [0]" in report and "[2] holds other patients" in report
+    out = capsys.readouterr().out
+    assert "Against run [0], paired subject bootstrap" in out and "[1] candidate" in out
 
 
 # --------------------------------------------------------------------------------------------
