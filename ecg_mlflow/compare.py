@@ -482,7 +482,7 @@ def paired_test(no_transfer: np.ndarray, transfer: np.ndarray, n_boot: int = N_B
     Patients where either value is NaN are left out (``n_left_out``). Returns ``n``,
     ``n_left_out``, ``n_nonzero`` (pairs with a non-zero difference), the means, ``mean_diff``
     (transfer - no-transfer), its bootstrap CI ``ci_low``/``ci_high``, the Wilcoxon signed-rank
-    statistic ``wilcoxon_W`` and two-sided ``p_value`` (NaN when n = 0), and ``rank_biserial``.
+    statistic ``wilcoxon_W`` and two-sided ``p_value`` (NaN when n < 2), and ``rank_biserial``.
     """
     a, b = np.asarray(no_transfer, dtype=np.float64), np.asarray(transfer, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
@@ -498,6 +498,8 @@ def paired_test(no_transfer: np.ndarray, transfer: np.ndarray, n_boot: int = N_B
         return out
     out.update(mean_no_transfer=float(a.mean()), mean_transfer=float(b.mean()), mean_diff=float(d.mean()))
     out["ci_low"], out["ci_high"] = bootstrap_ci(d, n_boot, seed)
+    if d.size < 2:  # one patient: no test (scipy refuses one pair)
+        return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-zero differences: scipy warns, returns p = 1
         res = stats.wilcoxon(b, a)

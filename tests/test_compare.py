@@ -249,6 +249,10 @@ def test_paired_test_edge_cases():
     assert out["mean_diff"] == pytest.approx(0.2 / 4)
     same = C.paired_test(np.array([0.5, 0.7]), np.array([0.5, 0.7]), n_boot=200)
     assert same["mean_diff"] == 0.0 and same["p_value"] == 1.0 and math.isnan(same["rank_biserial"])
+    # One patient (a short run where one record has V beats): means and CI, no test.
+    one = C.paired_test(np.array([0.5, np.nan]), np.array([0.8, 0.9]), n_boot=200)
+    assert one["n"] == 1 and one["mean_diff"] == pytest.approx(0.3) and one["ci_low"] == pytest.approx(0.3)
+    assert math.isnan(one["p_value"]) and math.isnan(one["wilcoxon_W"]) and one["rank_biserial"] == 1.0
     none = C.paired_test(np.array([np.nan, 0.5]), np.array([0.5, np.nan]), n_boot=200)
     assert none["n"] == 0 and none["n_left_out"] == 2
     assert all(math.isnan(none[k]) for k in ("mean_diff", "ci_low", "p_value", "wilcoxon_W", "rank_biserial"))
