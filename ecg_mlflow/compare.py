@@ -429,6 +429,7 @@ def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int 
         return RunDifferences(pd.DataFrame(rows), skipped)
     first = analyses[0]
     patients = set(first.per_patient.index)
+    first_counts = {v: subject_count_table(first.run, v) for v in VARIANTS}
     for i, a in enumerate(analyses[1:], start=1):
         theirs = set(a.per_patient.index)
         if theirs != patients:
@@ -437,7 +438,7 @@ def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int 
                            f"{' ...' if len(only) > 8 else ''}): no paired difference")
             continue
         for v in VARIANTS:
-            c0, ci = _aligned_counts([subject_count_table(first.run, v), subject_count_table(a.run, v)])
+            c0, ci = _aligned_counts([first_counts[v], subject_count_table(a.run, v)])
             weights = uncertainty.resample_weights(len(c0), n_boot, seed)
             for k, d in uncertainty.paired_interval(c0, ci, weights, level).items():
                 rows.append({"run": i, "loso_run_id": a.run.run_id, "variant": v, "statistic": k,

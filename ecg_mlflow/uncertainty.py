@@ -67,8 +67,7 @@ def rates(counts: np.ndarray) -> dict[str, np.ndarray]:
 
     def ratio(num: str, other: str) -> np.ndarray:
         tp, den = c[..., _COL[num]], c[..., _COL[num]] + c[..., _COL[other]]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, tp / np.where(den > 0, den, 1), np.nan)
+        return np.where(den > 0, tp / np.where(den > 0, den, 1), np.nan)  # never divides by zero
 
     out = {"veb_se": ratio("veb_tp", "veb_fn"), "veb_ppv": ratio("veb_tp", "veb_fp"),
            "sveb_se": ratio("sveb_tp", "sveb_fn"), "sveb_ppv": ratio("sveb_tp", "sveb_fp")}
