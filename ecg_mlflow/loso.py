@@ -236,12 +236,18 @@ def with_missing_as_nan(values: dict[str, float], names: list[str]) -> dict[str,
     return {k: float(values.get(k, np.nan)) for k in names}
 
 
-def _log_test_results(ds: BeatDataset, mask: np.ndarray, pred: np.ndarray, title: str) -> tuple[dict, np.ndarray]:
-    m, cm = metrics_mod.evaluate(ds.label[mask], pred, ds.classes)
-    logged = with_missing_as_nan(m, test_metric_names(ds.classes))
+def log_test_results(y_true: np.ndarray, pred: np.ndarray, classes: list[str], title: str) -> tuple[dict, np.ndarray]:
+    """Test metrics ``test_*`` (NaN where undefined) and ``confusion_matrix.json``/``.png`` of labels
+    ``y_true`` and predictions ``pred`` (both ``(n,)`` class codes), logged to the active run."""
+    m, cm = metrics_mod.evaluate(y_true, pred, classes)
+    logged = with_missing_as_nan(m, test_metric_names(classes))
     mlflow.log_metrics({f"test_{k}": v for k, v in logged.items()})
-    tracking.log_confusion(cm, ds.classes, title=title)
+    tracking.log_confusion(cm, classes, title=title)
     return m, cm
+
+
+def _log_test_results(ds: BeatDataset, mask: np.ndarray, pred: np.ndarray, title: str) -> tuple[dict, np.ndarray]:
+    return log_test_results(ds.label[mask], pred, ds.classes, title)
 
 
 def _variant_tags(record: str, variant: str, base: BaseModel, loso_run_id: str | None) -> dict[str, str]:
@@ -599,6 +605,16 @@ def _param(parse, name: str, text: str):
 UNLOGGED_DEFAULTS: dict[str, object] = {"finetune_replay": 0, "dropout": 0.0}
 
 
+def logged_value(text: str) -> str:
+    """A parameter value as logged, read back: ``mlflow run`` logs each value shell-quoted (``''``
+    for an empty string, ``'a b'`` for one with a space), the entry points log it as it is."""
+    try:
+        parts = shlex.split(text)
+    except ValueError:  # an unbalanced quote: not shell-quoted
+        return text
+    return parts[0] if len(parts) == 1 else text
+
+
 def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
     """The :class:`LosoConfig` a LOSO run was started with, from its logged parameters (as
     ``mlflow run`` or :meth:`LosoConfig.params` wrote them), its ``threads`` included; machine
@@ -606,7 +622,7 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
     from ecg_mlflow import cli
 
     d, t = PrepareConfig(), TrainConfig()
-    get = lambda k, default: str(params.get(k, default))  # noqa: E731
+    get = lambda k, default: logged_value(str(params.get(k, default)))  # noqa: E731
     prep = PrepareConfig(
         data_dir=given.prepare.data_dir or (get("data_dir", "") or None),
         records=get("records", "all"),

@@ -144,3 +144,23 @@ def test_a_resumed_run_that_never_logged_replay_keeps_running_without_it():
     assert config_of_run({}, LosoConfig()).train.finetune_replay == 0
     assert config_of_run({"finetune_replay": "75.0"}, LosoConfig()).train.finetune_replay == 75
     assert config_of_run({"model": "seed_cnn"}, LosoConfig()).train.model == "seed_cnn"
+
+
+def test_a_run_started_by_mlflow_run_reads_back_its_own_parameters():
+    """`mlflow run` logs each value shell-quoted ('' for the empty data_dir and base_run_id); read
+    back, they are the values, so a resume or a blend of such a run finds its data and no base run."""
+    from mlflow.projects import _project_spec
+
+    from conftest import REPO
+    from ecg_mlflow.loso import config_of_run, logged_value
+
+    entry = _project_spec.load_project(str(REPO)).get_entry_point("loso")
+    logged, _ = entry.compute_parameters({"records": "100,101", "window": "256", "sveb_gate": "0.99"},
+                                         storage_dir=None)
+    assert logged["data_dir"] == "''" and logged["base_run_id"] == "''"  # what the store holds
+    cfg = config_of_run(logged, LosoConfig())
+    assert cfg.prepare.data_dir is None and cfg.base_run_id is None and cfg.prepare.window == 256
+    assert cfg.prepare.records == "100,101" and cfg.train.sveb_gate == 0.99 and cfg.holdout == "all"
+    given = LosoConfig(prepare=PrepareConfig(data_dir="/data/mitdb"))
+    assert config_of_run(logged, given).prepare.data_dir == "/data/mitdb"
+    assert logged_value("'a b'") == "a b" and logged_value("a b") == "a b" and logged_value("it's") == "it's"
