@@ -96,10 +96,11 @@ def load_member(client: MlflowClient, run_id: str, given: LosoConfig) -> Member:
                          f"{run.data.tags[BLEND_TAG]} with the others instead")
     if run.info.status != "FINISHED":
         raise BlendError(f"loso_runs: {what} has status {run.info.status}, expected FINISHED")
-    children = client.search_runs(
-        [run.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{run_id}' and tags.`{tracking.ROLE_TAG}` = 'variant' "
-        "and attributes.status = 'FINISHED'", max_results=5000)
+    # All experiments: a child started without an experiment id may sit outside its parent's.
+    children = mlflow.search_runs(
+        search_all_experiments=True, output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.`{tracking.ROLE_TAG}` = 'variant' "
+                      "and attributes.status = 'FINISHED'")
     models: dict[tuple[str, str], tuple[str, str]] = {}
     for c in children:
         tags = c.data.tags
