@@ -77,13 +77,16 @@ LABELS: dict[str, str] = {
 # Published patient-specific results on the AAMI classes, in percent, as commonly cited (gross
 # statistics). Their protocols differ from ours (our base model is trained leave-one-subject-out
 # and the head re-trained on the first `finetune_minutes` of the record): read them as context,
-# not as a like-for-like benchmark.
+# not as a like-for-like benchmark. The papers' own tables were not read here; later papers'
+# comparison tables give other figures for two of them (README, "Results").
 PUBLISHED: tuple[dict[str, object], ...] = (
     {"study": "Kiranyaz et al. 2016, IEEE TBME (1D CNN)",
-     "protocol": "44 records; patient-specific training on the first 5 min of each record; gross",
+     "protocol": "patient-specific training on the first 5 min of each record; gross; as commonly cited (record "
+                 "set not checked against the paper; a 2017 comparison table gives 95.0 / 89.5 / 64.6 / 62.1)",
      "veb_se": 93.9, "veb_ppv": 90.6, "sveb_se": 60.3, "sveb_ppv": 63.5},
     {"study": "Jiang & Kong 2007, IEEE TNN (block-based neural network)",
-     "protocol": "24 test records; patient-specific training on the first 5 min; gross",
+     "protocol": "patient-specific training on the first 5 min; gross; as commonly cited, on 24 test records (not "
+                 "checked against the paper; a 2017 comparison table gives 86.6 / 89.4 / 50.6 / 68.0)",
      "veb_se": 94.3, "veb_ppv": 95.8, "sveb_se": 74.9, "sveb_ppv": 78.8},
     {"study": "Zhai & Tin 2018, IEEE Access (2D CNN, dual-beat coupling)",
      "protocol": "patient-specific training on the first 5 min of each record (following Kiranyaz et al.); "
