@@ -24,8 +24,6 @@ and evaluation segment as the others, and the same patients with both variants.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +36,7 @@ from ecg_mlflow import tracking
 from ecg_mlflow.dataset import BeatDataset, PrepareConfig, prepare
 from ecg_mlflow.loso import (VARIANTS, LosoConfig, PatientResult, _print_summary, aggregate, beat_source,
                              config_of_run, log_test_results, plan_folds)
-from ecg_mlflow.splits import subject_of
+from ecg_mlflow.splits import patient_key, subject_of
 from ecg_mlflow.training import model_input_names
 
 BLEND_TAG = "blend_of"
@@ -125,19 +123,20 @@ def load_member(client: MlflowClient, run_id: str, given: LosoConfig) -> Member:
 
 def check_members(members: list[Member]) -> list[str]:
     """The patients every member holds out, after checking the members agree on what a test beat is."""
+    def setting(m: Member, k: str):
+        return m.cfg.evaluate_on if k == "evaluate_on" else getattr(m.cfg.prepare, k)
+
     first = members[0]
     for m in members[1:]:
         for k in SAME:
-            mine = getattr(m.cfg.prepare, k, None) if k != "evaluate_on" else m.cfg.evaluate_on
-            theirs = getattr(first.cfg.prepare, k, None) if k != "evaluate_on" else first.cfg.evaluate_on
-            if mine != theirs:
-                raise BlendError(f"loso_runs: run {m.run_id!r} has {k}={mine!r}, run {first.run_id!r} has "
-                                 f"{k}={theirs!r}; blended runs must score the same beats")
+            if setting(m, k) != setting(first, k):
+                raise BlendError(f"loso_runs: run {m.run_id!r} has {k}={setting(m, k)!r}, run {first.run_id!r} has "
+                                 f"{k}={setting(first, k)!r}; blended runs must score the same beats")
         if m.patients != first.patients:
             odd = sorted(m.patients ^ first.patients)
             raise BlendError(f"loso_runs: runs {first.run_id!r} and {m.run_id!r} hold out different patients "
                              f"(not in both: {odd}); blend runs of the same patients")
-    return sorted(first.patients, key=lambda p: (not p.isdigit(), int(p) if p.isdigit() else 0, p))
+    return sorted(first.patients, key=patient_key)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -158,7 +157,6 @@ def mean_probabilities(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -
     common = parts[0][0]
     for s, _, _ in parts[1:]:
         common = np.intersect1d(common, s)
-    common = np.unique(common)
     every = np.unique(np.concatenate([s for s, _, _ in parts]))
     labels, total = None, np.zeros((len(common), parts[0][2].shape[1]))
     for s, y, p in parts:
@@ -207,16 +205,6 @@ class _Predictor:
         return ds.sample[rows], ds.label[rows], softmax(logits)
 
 
-def _blend_run(experiment_id: str):
-    """The run to log into: the one `mlflow run` created (MLFLOW_RUN_ID), a new one in the active
-    experiment, or else a new one next to the first blended run."""
-    if mlflow.active_run() is not None:
-        return contextlib.nullcontext(mlflow.active_run())
-    if any(os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
-        return mlflow.start_run()
-    return mlflow.start_run(experiment_id=experiment_id, run_name="blend")
-
-
 def blend(loso_runs: str, data_dir: str | None = None, echo: bool = True) -> str:
     """Blend the LOSO runs ``loso_runs`` (comma-separated ids, same patients) into one logged LOSO
     run of the mean class probabilities; return its run id. ``data_dir``: where the records are
@@ -233,7 +221,7 @@ def blend(loso_runs: str, data_dir: str | None = None, echo: bool = True) -> str
     first = members[0].cfg
 
     results: list[PatientResult] = []
-    with _blend_run(members[0].experiment_id) as active:
+    with tracking.run_to_log_into(members[0].experiment_id, "blend") as active:
         parent = active.info.run_id
         mlflow.set_tags({tracking.ROLE_TAG: "loso", BLEND_TAG: ",".join(ids),
                          **{f"{BLEND_TAG}.{i}": rid for i, rid in enumerate(ids)}})

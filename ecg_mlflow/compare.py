@@ -58,8 +58,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from ecg_mlflow import figures, uncertainty
+from ecg_mlflow import figures, tracking, uncertainty
 from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, classification_metrics, ec57_counts, ec57_stats
+from ecg_mlflow.splits import patient_key
 
 VARIANTS: tuple[str, ...] = ("no_transfer", "transfer")
 HEADLINE: tuple[str, ...] = ("accuracy", "macro_f1", "veb_se", "veb_ppv", "sveb_se", "sveb_ppv")
@@ -129,14 +130,9 @@ class LosoRun:
         return f"{self.name} ({', '.join(keys)})" if keys else self.name
 
 
-def _patient_key(p: str) -> tuple:
-    """Sort record ids numerically where they are numbers ('100' < '1000'), else by text."""
-    return (0, int(p), p) if p.isdigit() else (1, 0, p)
-
-
 def _in_patient_order(children: pd.DataFrame) -> pd.DataFrame:
-    """Variant runs sorted by patient (:func:`_patient_key`), then variant, re-indexed."""
-    order = children.patient.map(_patient_key)
+    """Variant runs sorted by patient (:func:`patient_key`), then variant, re-indexed."""
+    order = children.patient.map(patient_key)
     return children.assign(_key=order).sort_values(["_key", "variant"]).drop(columns="_key").reset_index(drop=True)
 
 
@@ -332,7 +328,7 @@ def per_patient_table(run: LosoRun, metrics: tuple[str, ...] = HEADLINE) -> pd.D
     """One row per patient (index ``patient``): ``subject`` and, per metric ``m``,
     ``m_no_transfer``, ``m_transfer``, ``m_diff`` (transfer - no-transfer; NaN unless both defined)."""
     c = run.children
-    out = pd.DataFrame(index=pd.Index(sorted(c.patient.unique(), key=_patient_key), name="patient"))
+    out = pd.DataFrame(index=pd.Index(sorted(c.patient.unique(), key=patient_key), name="patient"))
     out["subject"] = c.drop_duplicates("patient").set_index("patient").subject.reindex(out.index)
     for m in metrics:
         for v in VARIANTS:
@@ -436,7 +432,7 @@ def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int 
     for i, a in enumerate(analyses[1:], start=1):
         theirs = set(a.per_patient.index)
         if theirs != patients:
-            only = sorted(theirs ^ patients, key=_patient_key)
+            only = sorted(theirs ^ patients, key=patient_key)
             skipped.append(f"[{i}] holds other patients than [0] (differing: {', '.join(only[:8])}"
                            f"{' ...' if len(only) > 8 else ''}): no paired difference")
             continue
@@ -878,16 +874,6 @@ class CompareResult:
     differences: RunDifferences
 
 
-def _compare_run(default_experiment_id: str):
-    """The run to log into: the active one, the one `mlflow run` created (MLFLOW_RUN_ID), a new one
-    in the active experiment (MLFLOW_EXPERIMENT_ID/NAME), or else a new one next to the LOSO run."""
-    if mlflow.active_run() is not None:
-        return contextlib.nullcontext(mlflow.active_run())
-    if any(os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
-        return mlflow.start_run()
-    return mlflow.start_run(experiment_id=default_experiment_id, run_name="compare")
-
-
 def compare(loso_runs: str = "", experiment: str = "", n_boot: int = N_BOOT, seed: int = 0,
             echo: bool = True) -> CompareResult:
     """Compare transfer against no-transfer for the given LOSO runs; log a ``compare`` run.
@@ -907,7 +893,7 @@ def compare(loso_runs: str = "", experiment: str = "", n_boot: int = N_BOOT, see
     analyses = [analyse(r, n_boot, seed) for r in runs]
     differences = run_differences(analyses, n_boot, seed)
 
-    with _compare_run(runs[0].experiment_id) as active, tempfile.TemporaryDirectory() as tmp:
+    with tracking.run_to_log_into(runs[0].experiment_id, "compare") as active, tempfile.TemporaryDirectory() as tmp:
         run_id = active.info.run_id
         mlflow.set_tags({"ecg.role": "compare", "loso_run_ids": ",".join(ids),
                          **{f"loso_run_id.{i}": rid for i, rid in enumerate(ids)}})

@@ -17,6 +17,11 @@ TEST = "test"
 SAME_SUBJECT: dict[str, str] = {"202": "201"}
 
 
+def patient_key(p: str) -> tuple:
+    """Sort record ids numerically where they are numbers ('100' < '1000'), else by text."""
+    return (0, int(p), p) if p.isdigit() else (1, 0, p)
+
+
 def subject_of(record: str) -> str:
     """Subject id of a record (``'202'`` -> ``'201'``; otherwise the record id)."""
     return SAME_SUBJECT.get(record, record)

@@ -5,6 +5,7 @@ Every function logs to the active run; the run tree itself is built by :mod:`ecg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -55,6 +56,17 @@ def log_new_params(params: dict[str, object]) -> None:
 def log_epoch_metrics(epoch: int, logs: dict[str, float]) -> None:
     """Per-epoch training metrics on the active run, ``step`` = epoch (0-based)."""
     mlflow.log_metrics({k: v for k, v in logs.items() if np.isfinite(v)}, step=epoch)
+
+
+def run_to_log_into(default_experiment_id: str, run_name: str):
+    """The run a summary entry point (``compare``, ``blend``) logs into: the active one, the one
+    `mlflow run` created (MLFLOW_RUN_ID), a new one in the active experiment
+    (MLFLOW_EXPERIMENT_ID/NAME), or else a new one named ``run_name`` next to the runs it reads."""
+    if mlflow.active_run() is not None:
+        return contextlib.nullcontext(mlflow.active_run())
+    if any(os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
+        return mlflow.start_run()
+    return mlflow.start_run(experiment_id=default_experiment_id, run_name=run_name)
 
 
 def log_confusion(cm: np.ndarray, classes: list[str], name: str = "confusion_matrix", title: str = "") -> None:
