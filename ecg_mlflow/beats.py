@@ -40,6 +40,7 @@ class RecordBeats:
 
     x: float32, shape ``(n, window, 2)``, mV.  sample: int64 ``(n,)``.  symbol: object ``(n,)``.
     rr_prev, rr_next, rr_local: float32 ``(n,)`` seconds (NaN where there is no neighbour).
+    rhythm: object ``(n,)``, the reference rhythm in force at each beat (:func:`rhythm_at`).
     dropped: counts of beats not kept, by reason: ``'edge'`` (window leaves the record),
     ``'flutter'`` (``!`` flutter waves and beats inside ``[ ... ]``).
     """
@@ -51,6 +52,7 @@ class RecordBeats:
     rr_prev: np.ndarray
     rr_next: np.ndarray
     rr_local: np.ndarray
+    rhythm: np.ndarray
     dropped: dict[str, int] = field(default_factory=dict)
 
 
@@ -65,6 +67,22 @@ def flutter_mask(symbols: np.ndarray) -> np.ndarray:
         if s == "]":
             inside = False
     return out
+
+
+def rhythm_at(ann_sample: np.ndarray, ann_symbol: np.ndarray, ann_aux: np.ndarray,
+              sample: np.ndarray) -> np.ndarray:
+    """The reference rhythm in force at each of the beats at ``sample`` ``(n,)``: the ``aux_note``
+    of the last rhythm annotation (symbol ``+``) at or before the beat, without its ``(`` and
+    trailing NULs (``'N'``, ``'AFIB'``, ``'AFL'``, ``'SVTA'`` ...); ``''`` before the first one.
+    ``ann_sample``, ``ann_symbol``, ``ann_aux``: ``(n_ann,)``, sorted by sample. Returns object ``(n,)``."""
+    if not len(ann_sample) == len(ann_symbol) == len(ann_aux):
+        raise ValueError(f"ann_sample, ann_symbol and ann_aux differ in length: "
+                         f"{len(ann_sample)}, {len(ann_symbol)}, {len(ann_aux)}")
+    changes = np.flatnonzero(np.asarray(ann_symbol, dtype=object) == "+")
+    names = np.array([""] + [str(ann_aux[i]).replace("\x00", "").strip().lstrip("(") for i in changes], dtype=object)
+    # Position of each beat among the changes: 0 = before the first, k = after the k-th.
+    at = np.searchsorted(np.asarray(ann_sample)[changes], np.asarray(sample), side="right")
+    return names[at]
 
 
 def rr_intervals(sample: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -219,6 +237,7 @@ def extract_beats(rec: Record, window: int) -> RecordBeats:
         rr_prev=rr_prev[keep],
         rr_next=rr_next[keep],
         rr_local=rr_local[keep],
+        rhythm=rhythm_at(rec.ann_sample, rec.ann_symbol, rec.ann_aux, sample[keep]),
         # `!` is a beat annotation in MIT-BIH (a flutter wave), so it counts as a dropped beat.
         dropped={"edge": int((~inside).sum()),
                  "flutter": int(((is_beat | (rec.ann_symbol == "!")) & excluded).sum())},

@@ -36,6 +36,7 @@ from ecg_mlflow import tracking
 from ecg_mlflow.dataset import BeatDataset, PrepareConfig, prepare
 from ecg_mlflow.loso import (VARIANTS, LosoConfig, PatientResult, _print_summary, aggregate, beat_source,
                              config_of_run, log_test_results, plan_folds)
+from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.splits import patient_key, subject_of
 from ecg_mlflow.training import model_input_names
 
@@ -139,13 +140,6 @@ def check_members(members: list[Member]) -> list[str]:
     return sorted(first.patients, key=patient_key)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of ``(n, k)`` logits, computed stably in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def mean_probabilities(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray,
                                                                                         np.ndarray, int]:
     """Blend the members' predictions of one patient's test beats.
@@ -190,6 +184,13 @@ class _Predictor:
                 raise BlendError(f"loso_runs: run {m.run_id!r} holds out {missing}, which its data "
                                  f"(records={m.cfg.prepare.records!r}) does not hold")
             self.tests[m.run_id] = {r: mask for f in plan_folds(ds, m.cfg) for r, mask in f.test.items()}
+
+    def rows_of(self, m: Member, patient: str, samples: np.ndarray) -> np.ndarray:
+        """The rows of ``m``'s beat table for ``patient``'s test beats at ``samples`` (sorted), in that order."""
+        ds = self.data[m.cfg.prepare]
+        rows = np.flatnonzero(self.tests[m.run_id][patient])
+        rows = rows[np.argsort(ds.sample[rows], kind="stable")]
+        return rows[np.isin(ds.sample[rows], samples)]
 
     def predict(self, m: Member, patient: str, variant: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import mlflow.keras
@@ -242,6 +243,9 @@ def blend(loso_runs: str, data_dir: str | None = None, echo: bool = True) -> str
                                      "members": ",".join(m.models[(patient, variant)][0] for m in members)})
                     m, cm = log_test_results(y, pred, classes, f"{patient} {variant} (blend of {len(members)})")
                     mlflow.log_metric("test_beats_left_out", left_out)
+                    # The first run's beat table names the blended beats (all members label them alike).
+                    rows = predictor.rows_of(members[0], patient, samples)
+                    log_predictions(predictions_table(predictor.data[members[0].cfg.prepare], rows, probs, pred))
                 results.append(PatientResult(patient, variant, child.info.run_id, m, cm))
             if echo:
                 t = next(r for r in results if r.record == patient and r.variant == "transfer")

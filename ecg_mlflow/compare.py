@@ -20,7 +20,10 @@ For each LOSO run the comparison holds
   SVEB Se and +P of each variant, their smallest, and transfer - no-transfer, each with a
   percentile 95% CI from resampling subjects;
 - figures: sorted per-patient difference bars, no-transfer against transfer scatter plots,
-  and the summed confusion matrices of both variants.
+  and the summed confusion matrices of both variants;
+- errors by rhythm: per variant and reference rhythm (sinus, atrial fibrillation, flutter, ...),
+  the V and S beats found, missed and falsely called, from each child's ``predictions.csv``
+  (:mod:`ecg_mlflow.predictions`; left out, with a note, for runs logged before predictions were).
 
 Several LOSO runs on the same patients (say two option sets) are also compared with the first
 one: the difference of each gross statistic and of their smallest, with a paired
@@ -59,7 +62,8 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from ecg_mlflow import figures, tracking, uncertainty
-from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, classification_metrics, ec57_counts, ec57_stats
+from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, classification_metrics, confusion, ec57_counts, ec57_stats
+from ecg_mlflow.predictions import PREDICTIONS_FILE, errors_by_rhythm, read_predictions
 from ecg_mlflow.splits import patient_key
 
 VARIANTS: tuple[str, ...] = ("no_transfer", "transfer")
@@ -111,6 +115,8 @@ class LosoRun:
     children: one row per (patient, variant): ``patient``, ``subject``, ``variant``, ``run_id``
     and one float column per ``test_*`` metric without the prefix (NaN = not logged).
     cms: variant -> confusion matrix ``(k, k)`` summed over that variant's children.
+    predictions: variant -> the children's ``predictions.csv`` stacked (column ``patient`` added);
+    empty when a child of that variant logged none. without_predictions: children that logged none.
     """
 
     run_id: str
@@ -122,6 +128,8 @@ class LosoRun:
     labels: list[str]
     cms: dict[str, np.ndarray]
     notes: list[str] = field(default_factory=list)
+    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)
+    without_predictions: int = 0
 
     @property
     def label(self) -> str:
@@ -222,7 +230,30 @@ def pool(runs: list[LosoRun]) -> LosoRun:
     return LosoRun(run_id="+".join(r.run_id for r in runs), name=" + ".join(r.name for r in runs),
                    experiment_id=runs[0].experiment_id, params=params, parent_metrics={}, children=children,
                    labels=runs[0].labels, cms={v: sum(r.cms[v] for r in runs) for v in VARIANTS},
-                   notes=[n for r in runs for n in r.notes])
+                   notes=[n for r in runs for n in r.notes],
+                   predictions={v: pd.concat([r.predictions.get(v, pd.DataFrame()) for r in runs], ignore_index=True)
+                                for v in VARIANTS},
+                   without_predictions=sum(r.without_predictions for r in runs))
+
+
+def _read_predictions(run_id: str, where: str, labels: list[str], cm: np.ndarray) -> pd.DataFrame | None:
+    """A child's ``predictions.csv`` (None if it logged none), checked against its confusion matrix."""
+    try:
+        table = read_predictions(run_id)
+    except (MlflowException, OSError, ValueError) as e:
+        raise CompareError(f"{where}: cannot read its {PREDICTIONS_FILE} artifact ({e})") from e
+    if table is None:
+        return None
+    code = {c: i for i, c in enumerate(labels)}
+    try:
+        y, p = table["label"].map(code), table["predicted"].map(code)
+        ok = not (y.isna().any() or p.isna().any())
+        ok = ok and np.array_equal(confusion(y.to_numpy(int), p.to_numpy(int), len(labels)), cm)
+    except KeyError as e:
+        raise CompareError(f"{where}: its {PREDICTIONS_FILE} lacks the column {e}") from e
+    if not ok:
+        raise CompareError(f"{where}: its {PREDICTIONS_FILE} does not add up to its confusion_matrix.json")
+    return table
 
 
 def _read_confusion(run_id: str, where: str, tmp: Path) -> tuple[list[str], np.ndarray]:
@@ -302,6 +333,8 @@ def load_loso_run(client: MlflowClient, run_id: str) -> LosoRun:
     # Summed confusion matrices, read through the artifact API; every child must use one label set.
     labels: list[str] | None = None
     cms: dict[str, np.ndarray] = {}
+    tables: dict[str, list[pd.DataFrame]] = {v: [] for v in VARIANTS}
+    without = 0
     with tempfile.TemporaryDirectory() as tmp:
         for _, c in children.iterrows():
             where = f"variant run {c.run_id!r} (patient {c.patient}, {c.variant}) of LOSO {what}"
@@ -315,9 +348,19 @@ def load_loso_run(client: MlflowClient, run_id: str) -> LosoRun:
             logged = {k: int(c[k]) for k in EC57_COUNTS}
             if logged != ec57_counts(cm, labels):
                 notes.append(f"{where}: logged test_veb_*/test_sveb_* counts differ from its confusion matrix")
+            table = _read_predictions(c.run_id, where, labels, cm)
+            if table is None:
+                without += 1
+            else:
+                tables[c.variant].append(table.assign(patient=c.patient))
+    if without:
+        notes.append(f"{without} of {len(children)} variant runs of LOSO {what} logged no {PREDICTIONS_FILE} "
+                     "(logged before per-beat predictions were), so errors by rhythm are left out")
+    predictions = {v: pd.concat(t, ignore_index=True) if t and not without else pd.DataFrame()
+                   for v, t in tables.items()}
     return LosoRun(run_id=run_id, name=name, experiment_id=run.info.experiment_id, params=dict(run.data.params),
                    parent_metrics=dict(run.data.metrics), children=children, labels=labels or [], cms=cms,
-                   notes=notes)
+                   notes=notes, predictions=predictions, without_predictions=without)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,6 +576,18 @@ class Analysis:
     tests: pd.DataFrame
     figures: dict[str, bytes]
     gross_ci: pd.DataFrame
+    by_rhythm: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def rhythm_table(run: LosoRun) -> pd.DataFrame:
+    """:func:`ecg_mlflow.predictions.errors_by_rhythm` of each variant's stacked predictions, the
+    variants stacked (column ``variant``); empty when the run's children logged no predictions."""
+    parts = [errors_by_rhythm(run.predictions[v], run.labels).assign(variant=v)
+             for v in VARIANTS if not run.predictions.get(v, pd.DataFrame()).empty]
+    if not parts:
+        return pd.DataFrame()
+    out = pd.concat(parts, ignore_index=True)
+    return out[["variant", *[c for c in out.columns if c != "variant"]]]
 
 
 def analyse(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
@@ -557,7 +612,7 @@ def analyse(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
     ):
         figs[name] = figures.to_png(fig)
         plt.close(fig)
-    return Analysis(run, pp, agg, tests, figs, gross_ci)
+    return Analysis(run, pp, agg, tests, figs, gross_ci, rhythm_table(run))
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,6 +662,21 @@ def display_aggregate(a: Analysis) -> pd.DataFrame:
     for v in VARIANTS:
         out[f"logged gross {LABELS[v]}"] = [_pct(g.at[s, f"parent_gross_{v}"]) for s in SUMMARY_STATS]
     return out
+
+
+def display_by_rhythm(a: Analysis) -> pd.DataFrame:
+    """Errors by reference rhythm per variant: counts, and Se / +P in percent."""
+    t = a.by_rhythm
+    if t.empty:
+        return t
+    out = pd.DataFrame({"variant": [LABELS[v] for v in t.variant], "rhythm": t.rhythm, "beats": t.beats,
+                        "records": t.records})
+    for kind, name in (("veb", "VEB"), ("sveb", "SVEB")):
+        for col in ("beats", "found", "missed", "false"):
+            out[f"{name} {col}"] = t[f"{kind}_{col}"].astype(int)
+        out[f"{name} Se"] = [_pct(x) for x in t[f"{kind}_se"]]
+        out[f"{name} +P"] = [_pct(x) for x in t[f"{kind}_ppv"]]
+    return out.set_index(["variant", "rhythm"])
 
 
 def display_tests(a: Analysis) -> pd.DataFrame:
@@ -773,6 +843,13 @@ def render_html(analyses: list[Analysis], n_boot: int, seed: int, differences: R
             "<h3>Gross and average statistics</h3>", _table_html(display_aggregate(a)),
             "<h3>Per patient</h3>", "<p>NT = no transfer, T = transfer, Δ = T − NT (pp).</p>",
             _table_html(display_per_patient(a)),
+            "<h3>Errors by rhythm</h3>",
+            "<p>Test beats grouped by the reference rhythm in force (MIT-BIH rhythm annotations: N sinus, AFIB "
+            "atrial fibrillation, AFL atrial flutter, SVTA supraventricular tachyarrhythmia, NOD nodal rhythm, B / T "
+            "ventricular bigeminy / trigeminy, AB atrial bigeminy, ...; (none) before a record's first one); "
+            "found / missed / false = EC57 TP / FN / FP, so each count column adds up to the gross count.</p>",
+            (_table_html(display_by_rhythm(a)) if not a.by_rhythm.empty
+             else f"<p class='note'>No {PREDICTIONS_FILE} in this run's variant runs.</p>"),
             "<h3>Figures</h3>",
             _img(a.figures["difference_bars"], "per-patient differences"),
             _img(a.figures["scatter"], "no transfer against transfer"),
@@ -817,6 +894,8 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int,
     stacked("gross_ci").to_csv(out / "tables" / "gross_ci.csv", index=False)
     if not differences.table.empty:
         differences.table.to_csv(out / "tables" / "run_differences.csv", index=False)
+    pd.concat([a.by_rhythm.assign(loso_run_id=a.run.run_id) for a in analyses],
+              ignore_index=True).to_csv(out / "tables" / "errors_by_rhythm.csv", index=False)
     side_by_side(analyses).to_csv(out / "tables" / "side_by_side.csv")
     pd.DataFrame(PUBLISHED).to_csv(out / "tables" / "published.csv", index=False)
     summary = {
@@ -830,6 +909,7 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int,
             "aggregate": a.aggregate.to_dict(orient="index"),
             "paired_tests": a.tests.to_dict(orient="index"),
             "gross_ci": a.gross_ci.to_dict(orient="index"),
+            "errors_by_rhythm": a.by_rhythm.to_dict(orient="records"),
         } for a in analyses],
         "run_differences": differences.table.to_dict(orient="records"),
         "run_differences_skipped": differences.skipped,
@@ -850,6 +930,8 @@ def summary_text(analyses: list[Analysis], differences: RunDifferences | None = 
                       "Paired statistics (transfer - no transfer):", display_tests(a).to_string(), "",
                       "Gross and average statistics (%):", display_aggregate(a).to_string(), "",
                       "Gross statistics with subject-bootstrap CIs (%):", display_gross_ci(a).to_string(), ""]
+            if not a.by_rhythm.empty:
+                parts += ["Errors by reference rhythm:", display_by_rhythm(a).to_string(), ""]
             parts += [f"note: {n}" for n in a.run.notes]
         if len(analyses) > 1:
             parts += ["=== LOSO runs side by side (%) ===", display_side_by_side(analyses).to_string(), ""]

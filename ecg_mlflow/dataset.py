@@ -2,7 +2,8 @@
 
 One row per beat. Columns: ``record``, ``subject``, ``sample`` (annotation index at 360 Hz),
 ``time_s``, ``symbol``, ``label`` (class code of the scheme), ``rr_prev``, ``rr_next``,
-``rr_local`` (s), ``part`` (``'finetune'`` / ``'test'``), ``signal`` (fixed-size list of
+``rr_local`` (s), ``rhythm`` (the reference rhythm in force, e.g. ``'N'``, ``'AFIB'``; ``''``
+before a record's first rhythm annotation), ``part`` (``'finetune'`` / ``'test'``), ``signal`` (fixed-size list of
 ``window * 2`` float32 mV values, row-major ``(window, 2)``, MLII first).
 
 The file lives under a key derived from the input files' SHA-256 checksums and the
@@ -38,7 +39,7 @@ from ecg_mlflow.records import (
 )
 from ecg_mlflow.splits import FINETUNE, TEST, subject_of, time_split
 
-FORMAT_VERSION = 2  # bump when the file layout or extraction rules change
+FORMAT_VERSION = 3  # bump when the file layout or extraction rules change
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ def include_paced_from_param(value: str | bool | None) -> bool | None:
 class BeatDataset:
     """A prepared beat table held as NumPy arrays.
 
-    x: float32 ``(n, window, 2)`` mV.  label: int16 ``(n,)``.  record, subject, symbol, part:
-    object ``(n,)``.  sample: int64 ``(n,)``.  time_s: float64 ``(n,)``.  rr_prev, rr_next,
+    x: float32 ``(n, window, 2)`` mV.  label: int16 ``(n,)``.  record, subject, symbol, part,
+    rhythm: object ``(n,)``.  sample: int64 ``(n,)``.  time_s: float64 ``(n,)``.  rr_prev, rr_next,
     rr_local: float32 ``(n,)``.  ``meta`` holds the parameters, classes, lead names, counts.
     """
 
@@ -115,6 +116,7 @@ class BeatDataset:
     rr_prev: np.ndarray
     rr_next: np.ndarray
     rr_local: np.ndarray
+    rhythm: np.ndarray
     meta: dict = field(default_factory=dict)
     path: Path | None = None
 
@@ -218,7 +220,7 @@ class BeatDataset:
         return pd.DataFrame({
             "record": self.record, "subject": self.subject, "sample": self.sample, "time_s": self.time_s,
             "symbol": self.symbol, "label": self.label, "rr_prev": self.rr_prev, "rr_next": self.rr_next,
-            "rr_local": self.rr_local, "part": self.part,
+            "rr_local": self.rr_local, "rhythm": self.rhythm, "part": self.part,
         })
 
     def summary(self) -> pd.DataFrame:
@@ -282,7 +284,7 @@ def _extract(args: tuple[str, str, int, str, float]) -> dict:
     return {
         "record": record, "x": rb.x[mapped], "label": label[mapped], "symbol": rb.symbol[mapped],
         "sample": rb.sample[mapped], "time_s": time_s[mapped], "rr_prev": rb.rr_prev[mapped],
-        "rr_next": rb.rr_next[mapped], "rr_local": rb.rr_local[mapped],
+        "rr_next": rb.rr_next[mapped], "rr_local": rb.rr_local[mapped], "rhythm": rb.rhythm[mapped],
         "part": time_split(time_s[mapped], finetune_minutes),
         "dropped": {**rb.dropped, "unmapped": int((~mapped).sum())},
         "leads": list(rec.lead_names), "has_primary_lead": rec.has_primary_lead,
@@ -317,6 +319,7 @@ def _to_table(parts: list[dict], meta: dict) -> pa.Table:
         "rr_prev": pa.array(cat("rr_prev"), type=pa.float32()),
         "rr_next": pa.array(cat("rr_next"), type=pa.float32()),
         "rr_local": pa.array(cat("rr_local"), type=pa.float32()),
+        "rhythm": pa.array(cat("rhythm").tolist(), type=pa.string()),
         "part": pa.array(cat("part").tolist(), type=pa.string()),
         "signal": signal,
     })
@@ -341,7 +344,7 @@ def load(path: str | os.PathLike) -> BeatDataset:
         ds = BeatDataset(
             x=x, label=col("label"), record=obj("record"), subject=obj("subject"), symbol=obj("symbol"),
             part=obj("part"), sample=col("sample"), time_s=col("time_s"), rr_prev=col("rr_prev"),
-            rr_next=col("rr_next"), rr_local=col("rr_local"), meta=meta, path=path,
+            rr_next=col("rr_next"), rr_local=col("rr_local"), rhythm=obj("rhythm"), meta=meta, path=path,
         )
     except Exception as exc:
         raise DataError(f"cannot read prepared dataset {path}: {type(exc).__name__}: {exc}") from exc

@@ -50,10 +50,11 @@ from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_p
                                 window_from_param)
 from ecg_mlflow.executors import ExecConfig, FoldOutcome, FoldTask
 from ecg_mlflow.models import check_kernel_size, gate_premature, promote_early
+from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, early_normal_rows, early_threshold,
-                                 fine_tune, model_input_names, predict_classes, premature_threshold, replay_rows,
+                                 fine_tune, model_input_names, predict_logits, premature_threshold, replay_rows,
                                  train_base)
 
 VARIANTS = ("no_transfer", "transfer")
@@ -246,8 +247,15 @@ def log_test_results(y_true: np.ndarray, pred: np.ndarray, classes: list[str], t
     return m, cm
 
 
-def _log_test_results(ds: BeatDataset, mask: np.ndarray, pred: np.ndarray, title: str) -> tuple[dict, np.ndarray]:
-    return log_test_results(ds.label[mask], pred, ds.classes, title)
+def _evaluate(ds: BeatDataset, mask: np.ndarray, model, src: BeatSource, title: str) -> tuple[dict, np.ndarray]:
+    """``model``'s calls on the beats of ``mask``: test metrics, confusion matrix and
+    ``predictions.csv`` (each beat's rhythm, class, call and class probabilities), logged to the active run."""
+    rows = np.flatnonzero(mask)
+    logits = predict_logits(model, src, rows)
+    pred = np.argmax(logits, axis=1).astype(np.int64)
+    m, cm = log_test_results(ds.label[rows], pred, ds.classes, title)
+    log_predictions(predictions_table(ds, rows, softmax(logits), pred))
+    return m, cm
 
 
 def _variant_tags(record: str, variant: str, base: BaseModel, loso_run_id: str | None) -> dict[str, str]:
@@ -260,9 +268,7 @@ def evaluate_no_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseMod
     """The base model on ``record``'s test part, logged to the active run (variant ``no_transfer``);
     ``recent_reference``: the one the base model was trained with (:class:`TrainConfig`)."""
     mlflow.set_tags(_variant_tags(record, "no_transfer", base, loso_run_id))
-    mask = fold.test[record]
-    pred = predict_classes(base.model, beat_source(ds, recent_reference), np.flatnonzero(mask))
-    m, cm = _log_test_results(ds, mask, pred, f"{record} no transfer")
+    m, cm = _evaluate(ds, fold.test[record], base.model, beat_source(ds, recent_reference), f"{record} no transfer")
     return PatientResult(record, "no_transfer", mlflow.active_run().info.run_id, m, cm)
 
 
@@ -333,8 +339,7 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
         model = gate_sveb(ds, fold, model, cfg.train.sveb_gate)
     if cfg.train.early_sveb > 0:
         model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb)
-    mask = fold.test[record]
-    m, cm = _log_test_results(ds, mask, predict_classes(model, src, np.flatnonzero(mask)), f"{record} transfer")
+    m, cm = _evaluate(ds, fold.test[record], model, src, f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))
     if cfg.registers:
         headline = {f"test_{k}": f"{m[k]:.4f}" for k in HEADLINE if k in m}

@@ -3,7 +3,7 @@
 A record is read into a :class:`Record`: both leads in physical units (mV) in a
 fixed order (MLII first where the record has it), at the model's sampling rate
 (records at other rates are resampled, annotations moved with them), plus the
-reference beat annotations.
+reference annotations (beats, and the rhythm changes in their ``aux_note``).
 """
 
 from __future__ import annotations
@@ -215,6 +215,8 @@ class Record:
     signal: float32 array, shape ``(n_samples, 2)``, mV, leads in :attr:`lead_names` order.
     ann_sample: int64 array, shape ``(n_ann,)``, annotation positions in samples at :attr:`fs`.
     ann_symbol: str array, shape ``(n_ann,)``.
+    ann_aux: str array, shape ``(n_ann,)``: each annotation's ``aux_note`` ('' where it has none);
+    a rhythm change (symbol ``+``) names the new rhythm there, e.g. ``'(AFIB'``.
     """
 
     name: str
@@ -224,6 +226,7 @@ class Record:
     ann_sample: np.ndarray
     ann_symbol: np.ndarray
     has_primary_lead: bool
+    ann_aux: np.ndarray
 
 
 def lead_order(lead_names: tuple[str, ...]) -> list[int]:
@@ -267,6 +270,7 @@ def read_record(data_dir: Path, record: str, target_fs: int = TARGET_FS) -> Reco
         ann_sample=samples,
         ann_symbol=np.asarray(ann.symbol, dtype=object),
         has_primary_lead=PRIMARY_LEAD in sig.sig_name,
+        ann_aux=np.asarray([a or "" for a in (ann.aux_note or [""] * len(samples))], dtype=object),
     )
 
 

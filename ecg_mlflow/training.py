@@ -520,13 +520,18 @@ def blend_weights(tuned: keras.Model, base: keras.Model, blend: float) -> None:
             layer.set_weights(mixed)
 
 
-def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:
-    """Predicted class codes ``(n,)`` for beats ``x`` ``(n, window, leads)``, or for rows ``idx`` of a
-    :class:`BeatSource` ``x``."""
+def predict_logits(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:
+    """The model's outputs (logits) ``(n, n_classes)`` for beats ``x`` ``(n, window, leads)``, or for
+    rows ``idx`` of a :class:`BeatSource` ``x``."""
     if isinstance(x, BeatSource):
         x = x.inputs(np.asarray(idx), model_input_names(model))
     n = len(x["beat"]) if isinstance(x, dict) else len(x)
     if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    logits = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.argmax(logits, axis=1).astype(np.int64)
+        return np.zeros((0, int(model.output.shape[-1])), dtype=np.float32)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+
+
+def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:
+    """Predicted class codes ``(n,)`` for beats ``x`` ``(n, window, leads)``, or for rows ``idx`` of a
+    :class:`BeatSource` ``x``."""
+    return np.argmax(predict_logits(model, x, idx, batch_size), axis=1).astype(np.int64)

@@ -23,6 +23,7 @@ from ecg_mlflow.dataset import PrepareConfig, prepare
 from ecg_mlflow.executors import ExecConfig
 from ecg_mlflow.loso import LosoConfig, beat_source, run_loso
 from ecg_mlflow.metrics import ec57_counts, ec57_stats
+from ecg_mlflow.predictions import read_predictions
 from ecg_mlflow.splits import TEST
 from ecg_mlflow.training import TrainConfig, model_input_names
 
@@ -100,6 +101,11 @@ def test_blend_is_the_mean_of_its_members_probabilities_and_compare_reads_it(sto
         assert kid.data.metrics["test_beats_left_out"] == len(a.index.symmetric_difference(b.index))
         assert kid.data.metrics["test_n_beats"] == len(both) > 0
         assert kid.data.tags["members"] == ",".join(members[m][(patient, variant)].info.run_id for m in "AB")
+        # Its predictions.csv holds the blended beats, their mean probabilities and the calls.
+        table = read_predictions(kid.info.run_id)
+        assert table["sample"].tolist() == both.index.tolist() and set(table["record"]) == {patient}
+        np.testing.assert_allclose(table[[f"p_{c}" for c in classes]].to_numpy(), mean, atol=1e-5)
+        assert table["predicted"].tolist() == [classes[i] for i in mean.argmax(axis=1)]
         summed[variant] = summed.get(variant, 0) + expected
     for variant, cm in summed.items():
         stats = ec57_stats(ec57_counts(cm, classes))
@@ -114,6 +120,7 @@ def test_blend_is_the_mean_of_its_members_probabilities_and_compare_reads_it(sto
     assert [a.run.run_id for a in result.analyses] == [runs["A"], runs["blend"]]
     assert result.differences is not None and not result.differences.table.empty
     assert set(result.differences.table.run) == {1}
+    assert not result.analyses[1].by_rhythm.empty  # errors by rhythm from the blend's predictions
 
 
 @pytest.mark.slow

@@ -67,15 +67,33 @@ def patient_cms(seed: int) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+RHYTHMS = ("N", "AFIB", "SVTA")
+
+
+def predictions_of(cm: np.ndarray, patient: str, seed: int) -> pd.DataFrame:
+    """A ``predictions.csv`` table that adds up to ``cm``: one row per beat, each beat given one of
+    :data:`RHYTHMS` at random, probability 1 on its call."""
+    rng = np.random.default_rng(seed)
+    pairs = np.array([(i, j) for i in range(5) for j in range(5) for _ in range(int(cm[i, j]))]).reshape(-1, 2)
+    pairs = pairs[rng.permutation(len(pairs))]
+    table = pd.DataFrame({"record": patient, "sample": 300 * np.arange(len(pairs)), "time_s": np.arange(len(pairs)),
+                          "rhythm": rng.choice(RHYTHMS, len(pairs)), "symbol": "N",
+                          "label": [CLASSES[i] for i in pairs[:, 0]], "predicted": [CLASSES[j] for j in pairs[:, 1]]})
+    for k, c in enumerate(CLASSES):
+        table[f"p_{c}"] = (pairs[:, 1] == k).astype(float)
+    return table
+
+
 def log_loso(cms: dict[str, dict[str, np.ndarray]], *, experiment: str = "ecg-loso", name: str = "loso",
              params: dict | None = None, parent_metrics: bool = True, role: str = "loso",
-             variants: tuple[str, ...] = C.VARIANTS, undefined: str = "nan") -> str:
+             variants: tuple[str, ...] = C.VARIANTS, undefined: str = "nan", predictions: bool = True) -> str:
     """Log a LOSO parent run and its variant children; return the parent's run id.
 
     Child metrics are ``test_<k>`` for every key of ``metrics_from_cm``; the parent gets
     ``gross_<variant>_<stat>`` / ``avg_<variant>_<stat>``. A statistic without a denominator is
     logged as NaN (``undefined="nan"``, the contract) or left out (``"absent"``, older runs).
-    The client API with batched logging keeps this at a few calls per run.
+    ``predictions``: each child also logs a ``predictions.csv`` (:func:`predictions_of`), as LOSO
+    runs do; False makes runs as they were logged before per-beat predictions. The client API with batched logging keeps this at a few calls per run.
     """
     def complete(values: dict[str, float], names) -> dict[str, float]:
         return {k: values.get(k, math.nan) for k in names} if undefined == "nan" else values
@@ -98,6 +116,8 @@ def log_loso(cms: dict[str, dict[str, np.ndarray]], *, experiment: str = "ecg-lo
                 "variant": variant, "base_run_id": "b"}).info.run_id
             client.log_batch(child, metrics=[Metric(f"test_{k}", v, 0, 0) for k, v in complete(m, test_names).items()])
             client.log_dict(child, {"labels": CLASSES, "matrix": cms[p][variant].tolist()}, "confusion_matrix.json")
+            if predictions:
+                client.log_text(child, predictions_of(cms[p][variant], p, int(p)).to_csv(index=False), "predictions.csv")
             client.set_terminated(child)
     client.log_batch(parent, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric(k, v, 0, 0) for k, v in complete(summary, summary_names).items()]
@@ -336,7 +356,7 @@ def _artifact(run_id: str, path: str) -> Path:
 
 
 def test_compare_run_artifacts_and_links(tracking_uri, cms, capsys):
-    loso_id = log_loso(cms)
+    loso_id = log_loso(cms, predictions=False)
     res = C.compare(loso_runs=loso_id, n_boot=N_BOOT)
     run = MlflowClient().get_run(res.run_id)
     assert run.info.status == "FINISHED"
@@ -372,6 +392,62 @@ def test_compare_run_artifacts_and_links(tracking_uri, cms, capsys):
     out = capsys.readouterr().out
     assert "Paired statistics" in out and "VEB Se" in out and res.run_id in out
     assert f"{100 * a.aggregate.at['veb_se', 'gross_transfer']:.1f}" in out
+    # Runs logged before per-beat predictions: said so, and no table made up.
+    assert a.by_rhythm.empty and any("logged no predictions.csv" in n for n in a.run.notes)
+    assert "No predictions.csv" in report and "Errors by reference rhythm" not in out
+
+
+def test_errors_by_rhythm_count_each_rhythm_and_add_up_to_the_gross_counts(tracking_uri, cms, capsys):
+    loso_id = log_loso(cms)
+    res = C.compare(loso_runs=loso_id, n_boot=N_BOOT)
+    a = res.analyses[0]
+    t = a.by_rhythm
+    assert sorted(t.variant.unique()) == sorted(C.VARIANTS) and not a.run.notes
+    for v in C.VARIANTS:
+        # Counted here from the tables as logged, by EC57's rules: a Q beat called S is no false S,
+        # an F beat called V no false V.
+        logged = pd.concat([predictions_of(cms[p][v], p, int(p)) for p in cms])
+        rows = t[t.variant == v].set_index("rhythm")
+        assert sorted(rows.index) == sorted(RHYTHMS)
+        for rhythm, g in logged.groupby("rhythm"):
+            r = rows.loc[rhythm]
+            assert r.beats == len(g) and r.records == g.record.nunique()
+            assert r.sveb_found == ((g.label == "S") & (g.predicted == "S")).sum()
+            assert r.sveb_missed == ((g.label == "S") & (g.predicted != "S")).sum()
+            assert r.sveb_false == ((g.predicted == "S") & g.label.isin(["N", "V", "F"])).sum()
+            assert r.veb_found == ((g.label == "V") & (g.predicted == "V")).sum()
+            assert r.veb_false == ((g.predicted == "V") & g.label.isin(["N", "S"])).sum()
+            assert r.sveb_ppv == pytest.approx(r.sveb_found / (r.sveb_found + r.sveb_false))
+        gross = ec57_counts(a.run.cms[v], CLASSES)
+        for kind in ("veb", "sveb"):
+            for col, key in (("found", "tp"), ("missed", "fn"), ("false", "fp")):
+                assert rows[f"{kind}_{col}"].sum() == gross[f"{kind}_{key}"]
+    csv = pd.read_csv(_artifact(res.run_id, "tables/errors_by_rhythm.csv"))
+    assert (csv.loso_run_id == loso_id).all() and len(csv) == len(t)
+    assert csv.sveb_false.tolist() == t.sveb_false.tolist()
+    assert "Errors by rhythm" in _artifact(res.run_id, "report.html").read_text()
+    assert "Errors by reference rhythm" in capsys.readouterr().out
+    # Pooled halves count as the whole.
+    half1 = log_loso({p: cms[p] for p in ("100", "201", "202")})
+    half2 = log_loso({p: cms[p] for p in ("101", "105", "208")})
+    pooled = C.compare(loso_runs=f"{half1}+{half2}", n_boot=N_BOOT, echo=False).analyses[0].by_rhythm
+    key = ["variant", "rhythm"]
+    pd.testing.assert_frame_equal(pooled.sort_values(key, ignore_index=True), t.sort_values(key, ignore_index=True))
+
+
+def test_predictions_that_do_not_add_up_to_the_confusion_matrix_are_named(tracking_uri, cms):
+    loso_id = log_loso(cms)
+    client = MlflowClient()
+    (child,) = client.search_runs([client.get_run(loso_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{loso_id}' and tags.patient = '105' "
+                                  "and tags.variant = 'transfer'")
+    table = predictions_of(cms["105"]["transfer"], "105", 105)
+    table.loc[table.label == "S", "predicted"] = "N"  # one row's call changed is enough; all are
+    client.log_text(child.info.run_id, table.to_csv(index=False), "predictions.csv")
+    before = n_runs()
+    with pytest.raises(C.CompareError, match=rf"{child.info.run_id}.*105.*predictions.csv does not add up"):
+        C.compare(loso_runs=loso_id, n_boot=N_BOOT, echo=False)
+    assert n_runs() == before
 
 
 def test_several_loso_runs_side_by_side(tracking_uri, cms):

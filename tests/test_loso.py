@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 
 from conftest import REPO, entry_env, run_script_in_process
 from ecg_mlflow.dataset import PrepareConfig, prepare
+from ecg_mlflow.metrics import confusion
+from ecg_mlflow.predictions import read_predictions, softmax
 from ecg_mlflow.splits import subject_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -143,6 +145,37 @@ def test_registry_versions_and_served_model_classifies_its_patient(loso_store, m
     assert logits.shape == (test.sum(), 5)
     acc = float((logits.argmax(1) == ds.label[test]).mean())
     assert acc == pytest.approx(transfer_runs["201"].data.metrics["test_accuracy"], abs=1e-9)
+
+
+def test_every_variant_run_logs_the_calls_and_probabilities_of_its_test_beats(loso_store, mitdb_dir, dataset_cache):
+    _, parent, client, _ = loso_store
+    ds = prepare(PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS), cache_dir=str(dataset_cache)))
+    classes = ds.classes
+    code = {c: i for i, c in enumerate(classes)}
+    for r in children(client, parent, "variant"):
+        rec = r.data.tags["patient"]
+        table = read_predictions(r.info.run_id)
+        test = (ds.record == rec) & (ds.part == "test")
+        # one row per test beat of the record, in the beat table's order, with its rhythm and class
+        assert table["sample"].tolist() == ds.sample[test].tolist() and set(table["record"]) == {rec}
+        assert table["rhythm"].tolist() == ds.rhythm[test].tolist()
+        assert table["symbol"].tolist() == ds.symbol[test].tolist()
+        assert table["label"].tolist() == [classes[c] for c in ds.label[test]]
+        pred = table["predicted"].map(code).to_numpy()
+        cm = np.array(mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/confusion_matrix.json")["matrix"])
+        np.testing.assert_array_equal(confusion(ds.label[test].astype(int), pred, len(classes)), cm)
+        p = table[[f"p_{c}" for c in classes]].to_numpy()
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-4)
+        assert (p[np.arange(len(p)), pred] >= p.max(axis=1) - 1e-5).all()  # the call is the likeliest class
+    # The logged probabilities are the softmax of the registered transfer model's outputs.
+    run = next(r for r in children(client, parent, "variant")
+               if r.data.tags["patient"] == "201" and r.data.tags["variant"] == "transfer")
+    (version,) = [v for v in client.search_model_versions("name = 'ecg-transfer-201'") if v.run_id == run.info.run_id]
+    model = mlflow.pyfunc.load_model(f"models:/ecg-transfer-201/{version.version}")
+    test = (ds.record == "201") & (ds.part == "test")
+    logits = np.asarray(model.predict({"beat": ds.x[test], "rr": ds.rr_features()[test]}))
+    table = read_predictions(run.info.run_id)
+    np.testing.assert_allclose(table[[f"p_{c}" for c in classes]].to_numpy(), softmax(logits), atol=1e-4)
 
 
 def test_heldout_subject_never_reaches_base_training(loso_store, mitdb_dir, dataset_cache):

@@ -12,7 +12,7 @@ import wfdb
 import wfdb.io.download
 
 from ecg_mlflow import dataset as dataset_mod
-from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rr_average, rr_intervals,
+from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rhythm_at, rr_average, rr_intervals,
                               rr_irregularity)
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
@@ -89,6 +89,22 @@ def test_non_beat_annotations_and_flutter_are_excluded(db):
     assert ds.meta["dropped"]["100"] == {"edge": 0, "flutter": 4, "unmapped": 0}
     # RR context skips excluded beats: 900 -> 2100 is one interval
     np.testing.assert_allclose(ds.rr_prev[1:], np.array([400, 1200, 600]) / 360, rtol=1e-6)
+
+
+def test_each_beat_carries_the_rhythm_in_force_from_the_rhythm_annotations(db):
+    ann = [(300, "N", ""), (500, "+", "(N"), (700, "N", ""), (1000, "A", ""), (1300, "+", "(AFIB"),
+           (1300, "N", ""), (1500, "~", "noise"), (1700, "V", ""), (2000, "+", "(SVTA"), (2200, "A", ""),
+           (2500, "N", "")]
+    samples, symbols, aux = zip(*ann)
+    write_record(db, "100", seconds=10, samples=samples, symbols=symbols, aux_notes=aux)
+    ds = prepare(cfg(db, "100", label_scheme="raw"), workers=1)
+
+    assert ds.sample.tolist() == [300, 700, 1000, 1300, 1700, 2200, 2500]
+    # '' before the first change; a change takes effect at its own sample; a noise note is no rhythm
+    assert ds.rhythm.tolist() == ["", "N", "N", "AFIB", "AFIB", "SVTA", "SVTA"]
+    assert ds.frame()["rhythm"].tolist() == ds.rhythm.tolist()
+    with pytest.raises(ValueError, match="differ in length"):
+        rhythm_at(np.array([1, 2]), np.array(["+"]), np.array(["(N"]), np.array([1]))
 
 
 def test_rr_intervals_match_a_direct_computation():

@@ -81,3 +81,21 @@ def test_aami_leaves_paced_records_out_by_default(mitdb_dir, dataset_cache):
                                cache_dir=str(dataset_cache)))
     assert ds.records == ["100"] and ds.meta["paced_excluded"] == ["102", "104", "107", "217"]
     assert set(ds.record) == {"100"} and ds.classes == ["N", "S", "V", "F", "Q"]
+
+
+def test_each_beat_carries_the_rhythm_annotated_before_it(mitdb_dir, raw_all):
+    """Read straight from the files, one annotation after another: a beat's rhythm is that of the
+    last rhythm change (``+``) before it in the file."""
+    for r in raw_all.records:
+        ann = wfdb.rdann(str(mitdb_dir / r), "atr")
+        current, at_sample = "", {}
+        for s, sym, aux in zip(ann.sample.tolist(), ann.symbol, ann.aux_note):
+            if sym == "+":
+                current = aux.replace("\x00", "").lstrip("(")
+            at_sample[s] = current
+        rows = raw_all.record == r
+        assert raw_all.rhythm[rows].tolist() == [at_sample[s] for s in raw_all.sample[rows].tolist()], r
+    counts = Counter(raw_all.rhythm.tolist())
+    # every record opens with a rhythm annotation; 232 is sinus bradycardia throughout
+    assert "" not in counts and {"N", "AFIB", "AFL", "SVTA", "NOD"} <= set(counts)
+    assert set(raw_all.rhythm[raw_all.record == "232"]) == {"SBR"}

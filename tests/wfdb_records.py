@@ -36,14 +36,15 @@ def synthetic_signal(n_samples: int, fs: float, beat_samples: Sequence[int] = ()
 def write_record(directory: str | Path, name: str, *, fs: float = 360.0, seconds: float = 20.0,
                  lead_names: Sequence[str] = ("MLII", "V1"), samples: Sequence[int] = (),
                  symbols: Sequence[str] | None = None, signal: np.ndarray | None = None,
-                 spike_mv: float = 0.0, fmt: str = "16") -> str:
+                 spike_mv: float = 0.0, fmt: str = "16", aux_notes: Sequence[str] | None = None) -> str:
     """Write a 2-lead WFDB record ``name`` into ``directory`` and return ``name``.
 
     samples, symbols: the reference annotations (``.atr``), any MIT-BIH symbols, beats or not
     (``+``, ``~``, ``[``, ``!``, ``]`` ...); ``symbols`` defaults to ``'N'`` for every sample.
     signal: ``(round(fs * seconds), 2)`` mV; default :func:`synthetic_signal` (with spikes at
     the annotations when ``spike_mv`` > 0). Lead ``i`` of ``signal`` is stored under
-    ``lead_names[i]``, in that order.
+    ``lead_names[i]``, in that order. aux_notes: each annotation's ``aux_note`` (``''`` for none),
+    e.g. ``'(AFIB'`` on a ``+`` rhythm change.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,10 @@ def write_record(directory: str | Path, name: str, *, fs: float = 360.0, seconds
     wfdb.wrsamp(name, fs=fs, units=["mV"] * len(lead_names), sig_name=list(lead_names), p_signal=signal,
                 fmt=[fmt] * len(lead_names), write_dir=str(directory))
     if len(samples):
-        wfdb.wrann(name, "atr", samples, symbol=symbols, fs=fs, write_dir=str(directory))
+        aux = None if aux_notes is None else list(aux_notes)
+        if aux is not None and len(aux) != len(samples):
+            raise ValueError(f"{len(samples)} annotation samples but {len(aux)} aux notes")
+        wfdb.wrann(name, "atr", samples, symbol=symbols, aux_note=aux, fs=fs, write_dir=str(directory))
     return name
 
 
