@@ -12,9 +12,10 @@ Beats are matched by record and annotation sample. A beat that one run's window 
 logged per patient as ``test_beats_left_out``.
 
 The blend is logged as a LOSO run (tag ``ecg.role=loso``, plus ``blend_of`` naming the runs), with
-one variant child per patient and variant carrying the ``test_*`` metrics and ``confusion_matrix.json``
-of the LOSO contract, so :mod:`ecg_mlflow.compare` reads it like any other: pooled with a run of the
-other patients, or set beside one of its members on the same patients (paired subject bootstrap).
+one variant child per patient and variant carrying the ``test_*`` metrics, ``confusion_matrix.json``
+and ``predictions.csv`` (the mean probabilities) of the LOSO contract, so :mod:`ecg_mlflow.compare`
+reads it like any other: pooled with a run of the other patients, or set beside one of its members
+on the same patients (paired subject bootstrap).
 It trains nothing and registers nothing.
 
 Every run is checked before any model is loaded or anything is logged: each must be a FINISHED
@@ -38,7 +39,7 @@ from ecg_mlflow.loso import (VARIANTS, LosoConfig, PatientResult, _print_summary
                              config_of_run, log_test_results, plan_folds)
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.splits import patient_key, subject_of
-from ecg_mlflow.training import model_input_names
+from ecg_mlflow.training import predict_logits
 
 BLEND_TAG = "blend_of"
 # What decides which beats are a patient's test beats and what their labels are: the runs must agree.
@@ -201,8 +202,7 @@ class _Predictor:
             self.models[uri] = mlflow.keras.load_model(uri)
         model = self.models[uri]
         rows = np.flatnonzero(self.tests[m.run_id][patient])
-        x = beat_source(ds, m.cfg.train.recent_reference).inputs(rows, model_input_names(model))
-        logits = model.predict(x, batch_size=4096, verbose=0) if len(rows) else np.zeros((0, len(ds.classes)))
+        logits = predict_logits(model, beat_source(ds, m.cfg.train.recent_reference), rows)
         return ds.sample[rows], ds.label[rows], softmax(logits)
 
 

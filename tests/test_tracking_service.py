@@ -239,6 +239,10 @@ def test_artifacts_over_rest(loso):
             assert matrix.sum() == m["test_n_beats"]
             assert np.trace(matrix) / matrix.sum() == pytest.approx(m["test_accuracy"], abs=1e-6)
             assert api.artifact(run, "confusion_matrix.png")[:8] == b"\x89PNG\r\n\x1a\n"
+            # the per-beat predictions come through the proxy too, one row per test beat
+            rows = api.artifact(run, "predictions.csv").decode().splitlines()
+            assert rows[0].startswith("record,sample,time_s,rhythm,symbol,label,predicted,p_")
+            assert len(rows) - 1 == matrix.sum() and {r.split(",")[0] for r in rows[1:]} == {record}
             totals[variant] = matrix if totals[variant] is None else totals[variant] + matrix
     parent = loso["parent"]
     for variant in VARIANTS:
