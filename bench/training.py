@@ -170,7 +170,7 @@ def side_by_side(data_dir: str | None, cache: str, n: int, epochs: int) -> float
 class CallTimer:
     """Wraps MLflow's logging functions and accumulates the time spent inside them."""
 
-    NAMES = ["log_metrics", "log_metric", "log_params", "log_param", "set_tags", "set_tag", "log_dict",
+    NAMES = ["log_metrics", "log_metric", "log_params", "log_param", "set_tags", "set_tag", "log_dict", "log_text",
              "log_figure", "log_artifact", "log_input", "start_run", "end_run", "register_model", "get_run"]
 
     def __init__(self):
