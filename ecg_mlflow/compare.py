@@ -63,12 +63,13 @@ from scipy import stats
 
 from ecg_mlflow import figures, tracking, uncertainty
 from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, classification_metrics, confusion, ec57_counts, ec57_stats
-from ecg_mlflow.predictions import PREDICTIONS_FILE, errors_by_rhythm, read_predictions
+from ecg_mlflow.predictions import PREDICTIONS_FILE, error_counts, read_predictions
 from ecg_mlflow.splits import patient_key
 
 VARIANTS: tuple[str, ...] = ("no_transfer", "transfer")
 HEADLINE: tuple[str, ...] = ("accuracy", "macro_f1", "veb_se", "veb_ppv", "sveb_se", "sveb_ppv")
 DEFAULT_EXPERIMENT = "ecg-loso"
+WORST_SOURCES = 10  # (record, rhythm) pairs the report lists as where most transfer errors are
 N_BOOT = 10_000
 CI_LEVEL = 0.95
 # LOSO parameters shown next to each run's name (those present in the run).
@@ -577,12 +578,14 @@ class Analysis:
     figures: dict[str, bytes]
     gross_ci: pd.DataFrame
     by_rhythm: pd.DataFrame = field(default_factory=pd.DataFrame)
+    by_record_rhythm: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def rhythm_table(run: LosoRun) -> pd.DataFrame:
-    """:func:`ecg_mlflow.predictions.errors_by_rhythm` of each variant's stacked predictions, the
-    variants stacked (column ``variant``); empty when the run's children logged no predictions."""
-    parts = [errors_by_rhythm(run.predictions[v], run.labels).assign(variant=v)
+def rhythm_table(run: LosoRun, by: tuple[str, ...] = ("rhythm",)) -> pd.DataFrame:
+    """:func:`ecg_mlflow.predictions.error_counts` of each variant's stacked predictions per ``by``
+    (rhythm, or record and rhythm), the variants stacked (column ``variant``); empty when the run's
+    children logged no predictions."""
+    parts = [error_counts(run.predictions[v], run.labels, by).assign(variant=v)
              for v in VARIANTS if not run.predictions.get(v, pd.DataFrame()).empty]
     if not parts:
         return pd.DataFrame()
@@ -612,7 +615,7 @@ def analyse(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
     ):
         figs[name] = figures.to_png(fig)
         plt.close(fig)
-    return Analysis(run, pp, agg, tests, figs, gross_ci, rhythm_table(run))
+    return Analysis(run, pp, agg, tests, figs, gross_ci, rhythm_table(run), rhythm_table(run, ("record", "rhythm")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,17 +669,35 @@ def display_aggregate(a: Analysis) -> pd.DataFrame:
 
 def display_by_rhythm(a: Analysis) -> pd.DataFrame:
     """Errors by reference rhythm per variant: counts, and Se / +P in percent."""
-    t = a.by_rhythm
+    return _display_errors(a.by_rhythm, ["rhythm"], with_records=True)
+
+
+def display_worst_sources(a: Analysis, n: int = WORST_SOURCES) -> pd.DataFrame:
+    """The ``n`` (record, rhythm) pairs with the most transfer errors (V and S beats missed or falsely
+    called, all four summed), in percent like :func:`display_by_rhythm`."""
+    t = a.by_record_rhythm
     if t.empty:
         return t
-    out = pd.DataFrame({"variant": [LABELS[v] for v in t.variant], "rhythm": t.rhythm, "beats": t.beats,
-                        "records": t.records})
+    t = t[t.variant == "transfer"]
+    errors = t[["veb_missed", "veb_false", "sveb_missed", "sveb_false"]].sum(axis=1)
+    t = t.assign(errors=errors)[errors > 0].sort_values(["errors", "record", "rhythm"],
+                                                        ascending=[False, True, True]).head(n)
+    return _display_errors(t, ["record", "rhythm"], with_records=False)
+
+
+def _display_errors(t: pd.DataFrame, keys: list[str], with_records: bool) -> pd.DataFrame:
+    if t.empty:
+        return t
+    t = t.reset_index(drop=True)
+    out = pd.DataFrame({"variant": [LABELS[v] for v in t.variant], **{k: t[k] for k in keys}, "beats": t.beats})
+    if with_records:
+        out["records"] = t.records
     for kind, name in (("veb", "VEB"), ("sveb", "SVEB")):
         for col in ("beats", "found", "missed", "false"):
             out[f"{name} {col}"] = t[f"{kind}_{col}"].astype(int)
         out[f"{name} Se"] = [_pct(x) for x in t[f"{kind}_se"]]
         out[f"{name} +P"] = [_pct(x) for x in t[f"{kind}_ppv"]]
-    return out.set_index(["variant", "rhythm"])
+    return out.set_index(["variant", *keys])
 
 
 def display_tests(a: Analysis) -> pd.DataFrame:
@@ -848,7 +869,9 @@ def render_html(analyses: list[Analysis], n_boot: int, seed: int, differences: R
             "atrial fibrillation, AFL atrial flutter, SVTA supraventricular tachyarrhythmia, NOD nodal rhythm, B / T "
             "ventricular bigeminy / trigeminy, AB atrial bigeminy, ...; (none) before a record's first one); "
             "found / missed / false = EC57 TP / FN / FP, so each count column adds up to the gross count.</p>",
-            (_table_html(display_by_rhythm(a)) if not a.by_rhythm.empty
+            (_table_html(display_by_rhythm(a)) + f"<h4>Where most transfer errors are: the {WORST_SOURCES} "
+             "records and rhythms with the most (all in <code>tables/errors_by_record_rhythm.csv</code>)</h4>"
+             + _table_html(display_worst_sources(a)) if not a.by_rhythm.empty
              else f"<p class='note'>No {PREDICTIONS_FILE} in this run's variant runs.</p>"),
             "<h3>Figures</h3>",
             _img(a.figures["difference_bars"], "per-patient differences"),
@@ -894,8 +917,9 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int,
     stacked("gross_ci").to_csv(out / "tables" / "gross_ci.csv", index=False)
     if not differences.table.empty:
         differences.table.to_csv(out / "tables" / "run_differences.csv", index=False)
-    pd.concat([a.by_rhythm.assign(loso_run_id=a.run.run_id) for a in analyses],
-              ignore_index=True).to_csv(out / "tables" / "errors_by_rhythm.csv", index=False)
+    for attr, name in (("by_rhythm", "errors_by_rhythm"), ("by_record_rhythm", "errors_by_record_rhythm")):
+        pd.concat([getattr(a, attr).assign(loso_run_id=a.run.run_id) for a in analyses],
+                  ignore_index=True).to_csv(out / "tables" / f"{name}.csv", index=False)
     side_by_side(analyses).to_csv(out / "tables" / "side_by_side.csv")
     pd.DataFrame(PUBLISHED).to_csv(out / "tables" / "published.csv", index=False)
     summary = {
@@ -931,7 +955,9 @@ def summary_text(analyses: list[Analysis], differences: RunDifferences | None = 
                       "Gross and average statistics (%):", display_aggregate(a).to_string(), "",
                       "Gross statistics with subject-bootstrap CIs (%):", display_gross_ci(a).to_string(), ""]
             if not a.by_rhythm.empty:
-                parts += ["Errors by reference rhythm:", display_by_rhythm(a).to_string(), ""]
+                parts += ["Errors by reference rhythm:", display_by_rhythm(a).to_string(), "",
+                          f"The {WORST_SOURCES} records and rhythms with the most transfer errors:",
+                          display_worst_sources(a).to_string(), ""]
             parts += [f"note: {n}" for n in a.run.notes]
         if len(analyses) > 1:
             parts += ["=== LOSO runs side by side (%) ===", display_side_by_side(analyses).to_string(), ""]

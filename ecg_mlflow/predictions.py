@@ -10,9 +10,9 @@ Each variant run (``no_transfer`` and ``transfer`` of a LOSO run, and those of a
 - ``p_<class>``: the class probabilities (softmax of the model's outputs; a blend's mean).
 
 A user can count errors any way from it (by time, rhythm, beat symbol) without loading a model.
-:func:`errors_by_rhythm` counts the VEB and SVEB errors per rhythm with EC57's rules
-(:func:`ecg_mlflow.metrics.ec57_counts`), so its rows add up to the gross counts; ``compare``
-puts that table in its report.
+:func:`error_counts` counts the VEB and SVEB errors per rhythm (or per record and rhythm, or any
+columns) with EC57's rules (:func:`ecg_mlflow.metrics.ec57_counts`), so its rows add up to the gross
+counts; ``compare`` puts the rhythm table in its report and the record-and-rhythm table in its CSVs.
 """
 
 from __future__ import annotations
@@ -77,27 +77,29 @@ def read_predictions(run_id: str) -> pd.DataFrame | None:
                        keep_default_na=False)
 
 
-def errors_by_rhythm(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """VEB and SVEB errors per reference rhythm of predictions ``table`` (:func:`predictions_table`,
-    any number of patients), under EC57's rules on each rhythm's confusion matrix over ``classes``.
+def error_counts(table: pd.DataFrame, classes: Sequence[str], by: Sequence[str] = ("rhythm",)) -> pd.DataFrame:
+    """VEB and SVEB errors of predictions ``table`` (:func:`predictions_table`, any number of patients)
+    per group of the columns ``by`` (e.g. ``("rhythm",)`` or ``("record", "rhythm")``), under EC57's
+    rules on each group's confusion matrix over ``classes``.
 
-    One row per rhythm, most beats first (``(none)``: before a record's first rhythm annotation):
-    ``beats``, ``records``, and for ``veb`` and ``sveb``: ``_beats`` (reference), ``_found`` (TP),
-    ``_missed`` (FN), ``_false`` (FP), ``_se`` and ``_ppv`` (fractions, NaN without a denominator). Each count
-    column sums to the gross count of the same beats."""
-    missing = [c for c in COLUMNS if c not in table.columns]
+    One row per group, most beats first (rhythm ``(none)``: before a record's first rhythm annotation):
+    the ``by`` columns, ``beats``, ``records``, and for ``veb`` and ``sveb``: ``_beats`` (reference),
+    ``_found`` (TP), ``_missed`` (FN), ``_false`` (FP), ``_se`` and ``_ppv`` (fractions, NaN without a
+    denominator). Each count column sums to the gross count of the same beats."""
+    by = list(by)
+    missing = [c for c in dict.fromkeys([*COLUMNS, *by]) if c not in table.columns]
     if missing:
         raise ValueError(f"predictions table lacks columns {missing}")
     code = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(table["label"]).union(table["predicted"]) - set(code))
     if unknown:
         raise ValueError(f"predictions name classes {unknown}, not among {list(classes)}")
+    table = table.assign(rhythm=table["rhythm"].replace("", NO_RHYTHM))
     out = []
-    rhythm = table["rhythm"].replace("", NO_RHYTHM)
-    for name, g in table.groupby(rhythm, sort=False):
+    for key, g in table.groupby(by, sort=False):
         cm = confusion(g["label"].map(code).to_numpy(), g["predicted"].map(code).to_numpy(), len(classes))
         counts = ec57_counts(cm, list(classes))
-        row: dict[str, object] = {"rhythm": name, "beats": len(g), "records": g["record"].nunique()}
+        row: dict[str, object] = {**dict(zip(by, key)), "beats": len(g), "records": g["record"].nunique()}
         for kind in ("veb", "sveb"):
             tp, fn, fp = (counts[f"{kind}_{c}"] for c in ("tp", "fn", "fp"))
             row |= {f"{kind}_beats": tp + fn, f"{kind}_found": tp, f"{kind}_missed": fn, f"{kind}_false": fp,
@@ -105,9 +107,14 @@ def errors_by_rhythm(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFram
                     f"{kind}_ppv": tp / (tp + fp) if tp + fp else np.nan}
         out.append(row)
     if not out:
-        return pd.DataFrame(columns=["rhythm", "beats", "records"])
-    return pd.DataFrame(out).sort_values(["beats", "rhythm"], ascending=[False, True], ignore_index=True)
+        return pd.DataFrame(columns=[*by, "beats", "records"])
+    return pd.DataFrame(out).sort_values(["beats", *by], ascending=[False] + [True] * len(by), ignore_index=True)
 
 
-__all__ = ["COLUMNS", "NO_RHYTHM", "PREDICTIONS_FILE", "errors_by_rhythm", "log_predictions", "predictions_table",
+def errors_by_rhythm(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """:func:`error_counts` per reference rhythm: one row per rhythm, most beats first."""
+    return error_counts(table, classes, ("rhythm",))
+
+
+__all__ = ["COLUMNS", "NO_RHYTHM", "PREDICTIONS_FILE", "error_counts", "errors_by_rhythm", "log_predictions", "predictions_table",
            "read_predictions", "softmax"]

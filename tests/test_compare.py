@@ -422,11 +422,28 @@ def test_errors_by_rhythm_count_each_rhythm_and_add_up_to_the_gross_counts(track
         for kind in ("veb", "sveb"):
             for col, key in (("found", "tp"), ("missed", "fn"), ("false", "fp")):
                 assert rows[f"{kind}_{col}"].sum() == gross[f"{kind}_{key}"]
+    # Per record and rhythm: each patient's own counts, adding up to the rhythm table.
+    rr = a.by_record_rhythm
+    t105 = rr[(rr.variant == "transfer") & (rr.record.astype(str) == "105")].set_index("rhythm")
+    g105 = predictions_of(cms["105"]["transfer"], "105", 105)
+    for rhythm, g in g105.groupby("rhythm"):
+        assert t105.at[rhythm, "sveb_false"] == ((g.predicted == "S") & g.label.isin(["N", "V", "F"])).sum()
+    counts = [c for c in rr.columns if c.endswith(("_beats", "_found", "_missed", "_false"))] + ["beats"]
+    summed = rr.groupby(["variant", "rhythm"])[counts].sum().sort_index()
+    pd.testing.assert_frame_equal(summed, t.set_index(["variant", "rhythm"])[counts].sort_index(), check_dtype=False)
+    worst = C.display_worst_sources(a)
+    errors = (rr.veb_missed + rr.veb_false + rr.sveb_missed + rr.sveb_false)[rr.variant == "transfer"]
+    assert len(worst) == min(C.WORST_SOURCES, int((errors > 0).sum()))
+    top = worst.iloc[0]
+    assert top[["VEB missed", "VEB false", "SVEB missed", "SVEB false"]].sum() == errors.max()
+    csv = pd.read_csv(_artifact(res.run_id, "tables/errors_by_record_rhythm.csv"), dtype={"record": str})
+    assert len(csv) == len(rr) and set(csv.record) == set(cms)
     csv = pd.read_csv(_artifact(res.run_id, "tables/errors_by_rhythm.csv"))
     assert (csv.loso_run_id == loso_id).all() and len(csv) == len(t)
     assert csv.sveb_false.tolist() == t.sveb_false.tolist()
     assert "Errors by rhythm" in _artifact(res.run_id, "report.html").read_text()
-    assert "Errors by reference rhythm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Errors by reference rhythm" in out and "most transfer errors" in out
     # Pooled halves count as the whole.
     half1 = log_loso({p: cms[p] for p in ("100", "201", "202")})
     half2 = log_loso({p: cms[p] for p in ("101", "105", "208")})
