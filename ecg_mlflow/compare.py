@@ -232,8 +232,9 @@ def pool(runs: list[LosoRun]) -> LosoRun:
                    experiment_id=runs[0].experiment_id, params=params, parent_metrics={}, children=children,
                    labels=runs[0].labels, cms={v: sum(r.cms[v] for r in runs) for v in VARIANTS},
                    notes=[n for r in runs for n in r.notes],
-                   predictions={v: pd.concat([r.predictions.get(v, pd.DataFrame()) for r in runs], ignore_index=True)
-                                for v in VARIANTS},
+                   # A pool counts errors by rhythm only when every pooled run logged predictions.
+                   predictions={v: pd.DataFrame() if any(r.without_predictions for r in runs)
+                                else pd.concat([r.predictions[v] for r in runs], ignore_index=True) for v in VARIANTS},
                    without_predictions=sum(r.without_predictions for r in runs))
 
 

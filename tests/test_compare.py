@@ -450,6 +450,10 @@ def test_errors_by_rhythm_count_each_rhythm_and_add_up_to_the_gross_counts(track
     pooled = C.compare(loso_runs=f"{half1}+{half2}", n_boot=N_BOOT, echo=False).analyses[0].by_rhythm
     key = ["variant", "rhythm"]
     pd.testing.assert_frame_equal(pooled.sort_values(key, ignore_index=True), t.sort_values(key, ignore_index=True))
+    # A pool with a run logged before predictions has no rhythm table, rather than half of one.
+    old = log_loso({p: cms[p] for p in ("101", "105", "208")}, predictions=False)
+    mixed = C.compare(loso_runs=f"{half1}+{old}", n_boot=N_BOOT, echo=False).analyses[0]
+    assert mixed.by_rhythm.empty and any("logged no predictions.csv" in n for n in mixed.run.notes)
 
 
 def test_predictions_that_do_not_add_up_to_the_confusion_matrix_are_named(tracking_uri, cms):
