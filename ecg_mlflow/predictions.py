@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import mlflow
 
+from ecg_mlflow.dataset import BeatDataset
 from ecg_mlflow.metrics import confusion, ec57_counts, metric_name
 
 PREDICTIONS_FILE = "predictions.csv"
 COLUMNS: tuple[str, ...] = ("record", "sample", "time_s", "rhythm", "symbol", "label", "predicted")
-NO_RHYTHM = "(none)"  # how errors_by_rhythm names beats before a record's first rhythm annotation
+NO_RHYTHM = "(none)"  # how error_counts names beats before a record's first rhythm annotation
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def predictions_table(ds, rows: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
+def predictions_table(ds: BeatDataset, rows: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
     """The predictions of beats ``rows`` ``(n,)`` (indices into :class:`~ecg_mlflow.dataset.BeatDataset`
     ``ds``): ``probabilities`` ``(n, k)`` over ``ds.classes``, ``predicted`` ``(n,)`` class codes.
     Returns a DataFrame with :data:`COLUMNS` and one ``p_<class>`` column per class."""
@@ -72,7 +72,8 @@ def read_predictions(run_id: str) -> pd.DataFrame | None:
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     if PREDICTIONS_FILE not in names:
         return None
-    text = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS_FILE)).read_text()
+    # load_text downloads into a temporary directory it removes again (one per child run in compare).
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{PREDICTIONS_FILE}")
     return pd.read_csv(io.StringIO(text), dtype={c: str for c in ("record", "rhythm", "symbol", "label", "predicted")},
                        keep_default_na=False)
 
@@ -111,10 +112,5 @@ def error_counts(table: pd.DataFrame, classes: Sequence[str], by: Sequence[str] 
     return pd.DataFrame(out).sort_values(["beats", *by], ascending=[False] + [True] * len(by), ignore_index=True)
 
 
-def errors_by_rhythm(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """:func:`error_counts` per reference rhythm: one row per rhythm, most beats first."""
-    return error_counts(table, classes, ("rhythm",))
-
-
-__all__ = ["COLUMNS", "NO_RHYTHM", "PREDICTIONS_FILE", "error_counts", "errors_by_rhythm", "log_predictions", "predictions_table",
+__all__ = ["COLUMNS", "NO_RHYTHM", "PREDICTIONS_FILE", "error_counts", "log_predictions", "predictions_table",
            "read_predictions", "softmax"]
