@@ -1,0 +1,362 @@
+"""An honest estimate of "the best of several option sets": the choice among LOSO runs, cross-fitted.
+
+Picking the best of K candidate runs by their test figures and reporting those figures is
+optimistic: the choice has seen the test segments it is scored on. Here every subject's figures
+come from a candidate chosen *without* that subject. The subjects are dealt into folds; for each
+fold, every candidate is scored on the subjects outside it, by the rule used throughout this
+project (the largest smallest of the four gross transfer statistics: VEB Se, VEB +P, SVEB Se,
+SVEB +P, since the targets are a floor on each), and the fold's subjects take the winner's
+counts. The pooled counts give the estimate (nested cross-validation over subjects).
+
+Folds (``folds``):
+
+- ``"subject"`` (default): one fold per subject, so each subject's option set is chosen on the
+  other 42 subjects, the most data any choice can have here;
+- ``"halves"``: the record sets ``half1`` and ``half2`` (:data:`ecg_mlflow.records.RECORD_SETS`),
+  each choosing for the other, as in README "Choosing options across halves";
+- ``k`` (a whole number >= 2): subjects dealt round-robin into ``k`` groups in record order.
+
+Ties go to the candidate listed first, so list the incumbent (say the default options) first.
+
+What is and is not held out: a subject's own figures never enter its choice. Whether the
+candidates' figures on the *other* subjects were made without this subject depends on the runs
+scored. A LOSO run over all records trains each base model on every subject but the one it is
+evaluated on, so the choice for subject ``s`` is scored with base models that learned from ``s``'s
+beats (its test minutes among them): an indirect path, reported per fold as
+``scored_without_fold = no``. To close it, score on runs that never read the fold
+(``scored_on``), e.g. for ``folds=halves`` each candidate run inside each half
+(``-P records=half1``, ``-P records=half2``, pooled ``a+b``), as README "Choosing options across
+halves" does; such folds read ``yes``. Which subjects trained a base model is read from its base
+run's ``train_records`` tag (``unknown`` where a run does not say).
+
+Every candidate is one LOSO run, or several on different patients pooled with ``+`` (as in
+``compare``), and all must hold the same subjects; so must the runs of ``scored_on``, one per
+candidate in the same order, when given (by default a candidate is scored on its own runs).
+The interval of the estimate is a subject bootstrap of the pooled counts with the choices held
+fixed (it leaves out the spread of the choice itself); the difference from the first candidate is
+paired on the same resamples.
+
+The choice is guarded, not the candidates: an option set that was itself tuned on some subjects'
+test figures carries that into any estimate it enters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ecg_mlflow import tracking, uncertainty
+from ecg_mlflow.compare import CI_LEVEL, N_BOOT, CompareError, LosoRun, load_loso_run, parse_run_ids, pool, \
+    subject_count_table
+from ecg_mlflow.metrics import EC57_COUNTS
+from ecg_mlflow.records import RECORD_SETS
+from ecg_mlflow.splits import patient_key, subject_of
+
+RULE = uncertainty.SMALLEST  # the statistic a choice maximises
+VARIANT = "transfer"  # the targets are on the transfer variant
+FOLD_SCHEMES = ("subject", "halves")
+
+
+class SelectError(CompareError):
+    """Bad input to the selection (runs, folds); the message names the culprit."""
+
+
+def subject_folds(subjects: list[str], folds: str) -> dict[str, list[str]]:
+    """The folds of ``subjects`` (sorted as records are) for a ``folds`` setting, keyed by a name:
+    ``{'201': ['201'], ...}`` for ``"subject"``, ``{'half1': [...], 'half2': [...]}`` for
+    ``"halves"`` (each half's records mapped to subjects), ``{'group1of4': [...], ...}`` for ``"4"``.
+    Every subject is in exactly one fold, and there are at least two folds."""
+    subjects = sorted(subjects, key=patient_key)
+    folds = str(folds).strip()
+    if folds == "subject":
+        out = {s: [s] for s in subjects}
+    elif folds == "halves":
+        out = {h: sorted({subject_of(r) for r in RECORD_SETS[h]} & set(subjects), key=patient_key)
+               for h in ("half1", "half2")}
+        outside = sorted(set(subjects) - set().union(*out.values()), key=patient_key)
+        if outside:
+            raise SelectError(f"folds=halves: subject(s) {outside} are in neither half1 nor half2")
+        out = {h: s for h, s in out.items() if s}
+    elif folds.isdigit() and int(folds) >= 2:
+        k = int(folds)
+        if k > len(subjects):
+            raise SelectError(f"folds={k}: more folds than the {len(subjects)} subjects")
+        out = {f"group{j + 1}of{k}": subjects[j::k] for j in range(k)}
+    else:
+        raise SelectError(f"folds must be one of {list(FOLD_SCHEMES)} or a whole number >= 2, got {folds!r}")
+    if len(out) < 2:
+        raise SelectError(f"folds={folds}: the candidates' {len(subjects)} subject(s) make only {len(out)} fold(s); "
+                          "a choice needs subjects outside each fold")
+    return out
+
+
+def score(counts: np.ndarray) -> float:
+    """The rule's value for summed EC57 counts ``(8,)``: the smallest of the four gross rates, or
+    ``-inf`` where one is undefined (no V or S beat, or none called), so such a candidate never wins."""
+    value = float(uncertainty.rates(counts)[RULE])
+    return value if math.isfinite(value) else -math.inf
+
+
+@dataclass
+class Selection:
+    """The outcome of :func:`cross_fitted_choice`.
+
+    folds: one row per fold (index ``fold``): ``subjects`` (space-separated), ``chosen`` (index of
+    the candidate), ``score_<i>`` (candidate ``i``'s rule value on the subjects outside the fold)
+    and ``scored_without_fold`` (``yes`` / ``no`` / ``unknown``: whether every base model behind
+    those scores was trained without the fold's subjects; :func:`fold_blindness`).
+    per_subject: index ``subject``: ``fold``, ``chosen`` and the chosen candidate's EC57 counts.
+    counts: the candidates' counts per subject, ``(n_candidates, n_subjects, 8)``, subjects in the
+    order of ``per_subject``.
+    """
+
+    folds: pd.DataFrame
+    per_subject: pd.DataFrame
+    counts: np.ndarray
+
+    @property
+    def pooled(self) -> np.ndarray:
+        """The estimate's counts per subject ``(n_subjects, 8)``."""
+        return self.per_subject[list(EC57_COUNTS)].to_numpy(np.int64)
+
+
+def _check_subjects(tables: list[pd.DataFrame], subjects: list[str], what: str) -> None:
+    """Refuse, naming it, a table whose subjects are not ``subjects``."""
+    for i, t in enumerate(tables):
+        if set(t.index) != set(subjects):
+            extra, lack = sorted(set(t.index) - set(subjects)), sorted(set(subjects) - set(t.index))
+            raise SelectError(f"{what} {i} holds other subjects than candidate 0 (has {extra} more, lacks "
+                              f"{lack}); every candidate must hold the same subjects")
+
+
+def fold_blindness(folds: dict[str, list[str]], seen: list[dict[str, frozenset[str] | None]]) -> dict[str, str]:
+    """Per fold, whether its choice was scored without its subjects: ``'yes'`` when, for every
+    scored candidate and every subject outside the fold, the base model behind that subject's figures
+    was trained without any of the fold's subjects; ``'no'`` when one was trained with one;
+    ``'unknown'`` when a base model's training subjects could not be read (``None`` in ``seen``).
+    seen: per scored candidate, subject -> the subjects its base model was trained on."""
+    out = {}
+    for name, members in folds.items():
+        fold, verdict = set(members), "yes"
+        for candidate in seen:
+            for s, trained_on in candidate.items():
+                if s in fold:
+                    continue
+                if trained_on is None:
+                    verdict = "unknown" if verdict == "yes" else verdict
+                elif trained_on & fold:
+                    verdict = "no"
+        out[name] = verdict
+    return out
+
+
+def cross_fitted_choice(tables: list[pd.DataFrame], folds: dict[str, list[str]],
+                        scored: list[pd.DataFrame] | None = None,
+                        seen: list[dict[str, frozenset[str] | None]] | None = None) -> Selection:
+    """Choose a candidate per fold on the subjects outside it and pool the choices' counts.
+
+    tables: per candidate, EC57 counts by subject (index ``subject``, columns
+    :data:`~ecg_mlflow.metrics.EC57_COUNTS`), all on the same subjects; folds: a partition of
+    those subjects (:func:`subject_folds`). scored: per candidate, the counts a choice is scored on
+    (same form and subjects; default ``tables``); seen: per scored candidate, subject -> the subjects
+    its base model was trained on (default: not known), for :func:`fold_blindness`.
+    """
+    if len(tables) < 2:
+        raise SelectError(f"a choice needs at least two candidates, got {len(tables)}")
+    subjects = sorted(tables[0].index, key=patient_key)
+    _check_subjects(tables, subjects, "candidate")
+    scored = tables if scored is None else scored
+    if len(scored) != len(tables):
+        raise SelectError(f"scored_on must give one entry per candidate: {len(tables)} candidates, "
+                          f"{len(scored)} entries")
+    _check_subjects(scored, subjects, "scored_on entry")
+    in_folds = [s for members in folds.values() for s in members]
+    if sorted(in_folds) != sorted(subjects):
+        raise SelectError("folds must hold each of the candidates' subjects exactly once")
+    blind = fold_blindness(folds, seen if seen is not None else [dict.fromkeys(subjects)] * len(tables))
+    def stacked(ts: list[pd.DataFrame]) -> np.ndarray:
+        return np.stack([t.reindex(subjects)[list(EC57_COUNTS)].to_numpy(np.int64) for t in ts])
+
+    counts, score_counts = stacked(tables), stacked(scored)
+    pos = {s: i for i, s in enumerate(subjects)}
+    fold_rows, chosen_of = [], {}
+    for name, members in folds.items():
+        outside = np.ones(len(subjects), bool)
+        outside[[pos[s] for s in members]] = False
+        scores = [score(c[outside].sum(axis=0)) for c in score_counts]
+        if all(s == -math.inf for s in scores):
+            raise SelectError(f"fold {name}: no candidate has all four statistics defined on the subjects "
+                              "outside it, so none can be chosen")
+        best = int(np.argmax(scores))  # the first of equals: the candidate listed first wins ties
+        fold_rows.append({"fold": name, "subjects": " ".join(members), "chosen": best,
+                          **{f"score_{i}": s for i, s in enumerate(scores)}, "scored_without_fold": blind[name]})
+        chosen_of.update({s: (name, best) for s in members})
+    per_subject = pd.DataFrame(
+        [{"subject": s, "fold": chosen_of[s][0], "chosen": chosen_of[s][1],
+          **dict(zip(EC57_COUNTS, counts[chosen_of[s][1], pos[s]].tolist()))} for s in subjects]
+    ).set_index("subject")
+    return Selection(folds=pd.DataFrame(fold_rows).set_index("fold"), per_subject=per_subject, counts=counts)
+
+
+def base_training_subjects(client: MlflowClient, run: LosoRun) -> dict[str, frozenset[str] | None]:
+    """Per subject of ``run``'s transfer variant: the subjects whose beats trained the base model
+    it was fine-tuned from (and whose beats any replay drew on), from the base run's
+    ``train_records`` tag; ``None`` where the child names no base run or the base run has no tag."""
+    bases: dict[str, frozenset[str] | None] = {}
+    out: dict[str, frozenset[str] | None] = {}
+    for _, c in run.children[run.children.variant == VARIANT].iterrows():
+        base_id = client.get_run(c.run_id).data.tags.get("base_run_id", "")
+        if base_id not in bases:
+            try:
+                tag = client.get_run(base_id).data.tags.get("train_records", "") if base_id else ""
+            except MlflowException:  # a base run that is gone: its training set is unknown
+                tag = ""
+            bases[base_id] = frozenset(subject_of(r) for r in tag.split(",") if r) or None
+        before, now = out.get(c.subject, frozenset()), bases[base_id]
+        out[c.subject] = None if before is None or now is None else before | now
+    return out
+
+
+def estimate_table(sel: Selection, labels: list[str], n_boot: int = N_BOOT, seed: int = 0,
+                   level: float = CI_LEVEL) -> pd.DataFrame:
+    """Per row (each candidate on all subjects, then ``cross-fitted choice``): its label, the four
+    gross rates and their smallest, with subject-bootstrap intervals (``<stat>_ci_low/high``), the
+    folds that chose it, and the difference from candidate 0 on the same resamples
+    (``<stat>_vs_0``, ``..._vs_0_ci_low/high``). Rates are fractions."""
+    weights = uncertainty.resample_weights(len(sel.per_subject), n_boot, seed)
+    rows = []
+    chosen = sel.folds.chosen.value_counts()
+    for name, counts, n_folds in [*((labels[i], c, int(chosen.get(i, 0))) for i, c in enumerate(sel.counts)),
+                                  ("cross-fitted choice", sel.pooled, len(sel.folds))]:
+        ci = uncertainty.gross_interval(counts, weights, level)
+        vs = uncertainty.paired_interval(sel.counts[0], counts, weights, level)
+        row = {"candidate": name, "folds_chosen": n_folds}
+        for k in uncertainty.STATISTICS:
+            row[k], row[f"{k}_ci_low"], row[f"{k}_ci_high"] = ci[k]
+            row[f"{k}_vs_0"], row[f"{k}_vs_0_ci_low"], row[f"{k}_vs_0_ci_high"] = (
+                vs[k]["diff"], vs[k]["ci_low"], vs[k]["ci_high"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _finite(x: float) -> float | None:
+    """A rate for JSON: ``None`` where it is undefined."""
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def _pct(x: float) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def summary_text(table: pd.DataFrame, sel: Selection, folds: str) -> str:
+    """The terminal summary: candidates and the cross-fitted estimate (%), then the choice per fold."""
+    lines = [f"=== Cross-fitted choice over {len(sel.folds)} folds ({folds}), rule: largest smallest of the "
+             "four gross transfer statistics ===",
+             f"{'':3} {'VEB Se':>14} {'VEB +P':>14} {'SVEB Se':>14} {'SVEB +P':>14} {'smallest':>14}  folds  candidate"]
+    for i, r in table.iterrows():
+        cells = [f"{_pct(r[k])} ({_pct(r[k + '_ci_low'])}–{_pct(r[k + '_ci_high'])})" for k in uncertainty.STATISTICS]
+        tag = f"[{i}]" if i < len(table) - 1 else " = "
+        lines.append(f"{tag:3} " + " ".join(f"{c:>14}" for c in cells) + f"  {r.folds_chosen:>5}  {r.candidate}")
+    last = table.iloc[-1]
+    lines += ["", "cross-fitted choice − candidate [0] (paired subject bootstrap): "
+              + ", ".join(f"{k} {100 * last[k + '_vs_0']:+.1f} ({100 * last[k + '_vs_0_ci_low']:+.1f} to "
+                          f"{100 * last[k + '_vs_0_ci_high']:+.1f})" for k in uncertainty.STATISTICS), ""]
+    blind = sel.folds.scored_without_fold.value_counts()
+    lines.append("scored without the fold's subjects: " + ", ".join(f"{k} in {n} fold(s)" for k, n in blind.items())
+                 + ("" if set(blind.index) == {"yes"} else
+                    " (no: the scored runs' base models were trained with the fold's subjects; see scored_on)"))
+    counts = sel.folds.groupby("chosen").size()
+    lines.append("chosen per fold: " + ", ".join(f"[{i}] {n} fold(s)" for i, n in counts.items()))
+    if len(sel.folds) <= 8:  # name the subjects only where the folds are few
+        for name, r in sel.folds.iterrows():
+            lines.append(f"  {name}: [{r.chosen}] for {r.subjects}")
+    else:
+        for i in counts.index:
+            if i != counts.idxmax():
+                lines.append(f"  [{i}] chosen for: " + " ".join(sel.folds.index[sel.folds.chosen == i]))
+    return "\n".join(lines)
+
+
+@dataclass
+class SelectResult:
+    run_id: str
+    selection: Selection
+    table: pd.DataFrame
+
+
+def _load(client: MlflowClient, ids: list[str]) -> list[LosoRun]:
+    return [pool([load_loso_run(client, p) for p in rid.split("+")]) for rid in ids]
+
+
+def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: int = 0, scored_on: str = "",
+           echo: bool = True) -> SelectResult:
+    """Cross-fitted choice among candidate LOSO runs (comma-separated, ``a+b`` pools); ``scored_on``:
+    the runs each candidate is scored on, in the same form and order ('' = the candidates' own).
+    Logs a ``select`` run (tag ``ecg.role=select``) with ``choices.csv``, ``per_subject.csv``,
+    ``estimate.csv``, ``estimate.json`` and ``summary.txt``. Everything is validated before the run
+    is written."""
+    if not isinstance(n_boot, int) or n_boot < 1:
+        raise SelectError(f"bootstrap must be a positive whole number of resamples, got {n_boot!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise SelectError(f"seed must be a non-negative whole number, got {seed!r}")
+    ids = parse_run_ids(loso_runs)
+    if len(ids) < 2:
+        raise SelectError(f"loso_runs: a choice needs at least two candidates (comma-separated), got {ids}")
+    score_ids = parse_run_ids(scored_on) if scored_on.strip() else ids
+    if len(score_ids) != len(ids):
+        raise SelectError(f"scored_on must give one entry per candidate: {len(ids)} candidates, "
+                          f"{len(score_ids)} entries")
+    client = MlflowClient()
+    runs = _load(client, ids)
+    score_runs = runs if score_ids == ids else _load(client, score_ids)
+    for rid, r in zip(ids + score_ids, runs + score_runs):
+        if r.labels != runs[0].labels:
+            raise SelectError(f"loso_runs: {rid!r} has labels {r.labels}, {ids[0]!r} has {runs[0].labels}")
+    tables = [subject_count_table(r, VARIANT) for r in runs]
+    plan = subject_folds(list(tables[0].index), folds)
+    seen = [base_training_subjects(client, r) for r in score_runs]
+    sel = cross_fitted_choice(tables, plan, [subject_count_table(r, VARIANT) for r in score_runs], seen)
+    labels = [f"{rid} {r.label}" for rid, r in zip(ids, runs)]
+    table = estimate_table(sel, labels, n_boot, seed)
+
+    with tracking.run_to_log_into(runs[0].experiment_id, "select") as active, tempfile.TemporaryDirectory() as tmp:
+        run_id = active.info.run_id
+        mlflow.set_tags({"ecg.role": "select", "loso_run_ids": ",".join(ids),
+                         **{f"loso_run_id.{i}": rid for i, rid in enumerate(ids)},
+                         "scored_on": ",".join(score_ids),
+                         "scored_without_fold": ",".join(sorted(set(sel.folds.scored_without_fold)))})
+        logged = MlflowClient().get_run(run_id).data.params
+        params = {"loso_runs": ",".join(ids), "folds": folds, "bootstrap": n_boot, "seed": seed,
+                  "scored_on": scored_on}
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})  # `mlflow run` logged its own
+        last = table.iloc[-1]
+        metrics = {f"selected_{k}{suffix}": float(last[f"{k}{suffix}"]) for k in uncertainty.STATISTICS
+                   for suffix in ("", "_ci_low", "_ci_high", "_vs_0")}
+        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+        out = Path(tmp)
+        sel.folds.to_csv(out / "choices.csv")
+        sel.per_subject.to_csv(out / "per_subject.csv")
+        table.to_csv(out / "estimate.csv", index=False)
+        doc = {"folds": folds, "rule": f"largest {RULE} of the four gross {VARIANT} statistics",
+               "candidates": labels, "scored_on": score_ids,
+               "scored_without_fold": sel.folds.scored_without_fold.to_dict(),
+               "estimate": {k: _finite(last[k]) for k in uncertainty.STATISTICS},
+               "counts": dict(zip(EC57_COUNTS, sel.pooled.sum(axis=0).tolist()))}
+        (out / "estimate.json").write_text(json.dumps(doc, indent=1))
+        text = summary_text(table, sel, folds)
+        (out / "summary.txt").write_text(text + "\n")
+        mlflow.log_artifacts(tmp)
+    if echo:
+        print(text)
+        print(f"\nselect run {run_id}: artifacts estimate.csv, estimate.json, choices.csv, per_subject.csv, "
+              "summary.txt")
+    return SelectResult(run_id, sel, table)

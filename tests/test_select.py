@@ -1,0 +1,279 @@
+"""The `select` entry point: each subject's figures from the candidate chosen on the other subjects.
+
+Candidates are LOSO runs logged with known confusion matrices into a real SQLite store
+(tests/loso_runs.py); the choices are checked against a straight recomputation here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ecg_mlflow import selection as S
+from ecg_mlflow import uncertainty as U
+from ecg_mlflow.metrics import EC57_COUNTS, ec57_counts
+from ecg_mlflow.splits import subject_of
+from loso_runs import CLASSES, N, V, log_loso, patient_cms
+
+REPO = Path(__file__).resolve().parents[1]
+N_BOOT = 500
+
+
+def counts_table(rows: dict[str, list[int]]) -> pd.DataFrame:
+    """EC57 counts by subject from ``{subject: [veb_tp, veb_fn, veb_fp, veb_tn, sveb_tp, ...]}``."""
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(EC57_COUNTS)).rename_axis("subject")
+
+
+def row(veb: tuple[int, int, int], sveb: tuple[int, int, int]) -> list[int]:
+    """Counts from (tp, fn, fp) of VEB and SVEB; true negatives do not enter the rule."""
+    return [*veb, 1000, *sveb, 1000]
+
+
+def by_subject(cms: dict[str, dict[str, np.ndarray]], variant: str = "transfer") -> dict[str, np.ndarray]:
+    """Each subject's EC57 counts, straight from the logged confusion matrices."""
+    out: dict[str, np.ndarray] = {}
+    for p, v in cms.items():
+        c = np.array([ec57_counts(v[variant], CLASSES)[k] for k in EC57_COUNTS])
+        out[subject_of(p)] = out.get(subject_of(p), 0) + c
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Folds and the choice
+# --------------------------------------------------------------------------------------------
+
+def test_fold_schemes():
+    subjects = ["208", "100", "101", "105", "201"]
+    assert S.subject_folds(subjects, "subject") == {s: [s] for s in ["100", "101", "105", "201", "208"]}
+    halves = S.subject_folds(subjects, "halves")
+    assert halves == {"half1": ["101", "201", "208"], "half2": ["100", "105"]}
+    assert S.subject_folds(subjects, "2") == {"group1of2": ["100", "105", "208"], "group2of2": ["101", "201"]}
+    for bad, words in (("1", "whole number >= 2"), ("x", "'x'"), ("6", "more folds than the 5 subjects")):
+        with pytest.raises(S.SelectError, match=words):
+            S.subject_folds(subjects, bad)
+    with pytest.raises(S.SelectError, match=r"\['999'\] are in neither"):
+        S.subject_folds(subjects + ["999"], "halves")
+    with pytest.raises(S.SelectError, match="only 1 fold"):
+        S.subject_folds(["100", "105"], "halves")
+
+
+def test_each_subject_takes_the_candidate_best_on_the_others():
+    # Candidate 0 is fine everywhere but on SVEB of subject c; candidate 1 finds c's S beats and
+    # errs on a: where c counts (the folds of a and b) 1 wins; on a and b alone 0 does.
+    good, poor = row((90, 10, 5), (80, 20, 10)), row((90, 10, 5), (10, 90, 10))
+    zero = counts_table({"a": good, "b": good, "c": poor})
+    one = counts_table({"a": row((50, 50, 40), (80, 20, 10)), "b": good, "c": row((90, 10, 5), (85, 15, 5))})
+    sel = S.cross_fitted_choice([zero, one], S.subject_folds(["a", "b", "c"], "subject"))
+    for s in "abc":
+        others = [t for t in "abc" if t != s]
+        scores = [S.score(t.loc[others].sum().to_numpy()) for t in (zero, one)]
+        assert sel.folds.loc[s, "chosen"] == int(np.argmax(scores))
+        assert sel.folds.loc[s, ["score_0", "score_1"]].tolist() == pytest.approx(scores)
+        pick = (zero, one)[sel.folds.loc[s, "chosen"]]
+        assert sel.per_subject.loc[s, list(EC57_COUNTS)].tolist() == pick.loc[s].tolist()
+    assert sel.folds.chosen.tolist() == [1, 1, 0]  # a, b, c
+    assert sel.pooled.sum(axis=0).tolist() == (one.loc["a"] + one.loc["b"] + zero.loc["c"]).tolist()
+
+
+def test_a_subjects_own_figures_never_enter_its_choice():
+    rng = np.random.default_rng(1)
+    subjects = [str(100 + i) for i in range(8)]
+    tables = [counts_table({s: row(tuple(rng.integers(1, 100, 3)), tuple(rng.integers(1, 100, 3)))
+                            for s in subjects}) for _ in range(3)]
+    plan = S.subject_folds(subjects, "subject")
+    before = S.cross_fitted_choice(tables, plan)
+    for s in subjects:  # make each subject perfect under the candidate it was not given, in turn
+        changed = [t.copy() for t in tables]
+        for i, t in enumerate(changed):
+            if i != before.folds.loc[s, "chosen"]:
+                t.loc[s] = row((500, 0, 0), (500, 0, 0))
+        after = S.cross_fitted_choice(changed, plan)
+        assert after.folds.loc[s, "chosen"] == before.folds.loc[s, "chosen"]
+
+
+def test_ties_go_to_the_first_candidate_and_undefined_never_wins():
+    good = row((90, 10, 5), (80, 20, 10))
+    t = counts_table({"a": good, "b": good, "c": good})
+    sel = S.cross_fitted_choice([t, t.copy()], S.subject_folds(list(t.index), "subject"))
+    assert (sel.folds.chosen == 0).all()
+    no_s = counts_table({"a": row((90, 10, 5), (0, 0, 0)), "b": row((99, 1, 0), (0, 0, 0)), "c": good})
+    sel = S.cross_fitted_choice([no_s, t], S.subject_folds(list(t.index), "subject"))
+    assert sel.folds.loc["c", "score_0"] == -math.inf and sel.folds.loc["c", "chosen"] == 1
+    with pytest.raises(S.SelectError, match="fold c: no candidate has all four"):
+        S.cross_fitted_choice([no_s, no_s.copy()], S.subject_folds(list(t.index), "subject"))
+
+
+def test_candidates_must_hold_the_same_subjects():
+    good = row((90, 10, 5), (80, 20, 10))
+    a, b = counts_table({"x": good, "y": good}), counts_table({"x": good, "z": good})
+    with pytest.raises(S.SelectError, match=r"candidate 1 holds other subjects .*\['z'\] more, lacks \['y'\]"):
+        S.cross_fitted_choice([a, b], S.subject_folds(["x", "y"], "subject"))
+    with pytest.raises(S.SelectError, match="at least two candidates"):
+        S.cross_fitted_choice([a], S.subject_folds(["x", "y"], "subject"))
+
+
+def test_a_fold_is_scored_without_its_subjects_only_when_no_scored_base_model_saw_them():
+    plan = {"g1": ["a", "b"], "g2": ["c"]}
+    everyone = {s: frozenset("abc") - {s} for s in "abc"}  # full LOSO: each base model saw the others
+    inside = {"a": frozenset("b"), "b": frozenset("a"), "c": frozenset()}  # runs inside each fold
+    assert S.fold_blindness(plan, [everyone]) == {"g1": "no", "g2": "no"}
+    assert S.fold_blindness(plan, [inside, inside]) == {"g1": "yes", "g2": "yes"}
+    assert S.fold_blindness(plan, [inside, {**inside, "c": None}]) == {"g1": "unknown", "g2": "yes"}
+    assert S.fold_blindness(plan, [{**everyone, "a": None}, inside]) == {"g1": "no", "g2": "no"}  # no over unknown
+
+
+# --------------------------------------------------------------------------------------------
+# Against a real store
+# --------------------------------------------------------------------------------------------
+
+def _candidates() -> list[dict[str, dict[str, np.ndarray]]]:
+    """Three option sets on the same patients; the second calls fewer false V on 105 and 208."""
+    first, second, third = patient_cms(0), patient_cms(0), patient_cms(7)
+    for p in ("105", "208"):
+        second[p]["transfer"][N, V] = 0
+    return [first, second, third]
+
+
+def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
+    cands = _candidates()
+    ids = [log_loso(c, name=f"cand{i}") for i, c in enumerate(cands)]
+    res = S.select(",".join(ids), n_boot=N_BOOT, seed=1)
+    # The choices, recomputed straight from the confusion matrices.
+    counts = [by_subject(c) for c in cands]
+    subjects = sorted(counts[0])
+    expected = {}
+    for s in subjects:
+        scores = [S.score(sum(c[t] for t in subjects if t != s)) for c in counts]
+        expected[s] = int(np.argmax(scores))
+    assert res.selection.per_subject.chosen.to_dict() == expected
+    pooled = sum(counts[expected[s]][s] for s in subjects)
+    rates = U.rates(pooled)
+    last = res.table.iloc[-1]
+    assert last.candidate == "cross-fitted choice"
+    for k in U.STATISTICS:
+        assert last[k] == pytest.approx(float(rates[k]))
+        assert last[f"{k}_ci_low"] <= last[k] <= last[f"{k}_ci_high"]
+    for i, c in enumerate(counts):  # each candidate's own row: its figures on all subjects
+        assert res.table.iloc[i]["smallest"] == pytest.approx(float(U.rates(sum(c.values()))["smallest"]))
+    assert res.table.folds_chosen.iloc[:3].sum() == len(subjects)
+
+    run = MlflowClient().get_run(res.run_id)
+    assert run.data.tags["ecg.role"] == "select" and run.data.tags["loso_run_ids"] == ",".join(ids)
+    assert run.data.params["folds"] == "subject"
+    assert run.data.metrics["selected_smallest"] == pytest.approx(float(rates["smallest"]))
+    assert run.data.metrics["selected_smallest_vs_0"] == pytest.approx(
+        float(rates["smallest"] - U.rates(sum(counts[0].values()))["smallest"]))
+    path = Path(mlflow.artifacts.download_artifacts(run_id=res.run_id))
+    doc = json.loads((path / "estimate.json").read_text())
+    assert doc["counts"] == dict(zip(EC57_COUNTS, pooled.tolist()))
+    logged = pd.read_csv(path / "per_subject.csv", dtype={"subject": str}).set_index("subject")
+    assert logged.chosen.to_dict() == expected
+    assert {"choices.csv", "estimate.csv", "summary.txt"} <= {p.name for p in path.iterdir()}
+    assert "Cross-fitted choice over 5 folds (subject)" in capsys.readouterr().out
+
+
+def test_halves_and_pooled_candidates(tracking_uri):
+    cands = _candidates()
+    half1 = [p for p in cands[0] if p in ("101", "201", "202", "208")]
+    ids = []
+    for c in cands[:2]:  # each candidate as two runs, one per half, pooled with +
+        a = log_loso({p: c[p] for p in half1})
+        b = log_loso({p: c[p] for p in c if p not in half1})
+        ids.append(f"{a}+{b}")
+    res = S.select(",".join(ids), folds="halves", n_boot=N_BOOT)
+    counts = [by_subject(c) for c in cands[:2]]
+    h1, h2 = ["101", "201", "208"], ["100", "105"]
+    for fold, other in ((h1, h2), (h2, h1)):
+        best = int(np.argmax([S.score(sum(c[s] for s in other)) for c in counts]))
+        assert set(res.selection.per_subject.loc[fold, "chosen"]) == {best}
+
+
+def test_runs_that_never_read_a_half_score_its_choice(tracking_uri, capsys):
+    """The halves as README "Choosing options across halves" runs them: each candidate scored on
+    runs inside each half, its figures taken from runs over all records."""
+    cands = _candidates()[:2]
+    half1, half2 = ["101", "201", "202", "208"], ["100", "105"]
+    everyone = {p: [q for q in cands[0] if subject_of(q) != subject_of(p)] for p in cands[0]}
+
+    def inside(half):
+        return {p: [q for q in half if subject_of(q) != subject_of(p)] for p in half}
+
+    applied = [log_loso(c, trained_on=everyone) for c in cands]
+    # Inside the halves candidate 1 scores better where candidate 0 does over all records.
+    scored_cms = [cands[1], cands[0]]
+    scored = [f"{log_loso({p: c[p] for p in half1}, trained_on=inside(half1))}+"
+              f"{log_loso({p: c[p] for p in half2}, trained_on=inside(half2))}" for c in scored_cms]
+    res = S.select(",".join(applied), folds="halves", scored_on=",".join(scored), n_boot=N_BOOT)
+    counts, score_counts = [by_subject(c) for c in cands], [by_subject(c) for c in scored_cms]
+    h1, h2 = ["101", "201", "208"], ["100", "105"]
+    for name, fold, other in (("half1", h1, h2), ("half2", h2, h1)):
+        best = int(np.argmax([S.score(sum(c[s] for s in other)) for c in score_counts]))
+        assert res.selection.folds.loc[name, "chosen"] == best
+        assert res.selection.folds.loc[name, "scored_without_fold"] == "yes"
+        for s in fold:  # the figures are the applied runs' own
+            assert res.selection.per_subject.loc[s, list(EC57_COUNTS)].tolist() == counts[best][s].tolist()
+    assert "yes in 2 fold(s)" in capsys.readouterr().out
+    run = MlflowClient().get_run(res.run_id)
+    assert run.data.tags["scored_without_fold"] == "yes" and run.data.params["scored_on"] == ",".join(scored)
+
+    plain = S.select(",".join(applied), folds="halves", n_boot=N_BOOT, echo=False)
+    assert set(plain.selection.folds.scored_without_fold) == {"no"}  # full LOSO runs saw the other half
+    untold = ",".join(log_loso(c) for c in cands)  # runs whose base runs say nothing of their training
+    assert set(S.select(untold, n_boot=N_BOOT, echo=False).selection.folds.scored_without_fold) == {"unknown"}
+    with pytest.raises(S.SelectError, match="one entry per candidate: 2 candidates, 1 entries"):
+        S.select(",".join(applied), folds="halves", scored_on=scored[0])
+
+
+def test_bad_input_is_refused_before_anything_is_written(tracking_uri):
+    cands = _candidates()
+    first, second = log_loso(cands[0]), log_loso(cands[1])
+    fewer = log_loso({p: cands[1][p] for p in ("100", "101", "105")})
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(S.SelectError, match="at least two candidates"):
+        S.select(first)
+    with pytest.raises(S.SelectError, match="candidate 1 holds other subjects"):
+        S.select(f"{first},{fewer}")
+    with pytest.raises(S.SelectError, match="folds must be one of"):
+        S.select(f"{first},{second}", folds="quarters")
+    with pytest.raises(S.CompareError, match="'nosuchrun' not found"):  # compare's own check of a run
+        S.select(f"{first},nosuchrun")
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def test_mlflow_run_select_end_to_end_and_a_bad_run(tracking_uri):
+    cands = _candidates()
+    ids = [log_loso(c) for c in cands[:2]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "select", "--env-manager", "local",
+         "-P", f"loso_runs={','.join(ids)}", "-P", "folds=2", "-P", "bootstrap=200"],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`ecg.role` = 'select'")
+    assert len(runs) == 1
+    run = MlflowClient().get_run(runs.run_id.iloc[0])
+    assert run.data.tags.get("mlflow.project.entryPoint") == "select" and run.info.status == "FINISHED"
+    assert "Cross-fitted choice over 2 folds (2)" in proc.stdout
+
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "select_options.py"), "--loso-runs", f"{ids[0]},bogus"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before
