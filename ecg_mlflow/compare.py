@@ -274,8 +274,9 @@ def _read_confusion(run_id: str, where: str, tmp: Path) -> tuple[list[str], np.n
     return labels, cm
 
 
-def load_loso_run(client: MlflowClient, run_id: str) -> LosoRun:
-    """Validate a LOSO parent run and read its variant children and their confusion matrices."""
+def load_loso_run(client: MlflowClient, run_id: str, with_predictions: bool = True) -> LosoRun:
+    """Validate a LOSO parent run and read its variant children and their confusion matrices (and,
+    with ``with_predictions``, their ``predictions.csv``; without, ``predictions`` stays empty)."""
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
@@ -350,6 +351,8 @@ def load_loso_run(client: MlflowClient, run_id: str) -> LosoRun:
             logged = {k: int(c[k]) for k in EC57_COUNTS}
             if logged != ec57_counts(cm, labels):
                 notes.append(f"{where}: logged test_veb_*/test_sveb_* counts differ from its confusion matrix")
+            if not with_predictions:
+                continue
             table = _read_predictions(c.run_id, where, labels, cm)
             if table is None:
                 without += 1

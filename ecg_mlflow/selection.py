@@ -293,8 +293,22 @@ class SelectResult:
     table: pd.DataFrame
 
 
+# Parameters that say where or how a run ran, not what it computed: left out of candidate labels.
+_NOT_OPTIONS = frozenset({"executor", "workers", "threads", "ray_address", "ray_gpus_per_task", "resume_run_id",
+                          "base_run_id", "registry_prefix", "data_dir", "precision", "jit_compile"})
+
+
 def _load(client: MlflowClient, ids: list[str]) -> list[LosoRun]:
-    return [pool([load_loso_run(client, p) for p in rid.split("+")]) for rid in ids]
+    return [pool([load_loso_run(client, p, with_predictions=False) for p in rid.split("+")]) for rid in ids]
+
+
+def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
+    """Each candidate's run id(s) and the options in which the candidates differ, e.g.
+    ``'<id> sveb_gate=0.99'`` (``'<id> (same options)'`` when they differ in none)."""
+    keys = sorted({k for r in runs for k in r.params} - _NOT_OPTIONS)
+    differ = [k for k in keys if len({r.params.get(k, "") for r in runs}) > 1]
+    return [f"{rid} " + (", ".join(f"{k}={r.params.get(k, '')}" for k in differ) or "(same options)")
+            for rid, r in zip(ids, runs)]
 
 
 def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: int = 0, scored_on: str = "",
@@ -325,7 +339,7 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     plan = subject_folds(list(tables[0].index), folds)
     seen = [base_training_subjects(client, r) for r in score_runs]
     sel = cross_fitted_choice(tables, plan, [subject_count_table(r, VARIANT) for r in score_runs], seen)
-    labels = [f"{rid} {r.label}" for rid, r in zip(ids, runs)]
+    labels = candidate_labels(ids, runs)
     table = estimate_table(sel, labels, n_boot, seed)
 
     with tracking.run_to_log_into(runs[0].experiment_id, "select") as active, tempfile.TemporaryDirectory() as tmp:

@@ -146,8 +146,13 @@ def _candidates() -> list[dict[str, dict[str, np.ndarray]]]:
 
 def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
     cands = _candidates()
-    ids = [log_loso(c, name=f"cand{i}") for i, c in enumerate(cands)]
+    ids = [log_loso(c, name=f"cand{i}", params={"label_scheme": "aami", "model": "rr_cnn", "sveb_gate": gate,
+                                                "executor": f"local{i}"})
+           for i, (c, gate) in enumerate(zip(cands, ("0", "0.99", "0.99")))]
     res = S.select(",".join(ids), n_boot=N_BOOT, seed=1)
+    # Candidates are named by the options they differ in (not by where they ran).
+    assert res.table.candidate.iloc[:3].tolist() == [f"{ids[0]} sveb_gate=0", f"{ids[1]} sveb_gate=0.99",
+                                                      f"{ids[2]} sveb_gate=0.99"]
     # The choices, recomputed straight from the confusion matrices.
     counts = [by_subject(c) for c in cands]
     subjects = sorted(counts[0])
