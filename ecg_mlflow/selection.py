@@ -305,7 +305,8 @@ def _load(client: MlflowClient, ids: list[str]) -> list[LosoRun]:
 def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
     """Each candidate's run id(s) and the options in which the candidates differ, e.g.
     ``'<id> sveb_gate=0.99'`` (``'<id> (same options)'`` when they differ in none)."""
-    keys = sorted({k for r in runs for k in r.params} - _NOT_OPTIONS)
+    # data.* params describe the prepared dataset (digest, window), which the options already name.
+    keys = sorted({k for r in runs for k in r.params if not k.startswith("data.")} - _NOT_OPTIONS)
     differ = [k for k in keys if len({r.params.get(k, "") for r in runs}) > 1]
     return [f"{rid} " + (", ".join(f"{k}={r.params.get(k, '')}" for k in differ) or "(same options)")
             for rid, r in zip(ids, runs)]

@@ -277,7 +277,8 @@ def test_mlflow_run_select_end_to_end_and_a_bad_run(tracking_uri):
     assert "Cross-fitted choice over 2 folds (2)" in proc.stdout
 
     before = len(mlflow.search_runs(search_all_experiments=True))
-    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "select_options.py"), "--loso-runs", f"{ids[0]},bogus"],
+    script = REPO / "entrypoints" / "select_options.py"
+    proc = subprocess.run([sys.executable, str(script), "--loso-runs", f"{ids[0]},bogus"],
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "'bogus'" in proc.stderr and "Traceback" not in proc.stderr
