@@ -24,14 +24,17 @@ scored. A LOSO run over all records trains each base model on every subject but 
 evaluated on, so the choice for subject ``s`` is scored with base models that learned from ``s``'s
 beats (its test minutes among them): an indirect path, reported per fold as
 ``scored_without_fold = no``. To close it, score on runs that never read the fold
-(``scored_on``), e.g. for ``folds=halves`` each candidate run inside each half
-(``-P records=half1``, ``-P records=half2``, pooled ``a+b``), as README "Choosing options across
-halves" does; such folds read ``yes``. Which subjects trained a base model is read from its base
-run's ``train_records`` tag (``unknown`` where a run does not say).
+(``scored_on``): for ``folds=halves`` each candidate run inside each half (``-P records=half1``,
+``-P records=half2``, joined ``a+b``), as README "Choosing options across halves" does; for ``k``
+folds each candidate run over every set of ``k - 1`` folds (joined with ``+``: these runs overlap
+in patients, and each fold is scored, subject by subject, on the run whose base model for that
+subject was trained without the fold). Such folds read ``yes``. Which subjects trained a base
+model is read from its base run's ``train_records`` tag (``unknown`` where a run does not say).
 
 Every candidate is one LOSO run, or several on different patients pooled with ``+`` (as in
-``compare``), and all must hold the same subjects; so must the runs of ``scored_on``, one per
-candidate in the same order, when given (by default a candidate is scored on its own runs).
+``compare``), and all must hold the same subjects. ``scored_on`` gives one entry per candidate in
+the same order (by default a candidate is scored on its own runs); an entry's runs, together, must
+hold every subject of the candidates.
 The interval of the estimate is a subject bootstrap of the pooled counts with the choices held
 fixed (it leaves out the spread of the choice itself); the difference from the first candidate is
 paired on the same resamples.
@@ -113,7 +116,7 @@ class Selection:
     folds: one row per fold (index ``fold``): ``subjects`` (space-separated), ``chosen`` (index of
     the candidate), ``score_<i>`` (candidate ``i``'s rule value on the subjects outside the fold)
     and ``scored_without_fold`` (``yes`` / ``no`` / ``unknown``: whether every base model behind
-    those scores was trained without the fold's subjects; :func:`fold_blindness`).
+    those scores was trained without the fold's subjects; :func:`fold_counts`).
     per_subject: index ``subject``: ``fold``, ``chosen`` and the chosen candidate's EC57 counts.
     counts: the candidates' counts per subject, ``(n_candidates, n_subjects, 8)``, subjects in the
     order of ``per_subject``.
@@ -138,67 +141,76 @@ def _check_subjects(tables: list[pd.DataFrame], subjects: list[str], what: str) 
                               f"{lack}); every candidate must hold the same subjects")
 
 
-def fold_blindness(folds: dict[str, list[str]], seen: list[dict[str, frozenset[str] | None]]) -> dict[str, str]:
-    """Per fold, whether its choice was scored without its subjects: ``'yes'`` when, for every
-    scored candidate and every subject outside the fold, the base model behind that subject's figures
-    was trained without any of the fold's subjects; ``'no'`` when one was trained with one;
-    ``'unknown'`` when a base model's training subjects could not be read (``None`` in ``seen``).
-    seen: per scored candidate, subject -> the subjects its base model was trained on."""
-    out = {}
-    for name, members in folds.items():
-        fold, verdict = set(members), "yes"
-        for candidate in seen:
-            for s, trained_on in candidate.items():
-                if s in fold:
-                    continue
-                if trained_on is None:
-                    verdict = "unknown" if verdict == "yes" else verdict
-                elif trained_on & fold:
-                    verdict = "no"
-        out[name] = verdict
-    return out
+@dataclass
+class ScoringRun:
+    """One run a candidate is scored on: its EC57 counts by subject (index ``subject``) and, per
+    subject, the subjects its base model was trained on (``None``: not known)."""
+
+    counts: pd.DataFrame
+    trained_on: dict[str, frozenset[str] | None]
+
+
+_WORSE = {"yes": 0, "unknown": 1, "no": 2}  # a fold's verdict is the worst of its subjects'
+
+
+def fold_counts(runs: list[ScoringRun], outside: list[str], fold: set[str], what: str) -> tuple[np.ndarray, str]:
+    """A candidate's summed counts ``(8,)`` on the subjects ``outside`` a fold, and whether they were
+    made without the fold. Each subject's counts come from the first of ``runs`` that holds it with a
+    base model trained without any of the ``fold``'s subjects (``'yes'``); failing that, from the
+    first run that holds it (``'no'`` when that base model was trained with one of them,
+    ``'unknown'`` when its training subjects are not known). The fold's verdict is the worst."""
+    total, verdict = np.zeros(len(EC57_COUNTS), np.int64), "yes"
+    for s in outside:
+        holding = [r for r in runs if s in r.counts.index]
+        if not holding:
+            raise SelectError(f"{what}: no run holds subject {s}")
+        blind = [r for r in holding if r.trained_on.get(s) is not None and not r.trained_on[s] & fold]
+        run = (blind or holding)[0]
+        if not blind:
+            here = "unknown" if run.trained_on.get(s) is None else "no"
+            verdict = max(verdict, here, key=_WORSE.get)
+        total += run.counts.loc[s, list(EC57_COUNTS)].to_numpy(np.int64)
+    return total, verdict
 
 
 def cross_fitted_choice(tables: list[pd.DataFrame], folds: dict[str, list[str]],
-                        scored: list[pd.DataFrame] | None = None,
-                        seen: list[dict[str, frozenset[str] | None]] | None = None) -> Selection:
+                        scored: list[list[ScoringRun]] | None = None) -> Selection:
     """Choose a candidate per fold on the subjects outside it and pool the choices' counts.
 
     tables: per candidate, EC57 counts by subject (index ``subject``, columns
     :data:`~ecg_mlflow.metrics.EC57_COUNTS`), all on the same subjects; folds: a partition of
-    those subjects (:func:`subject_folds`). scored: per candidate, the counts a choice is scored on
-    (same form and subjects; default ``tables``); seen: per scored candidate, subject -> the subjects
-    its base model was trained on (default: not known), for :func:`fold_blindness`.
+    those subjects (:func:`subject_folds`). scored: per candidate, the runs a choice is scored on
+    (:func:`fold_counts`); default: ``tables`` themselves, base-model training not known.
     """
     if len(tables) < 2:
         raise SelectError(f"a choice needs at least two candidates, got {len(tables)}")
     subjects = sorted(tables[0].index, key=patient_key)
     _check_subjects(tables, subjects, "candidate")
-    scored = tables if scored is None else scored
+    if scored is None:
+        scored = [[ScoringRun(t, dict.fromkeys(t.index))] for t in tables]
     if len(scored) != len(tables):
         raise SelectError(f"scored_on must give one entry per candidate: {len(tables)} candidates, "
                           f"{len(scored)} entries")
-    _check_subjects(scored, subjects, "scored_on entry")
     in_folds = [s for members in folds.values() for s in members]
     if sorted(in_folds) != sorted(subjects):
         raise SelectError("folds must hold each of the candidates' subjects exactly once")
-    blind = fold_blindness(folds, seen if seen is not None else [dict.fromkeys(subjects)] * len(tables))
-    def stacked(ts: list[pd.DataFrame]) -> np.ndarray:
-        return np.stack([t.reindex(subjects)[list(EC57_COUNTS)].to_numpy(np.int64) for t in ts])
-
-    counts, score_counts = stacked(tables), stacked(scored)
+    counts = np.stack([t.reindex(subjects)[list(EC57_COUNTS)].to_numpy(np.int64) for t in tables])
     pos = {s: i for i, s in enumerate(subjects)}
     fold_rows, chosen_of = [], {}
     for name, members in folds.items():
-        outside = np.ones(len(subjects), bool)
-        outside[[pos[s] for s in members]] = False
-        scores = [score(c[outside].sum(axis=0)) for c in score_counts]
+        outside = [s for s in subjects if s not in set(members)]
+        scores, verdicts = [], []
+        for i, runs in enumerate(scored):
+            total, verdict = fold_counts(runs, outside, set(members), f"scored_on entry {i}")
+            scores.append(score(total))
+            verdicts.append(verdict)
         if all(s == -math.inf for s in scores):
             raise SelectError(f"fold {name}: no candidate has all four statistics defined on the subjects "
                               "outside it, so none can be chosen")
         best = int(np.argmax(scores))  # the first of equals: the candidate listed first wins ties
         fold_rows.append({"fold": name, "subjects": " ".join(members), "chosen": best,
-                          **{f"score_{i}": s for i, s in enumerate(scores)}, "scored_without_fold": blind[name]})
+                          **{f"score_{i}": s for i, s in enumerate(scores)},
+                          "scored_without_fold": max(verdicts, key=_WORSE.get)})
         chosen_of.update({s: (name, best) for s in members})
     per_subject = pd.DataFrame(
         [{"subject": s, "fold": chosen_of[s][0], "chosen": chosen_of[s][1],
@@ -298,10 +310,6 @@ _NOT_OPTIONS = frozenset({"executor", "workers", "threads", "ray_address", "ray_
                           "base_run_id", "registry_prefix", "data_dir", "precision", "jit_compile"})
 
 
-def _load(client: MlflowClient, ids: list[str]) -> list[LosoRun]:
-    return [pool([load_loso_run(client, p, with_predictions=False) for p in rid.split("+")]) for rid in ids]
-
-
 def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
     """Each candidate's run id(s) and the options in which the candidates differ, e.g.
     ``'<id> sveb_gate=0.99'`` (``'<id> (same options)'`` when they differ in none)."""
@@ -315,7 +323,8 @@ def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
 def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: int = 0, scored_on: str = "",
            echo: bool = True) -> SelectResult:
     """Cross-fitted choice among candidate LOSO runs (comma-separated, ``a+b`` pools); ``scored_on``:
-    the runs each candidate is scored on, in the same form and order ('' = the candidates' own).
+    the runs each candidate is scored on, one ``+``-joined entry per candidate in the same order (they
+    may overlap in patients; see :func:`fold_counts`; '' = the candidates' own runs).
     Logs a ``select`` run (tag ``ecg.role=select``) with ``choices.csv``, ``per_subject.csv``,
     ``estimate.csv``, ``estimate.json`` and ``summary.txt``. Everything is validated before the run
     is written."""
@@ -331,15 +340,28 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
         raise SelectError(f"scored_on must give one entry per candidate: {len(ids)} candidates, "
                           f"{len(score_ids)} entries")
     client = MlflowClient()
-    runs = _load(client, ids)
-    score_runs = runs if score_ids == ids else _load(client, score_ids)
-    for rid, r in zip(ids + score_ids, runs + score_runs):
+    loaded: dict[str, LosoRun] = {}
+
+    def parts(entry: str) -> list[LosoRun]:
+        for p in entry.split("+"):
+            if p not in loaded:
+                loaded[p] = load_loso_run(client, p, with_predictions=False)
+        return [loaded[p] for p in entry.split("+")]
+
+    runs = [pool(parts(rid)) for rid in ids]
+    scoring: list[list[ScoringRun]] = []
+    for entry in score_ids:  # an entry's runs may overlap in patients: not pooled, each kept whole
+        for p in parts(entry):
+            if p.labels != runs[0].labels:
+                raise SelectError(f"scored_on: {p.run_id!r} has labels {p.labels}, {ids[0]!r} has {runs[0].labels}")
+        scoring.append([ScoringRun(subject_count_table(p, VARIANT), base_training_subjects(client, p))
+                        for p in parts(entry)])
+    for rid, r in zip(ids, runs):
         if r.labels != runs[0].labels:
             raise SelectError(f"loso_runs: {rid!r} has labels {r.labels}, {ids[0]!r} has {runs[0].labels}")
     tables = [subject_count_table(r, VARIANT) for r in runs]
     plan = subject_folds(list(tables[0].index), folds)
-    seen = [base_training_subjects(client, r) for r in score_runs]
-    sel = cross_fitted_choice(tables, plan, [subject_count_table(r, VARIANT) for r in score_runs], seen)
+    sel = cross_fitted_choice(tables, plan, scoring)
     labels = candidate_labels(ids, runs)
     table = estimate_table(sel, labels, n_boot, seed)
 

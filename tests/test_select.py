@@ -122,14 +122,33 @@ def test_candidates_must_hold_the_same_subjects():
         S.cross_fitted_choice([a], S.subject_folds(["x", "y"], "subject"))
 
 
-def test_a_fold_is_scored_without_its_subjects_only_when_no_scored_base_model_saw_them():
-    plan = {"g1": ["a", "b"], "g2": ["c"]}
-    everyone = {s: frozenset("abc") - {s} for s in "abc"}  # full LOSO: each base model saw the others
-    inside = {"a": frozenset("b"), "b": frozenset("a"), "c": frozenset()}  # runs inside each fold
-    assert S.fold_blindness(plan, [everyone]) == {"g1": "no", "g2": "no"}
-    assert S.fold_blindness(plan, [inside, inside]) == {"g1": "yes", "g2": "yes"}
-    assert S.fold_blindness(plan, [inside, {**inside, "c": None}]) == {"g1": "unknown", "g2": "yes"}
-    assert S.fold_blindness(plan, [{**everyone, "a": None}, inside]) == {"g1": "no", "g2": "no"}  # no over unknown
+def test_a_fold_is_scored_on_the_runs_blind_to_it():
+    good, poor = row((90, 10, 5), (80, 20, 10)), row((50, 50, 5), (10, 90, 10))
+    plan = {"g1": ["a", "b"], "g2": ["c", "d"]}
+    # Runs over all subjects: each base model saw every other subject.
+    everyone = S.ScoringRun(counts_table({s: poor for s in "abcd"}), {s: frozenset("abcd") - {s} for s in "abcd"})
+    total, verdict = S.fold_counts([everyone], ["c", "d"], {"a", "b"}, "x")
+    assert verdict == "no" and total.tolist() == (2 * np.array(poor)).tolist()
+    # Runs over the other fold only (as in quarters: each fold's scores from the run without it);
+    # they overlap the full run in patients, and the blind one is taken wherever it holds the subject.
+    inside = {g: S.ScoringRun(counts_table({s: good for s in m}), {s: frozenset(m) - {s} for s in m})
+              for g, m in plan.items()}
+    for runs in ([everyone, inside["g2"]], [inside["g2"], everyone]):
+        total, verdict = S.fold_counts(runs, ["c", "d"], {"a", "b"}, "x")
+        assert verdict == "yes" and total.tolist() == (2 * np.array(good)).tolist()
+    untold = S.ScoringRun(counts_table({s: poor for s in "abcd"}), dict.fromkeys("abcd"))
+    assert S.fold_counts([untold], ["c", "d"], {"a", "b"}, "x")[1] == "unknown"
+    assert S.fold_counts([untold, everyone], ["c", "d"], {"a", "b"}, "x")[1] == "unknown"  # the first holding
+    assert S.fold_counts([everyone, untold], ["c", "d"], {"a", "b"}, "x")[1] == "no"
+    with pytest.raises(S.SelectError, match="x: no run holds subject c"):
+        S.fold_counts([inside["g1"]], ["c", "d"], {"a", "b"}, "x")
+    # The choice follows the blind runs: candidate 1 scores well only where it was run without the fold.
+    tables = [counts_table({s: good for s in "abcd"}), counts_table({s: poor for s in "abcd"})]
+    worse = S.ScoringRun(counts_table({s: row((70, 30, 5), (60, 40, 10)) for s in "abcd"}), everyone.trained_on)
+    sel = S.cross_fitted_choice(tables, plan, [[worse], [everyone, *inside.values()]])
+    assert sel.folds.chosen.tolist() == [1, 1]  # on the blind runs candidate 1 holds the better counts
+    assert sel.folds.scored_without_fold.tolist() == ["no", "no"]  # candidate 0 was scored on a full run
+    assert sel.pooled.sum(axis=0).tolist() == (4 * np.array(poor)).tolist()  # the figures are the tables'
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +249,12 @@ def test_runs_that_never_read_a_half_score_its_choice(tracking_uri, capsys):
     assert "yes in 2 fold(s)" in capsys.readouterr().out
     run = MlflowClient().get_run(res.run_id)
     assert run.data.tags["scored_without_fold"] == "yes" and run.data.params["scored_on"] == ",".join(scored)
+
+    # A scoring entry may join runs that overlap in patients (a pool may not): each fold takes the
+    # counts of the run blind to it, so adding the full runs changes nothing.
+    overlapping = [f"{entry}+{full}" for entry, full in zip(scored, applied)]
+    again = S.select(",".join(applied), folds="halves", scored_on=",".join(overlapping), n_boot=N_BOOT, echo=False)
+    assert again.selection.folds.equals(res.selection.folds)
 
     plain = S.select(",".join(applied), folds="halves", n_boot=N_BOOT, echo=False)
     assert set(plain.selection.folds.scored_without_fold) == {"no"}  # full LOSO runs saw the other half
