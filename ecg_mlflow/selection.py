@@ -62,7 +62,7 @@ from ecg_mlflow.compare import CI_LEVEL, N_BOOT, CompareError, LosoRun, load_los
     subject_count_table
 from ecg_mlflow.metrics import EC57_COUNTS
 from ecg_mlflow.records import RECORD_SETS
-from ecg_mlflow.splits import patient_key, subject_of
+from ecg_mlflow.splits import patient_key, subject_groups, subject_of
 
 RULE = uncertainty.SMALLEST  # the statistic a choice maximises
 VARIANT = "transfer"  # the targets are on the transfer variant
@@ -93,13 +93,20 @@ def subject_folds(subjects: list[str], folds: str) -> dict[str, list[str]]:
         k = int(folds)
         if k > len(subjects):
             raise SelectError(f"folds={k}: more folds than the {len(subjects)} subjects")
-        out = {f"group{j + 1}of{k}": subjects[j::k] for j in range(k)}
+        out = subject_groups(subjects, k)  # the groups base_folds=k makes of the same subjects
     else:
         raise SelectError(f"folds must be one of {list(FOLD_SCHEMES)} or a whole number >= 2, got {folds!r}")
     if len(out) < 2:
         raise SelectError(f"folds={folds}: the candidates' {len(subjects)} subject(s) make only {len(out)} fold(s); "
                           "a choice needs subjects outside each fold")
     return out
+
+
+def blind_records(records: list[str], folds: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per fold, the ``records`` (sorted) whose subjects lie outside it: what a candidate's scoring
+    run blind to that fold runs over (``-P records=...``; both records of subject 201 go together)."""
+    records = sorted(records, key=patient_key)
+    return {name: [r for r in records if subject_of(r) not in set(members)] for name, members in folds.items()}
 
 
 def score(counts: np.ndarray) -> float:
@@ -269,8 +276,9 @@ def _pct(x: float) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
 
-def summary_text(table: pd.DataFrame, sel: Selection, folds: str) -> str:
-    """The terminal summary: candidates and the cross-fitted estimate (%), then the choice per fold."""
+def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict[str, list[str]] | None = None) -> str:
+    """The terminal summary: candidates and the cross-fitted estimate (%), then the choice per fold.
+    ``blind_to`` (:func:`blind_records`) is listed where a fold was not scored blind to its subjects."""
     lines = [f"=== Cross-fitted choice over {len(sel.folds)} folds ({folds}), rule: largest smallest of the "
              "four gross transfer statistics ===",
              f"{'':3} {'VEB Se':>14} {'VEB +P':>14} {'SVEB Se':>14} {'SVEB +P':>14} {'smallest':>14}  folds  candidate"]
@@ -286,6 +294,10 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str) -> str:
     lines.append("scored without the fold's subjects: " + ", ".join(f"{k} in {n} fold(s)" for k, n in blind.items())
                  + ("" if set(blind.index) == {"yes"} else
                     " (no: the scored runs' base models were trained with the fold's subjects; see scored_on)"))
+    if blind_to and set(blind.index) != {"yes"}:
+        lines.append("to score each fold without its subjects, run each candidate's options once per fold over "
+                     "the other folds' records and pass each candidate's runs joined with + as its scored_on entry:")
+        lines += [f"  without {name}: -P records={','.join(recs)}" for name, recs in blind_to.items()]
     counts = sel.folds.groupby("chosen").size()
     lines.append("chosen per fold: " + ", ".join(f"[{i}] {n} fold(s)" for i, n in counts.items()))
     if len(sel.folds) <= 8:  # name the subjects only where the folds are few
@@ -364,6 +376,9 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     sel = cross_fitted_choice(tables, plan, scoring)
     labels = candidate_labels(ids, runs)
     table = estimate_table(sel, labels, n_boot, seed)
+    # The scoring runs that would make each fold blind to its subjects; listed where the folds are few
+    # enough to run them (not one per subject).
+    blind_to = blind_records(list(runs[0].children.patient.unique()), plan) if len(plan) <= 8 else None
 
     with tracking.run_to_log_into(runs[0].experiment_id, "select") as active, tempfile.TemporaryDirectory() as tmp:
         run_id = active.info.run_id
@@ -386,10 +401,11 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
         doc = {"folds": folds, "rule": f"largest {RULE} of the four gross {VARIANT} statistics",
                "candidates": labels, "scored_on": score_ids,
                "scored_without_fold": sel.folds.scored_without_fold.to_dict(),
+               "records_without_fold": blind_to,
                "estimate": {k: _finite(last[k]) for k in uncertainty.STATISTICS},
                "counts": dict(zip(EC57_COUNTS, sel.pooled.sum(axis=0).tolist()))}
         (out / "estimate.json").write_text(json.dumps(doc, indent=1))
-        text = summary_text(table, sel, folds)
+        text = summary_text(table, sel, folds, blind_to)
         (out / "summary.txt").write_text(text + "\n")
         mlflow.log_artifacts(tmp)
     if echo:

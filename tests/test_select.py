@@ -65,6 +65,11 @@ def test_fold_schemes():
         S.subject_folds(subjects + ["999"], "halves")
     with pytest.raises(S.SelectError, match="only 1 fold"):
         S.subject_folds(["100", "105"], "halves")
+    # The records a scoring run blind to each fold runs over: 202 leaves with its subject 201.
+    records = ["208", "100", "101", "105", "201", "202"]
+    assert S.blind_records(records, S.subject_folds(subjects, "2")) == {
+        "group1of2": ["101", "201", "202"], "group2of2": ["100", "105", "208"]}
+    assert S.blind_records(records, halves) == {"half1": ["100", "105"], "half2": ["101", "201", "202", "208"]}
 
 
 def test_each_subject_takes_the_candidate_best_on_the_others():
@@ -246,7 +251,8 @@ def test_runs_that_never_read_a_half_score_its_choice(tracking_uri, capsys):
         assert res.selection.folds.loc[name, "scored_without_fold"] == "yes"
         for s in fold:  # the figures are the applied runs' own
             assert res.selection.per_subject.loc[s, list(EC57_COUNTS)].tolist() == counts[best][s].tolist()
-    assert "yes in 2 fold(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "yes in 2 fold(s)" in out and "-P records=" not in out  # blind already: no runs to suggest
     run = MlflowClient().get_run(res.run_id)
     assert run.data.tags["scored_without_fold"] == "yes" and run.data.params["scored_on"] == ",".join(scored)
 
@@ -256,8 +262,15 @@ def test_runs_that_never_read_a_half_score_its_choice(tracking_uri, capsys):
     again = S.select(",".join(applied), folds="halves", scored_on=",".join(overlapping), n_boot=N_BOOT, echo=False)
     assert again.selection.folds.equals(res.selection.folds)
 
-    plain = S.select(",".join(applied), folds="halves", n_boot=N_BOOT, echo=False)
+    capsys.readouterr()
+    plain = S.select(",".join(applied), folds="halves", n_boot=N_BOOT)
     assert set(plain.selection.folds.scored_without_fold) == {"no"}  # full LOSO runs saw the other half
+    # ... and the summary names the runs that would close that path: the halves' records above.
+    out = capsys.readouterr().out
+    assert "without half1: -P records=100,105\n" in out and "without half2: -P records=101,201,202,208\n" in out
+    doc = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=plain.run_id, artifact_path="estimate.json"))
+                     .read_text())
+    assert doc["records_without_fold"] == {"half1": half2, "half2": half1}
     untold = ",".join(log_loso(c) for c in cands)  # runs whose base runs say nothing of their training
     assert set(S.select(untold, n_boot=N_BOOT, echo=False).selection.folds.scored_without_fold) == {"unknown"}
     with pytest.raises(S.SelectError, match="one entry per candidate: 2 candidates, 1 entries"):
