@@ -67,6 +67,7 @@ from ecg_mlflow.splits import patient_key, subject_groups, subject_of
 RULE = uncertainty.SMALLEST  # the statistic a choice maximises
 VARIANT = "transfer"  # the targets are on the transfer variant
 FOLD_SCHEMES = ("subject", "halves")
+FEW_FOLDS = 8  # up to this many folds the summary names each fold's subjects and blind runs
 
 
 class SelectError(CompareError):
@@ -106,7 +107,7 @@ def blind_records(records: list[str], folds: dict[str, list[str]]) -> dict[str, 
     """Per fold, the ``records`` (sorted) whose subjects lie outside it: what a candidate's scoring
     run blind to that fold runs over (``-P records=...``; both records of subject 201 go together)."""
     records = sorted(records, key=patient_key)
-    return {name: [r for r in records if subject_of(r) not in set(members)] for name, members in folds.items()}
+    return {name: [r for r in records if subject_of(r) not in members] for name, members in folds.items()}
 
 
 def score(counts: np.ndarray) -> float:
@@ -300,7 +301,7 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict
         lines += [f"  without {name}: -P records={','.join(recs)}" for name, recs in blind_to.items()]
     counts = sel.folds.groupby("chosen").size()
     lines.append("chosen per fold: " + ", ".join(f"[{i}] {n} fold(s)" for i, n in counts.items()))
-    if len(sel.folds) <= 8:  # name the subjects only where the folds are few
+    if len(sel.folds) <= FEW_FOLDS:  # name the subjects only where the folds are few
         for name, r in sel.folds.iterrows():
             lines.append(f"  {name}: [{r.chosen}] for {r.subjects}")
     else:
@@ -378,7 +379,7 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     table = estimate_table(sel, labels, n_boot, seed)
     # The scoring runs that would make each fold blind to its subjects; listed where the folds are few
     # enough to run them (not one per subject).
-    blind_to = blind_records(list(runs[0].children.patient.unique()), plan) if len(plan) <= 8 else None
+    blind_to = blind_records(list(runs[0].children.patient.unique()), plan) if len(plan) <= FEW_FOLDS else None
 
     with tracking.run_to_log_into(runs[0].experiment_id, "select") as active, tempfile.TemporaryDirectory() as tmp:
         run_id = active.info.run_id
