@@ -151,6 +151,46 @@ def train_config(a: argparse.Namespace):
                        recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size)
 
 
+def loso_parser(description: str | None = None, parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of the ``loso`` entry point (``entrypoints/loso.py``); ``nested`` checks its
+    candidates' options with the same parser."""
+    from ecg_mlflow.executors import EXECUTORS
+
+    p = parser_class(description=description)
+    add_prepare_args(p)
+    add_train_args(p)
+    p.add_argument("--holdout", default="all", help="subjects to hold out (record ids, commas), or 'all'")
+    p.add_argument("--executor", default="sequential", help=f"where folds run: {', '.join(EXECUTORS)}")
+    p.add_argument("--workers", type=whole_number("workers"), default=2,
+                   help="worker processes (local) or CPUs of a local Ray instance")
+    p.add_argument("--ray-address", default="", help="an existing Ray cluster (e.g. 10.0.0.5:6379); '' = local Ray")
+    p.add_argument("--ray-gpus-per-task", type=number("ray_gpus_per_task"), default=0.0,
+                   help="GPUs each Ray fold task asks for")
+    p.add_argument("--threads", type=whole_number("threads"), default=0,
+                   help="TensorFlow threads per fold; 0 = automatic (a seed repeats only at equal counts)")
+    p.add_argument("--base-folds", type=whole_number("base_folds"), default=0,
+                   help="0: a base model per held-out subject; k >= 2: k groups of subjects share one (quick runs)")
+    p.add_argument("--evaluate-on", default="test",
+                   help="test, or validation: the second half of the fine-tune minutes (for choosing options)")
+    p.add_argument("--resume-run-id", default="", help="the id of an interrupted or failed LOSO run to finish")
+    p.add_argument("--base-run-id", default="",
+                   help="the id of a LOSO run whose base models to take (same data and base-training parameters)")
+    return p
+
+
+def loso_config(a: argparse.Namespace):
+    """The :class:`ecg_mlflow.loso.LosoConfig` of parsed ``loso`` arguments (not yet validated)."""
+    from ecg_mlflow.executors import ExecConfig
+    from ecg_mlflow.loso import LosoConfig
+
+    execution = ExecConfig(executor=a.executor.strip().lower(), workers=a.workers, ray_address=a.ray_address.strip(),
+                           ray_gpus_per_task=a.ray_gpus_per_task, threads=a.threads)
+    return LosoConfig(prepare=prepare_config(a), train=train_config(a), holdout=a.holdout,
+                      registry_prefix=a.registry_prefix, execution=execution,
+                      resume_run_id=a.resume_run_id.strip() or None, base_folds=a.base_folds,
+                      evaluate_on=a.evaluate_on.strip().lower(), base_run_id=a.base_run_id.strip() or None)
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run an entry point; bad input exits 2 with one line naming the culprit, not a traceback."""
     try:

@@ -433,6 +433,18 @@ def _print_record(record: str, results: list[PatientResult]) -> None:
             print(f"    record {record} {variant}: accuracy {m['accuracy']:.3f}", flush=True)
 
 
+def preflight(cfg: LosoConfig, verbose: bool = False) -> tuple[BeatDataset, list[Fold]]:
+    """The prepared dataset and folds of a validated ``cfg``, after the checks that need the data
+    (record files, at least two subjects, thresholds that need training beats); ``ValueError`` or
+    :class:`DataError` naming the culprit. Trains nothing."""
+    ds = prepare(cfg.prepare, verbose=verbose)
+    if len({subject_of(r) for r in ds.records}) < 2:
+        raise ValueError(f"LOSO needs at least two subjects' records, got {ds.records}")
+    folds = plan_folds(ds, cfg)
+    check_sveb_gate(cfg, ds, folds)
+    return ds, folds
+
+
 def run_loso(cfg: LosoConfig) -> str:
     """Run the whole experiment under the active (or a new) MLflow run; returns the parent run id.
 
@@ -453,11 +465,7 @@ def run_loso(cfg: LosoConfig) -> str:
     source = _loso_run(cfg.base_run_id, "base_run_id") if cfg.base_run_id else None
     if source is not None:
         check_base_settings(source, cfg)
-    ds = prepare(cfg.prepare, verbose=True)
-    folds = plan_folds(ds, cfg)
-    check_sveb_gate(cfg, ds, folds)
-    if len(ds.records) < 2:
-        raise ValueError(f"LOSO needs at least two subjects' records, got {ds.records}")
+    ds, folds = preflight(cfg, verbose=True)
     reused = reused_bases(source, ds, folds) if source is not None else {}
     executors.remember_dataset(ds)  # the sequential executor reuses it instead of reading the file
     client = MlflowClient()
@@ -655,7 +663,7 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
                    base_run_id=get("base_run_id", "") or None)
 
 
-def _settings(c: LosoConfig) -> dict[str, object]:
+def run_settings(c: LosoConfig) -> dict[str, object]:
     """A run's parameters as one flat dict of comparable values, machine paths left out."""
     p = {k: v for k, v in asdict(c.prepare).items() if k not in ("data_dir", "cache_dir", "download")}
     p["records"] = p["records"] if p["records"] not in (None, "", "all") else "all"
@@ -669,7 +677,7 @@ def config_for_resume(params: dict[str, str], given: LosoConfig) -> LosoConfig:
     differs from the run's is refused (``ValueError`` naming it): a resume cannot change the
     experiment half-way."""
     stored = config_of_run(params, given)
-    now, before, dflt = _settings(given), _settings(stored), _settings(LosoConfig())
+    now, before, dflt = run_settings(given), run_settings(stored), run_settings(LosoConfig())
     clash = [k for k in now if now[k] != dflt[k] and now[k] != before[k]]
     if clash:
         raise ValueError("resume_run_id: the run was started with " + ", ".join(f"{k}={before[k]!r}" for k in clash)
@@ -759,7 +767,7 @@ def _base_settings(cfg: LosoConfig) -> dict[str, object]:
     base = [f.name for f in fields(PrepareConfig) if f.name not in ("data_dir", "cache_dir", "download")]
     base += [f.name for f in fields(TrainConfig) if f.name not in FINETUNE_FIELDS]
     base += ["base_folds", "holdout"] if cfg.base_folds else ["base_folds"]
-    every = _settings(cfg)
+    every = run_settings(cfg)
     return {k: every[k] for k in base}
 
 

@@ -1,0 +1,293 @@
+"""Nested cross-validation over option sets in one command: make the LOSO runs ``select`` needs, then choose.
+
+:mod:`ecg_mlflow.selection` chooses among finished LOSO runs; an honest choice needs, beside each
+candidate's run over all records (its figures), runs blind to each fold (its scores), one per
+candidate and fold. Made by hand that is ``(k + 1) x`` candidates ``mlflow run`` commands and a
+long ``scored_on``. Here one command plans them, reuses every finished run of the same options in
+the experiment (so a second call, or one after an interruption, trains only what is missing),
+runs the rest as ordinary LOSO runs nested under this run, and ends with the ``select`` choice.
+
+For ``c`` candidates and ``k`` folds (``halves`` or a number 2..8) the plan holds, per candidate:
+
+- ``figures``: a LOSO run over ``records`` with a base model per held-out subject (the estimate's
+  counts come from these runs);
+- ``scoring`` for each fold: a LOSO run over the records outside the fold (``-P records=...``, both
+  records of subject 201 together) with ``scoring_base_folds`` groups sharing a base model, so no
+  model that scores a fold's choice has read any of the fold's beats.
+
+A candidate is a set of ``loso`` parameters, ``key=value`` separated by spaces (``""`` = the
+defaults); ``common`` holds the parameters every run shares (e.g. ``finetune_minutes=5
+executor=local workers=2 threads=1``). ``records``, ``holdout``, ``base_folds``, ``evaluate_on``,
+``resume_run_id``, ``base_run_id`` and ``data_dir`` are this module's to set and refused there.
+Scoring runs register their models under ``<registry_prefix>-scoring``, so the ``newest`` alias of
+the experiment's own names keeps pointing at runs over all records.
+
+A run is reused (``reuse``: ``experiment``, the default, looks in this run's experiment; ``all`` in
+every experiment; ``none`` trains everything) when it is a FINISHED LOSO run whose logged
+parameters, read back as a :class:`~ecg_mlflow.loso.LosoConfig`, equal the planned run's (the
+registry prefix and machine settings aside; the TensorFlow thread count included, since a seed
+repeats only at equal counts) and whose dataset digest (records, window, label scheme, fine-tune
+minutes, format and every record file's checksum) is the planned one's. Reused runs stay where
+they are; ``nested_plan.csv`` lists every run of the plan and whether it was reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from ecg_mlflow import cli, executors, tracking
+from ecg_mlflow.loso import FAILED_TAG, LosoConfig, config_of_run, preflight, run_settings
+from ecg_mlflow.selection import FEW_FOLDS, SelectError, SelectResult, blind_records, select, subject_folds
+from ecg_mlflow.splits import subject_of
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+# Parameters the plan sets for each run; a candidate or `common` may not.
+PLANNED = ("data_dir", "records", "holdout", "base_folds", "evaluate_on", "resume_run_id", "base_run_id")
+REUSE = ("experiment", "all", "none")  # where finished runs are looked for
+NESTED_TAG = "ecg.nested"  # on each LOSO run this module started: "<nested run id> <role> <candidate> <fold>"
+
+
+class NestedError(SelectError):
+    """Bad input to a nested choice; the message names the culprit."""
+
+
+class PlanRunFailed(RuntimeError):
+    """A LOSO run of the plan failed; the message names it and its candidate and fold."""
+
+
+class _Refusing(argparse.ArgumentParser):
+    """An argument parser that raises instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise NestedError(message)
+
+
+def _loso_keys() -> dict[str, str]:
+    """``loso`` parameter name -> its command-line flag (``finetune_minutes`` -> ``--finetune-minutes``)."""
+    return {k: "--" + k.replace("_", "-") for k in vars(cli.loso_parser().parse_args([]))}
+
+
+def parse_options(text: str, what: str) -> dict[str, str]:
+    """``'epochs=10 augment=0.1'`` -> ``{'epochs': '10', 'augment': '0.1'}`` (shell quoting allowed).
+    Unknown or planned parameters, a pair without ``=`` or a parameter given twice are refused
+    (:class:`NestedError` naming ``what`` and the culprit)."""
+    keys = _loso_keys()
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise NestedError(f"{what}: cannot read {text!r} ({exc})") from None
+    out: dict[str, str] = {}
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise NestedError(f"{what}: expected key=value pairs separated by spaces, got {token!r}")
+        if key in PLANNED:
+            raise NestedError(f"{what}: {key} is set by the plan for each run (nested's own parameters: data_dir, "
+                              f"records, folds, scoring_base_folds), not by candidates or common")
+        if key not in keys:
+            raise NestedError(f"{what}: {key!r} is not a loso parameter; expected one of "
+                              f"{sorted(k for k in keys if k not in PLANNED)}")
+        if key in out:
+            raise NestedError(f"{what}: {key} is given twice")
+        out[key] = value
+    return out
+
+
+def parse_candidates(text: str) -> list[dict[str, str]]:
+    """Option sets separated by ``;`` (an empty one = the defaults); at least two."""
+    sets = [parse_options(part, f"candidate {i}") for i, part in enumerate(text.split(";"))]
+    if len(sets) < 2:
+        raise NestedError(f"candidates: a choice needs at least two option sets separated by ';', got {text!r}")
+    return sets
+
+
+def _label(options: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items()) or "(defaults)"
+
+
+def to_argv(options: dict[str, str]) -> list[str]:
+    """The ``entrypoints/loso.py`` arguments of a parameter dict."""
+    keys = _loso_keys()
+    return [x for k, v in options.items() for x in (keys[k], str(v))]
+
+
+@dataclass
+class PlannedRun:
+    """One LOSO run of the plan. ``fold`` is '' for a figures run."""
+
+    candidate: int
+    role: str
+    fold: str
+    options: dict[str, str]  # the loso parameters it runs with
+    config: LosoConfig | None = None  # filled in by the checks
+    digest: str = ""
+    records: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    reused: bool = False
+
+    @property
+    def what(self) -> str:
+        return f"candidate {self.candidate} {self.role}" + (f" without {self.fold}" if self.fold else "")
+
+
+def comparable(cfg: LosoConfig) -> dict[str, object]:
+    """What decides a LOSO run's figures; records are in the dataset digest, which is compared apart."""
+    s = run_settings(cfg)
+    return {k: v for k, v in s.items() if k not in ("registry_prefix", "records")}
+
+
+def make_plan(candidates: list[dict[str, str]], common: dict[str, str], data_dir: str, records: str, folds: str,
+              scoring_base_folds: int) -> tuple[list[PlannedRun], dict[str, list[str]]]:
+    """Every LOSO run of the plan (scoring runs fold by fold, then the figures runs) and the folds.
+    Each planned run passes the checks a LOSO run makes before it trains (parameters, record files,
+    subjects, thresholds; :func:`ecg_mlflow.loso.preflight`), and its dataset is prepared (cached
+    for the run), before anything is trained or logged. :class:`NestedError` names the culprit."""
+    if str(folds).strip() == "subject":
+        raise NestedError(f"folds=subject would need a scoring run per subject and candidate; use halves or a "
+                          f"number of groups from 2 to {FEW_FOLDS}")
+    if str(folds).strip().isdigit() and int(folds) > FEW_FOLDS:
+        raise NestedError(f"folds={folds}: at most {FEW_FOLDS} folds (each costs a scoring run per candidate)")
+    if isinstance(scoring_base_folds, bool) or not isinstance(scoring_base_folds, int) or scoring_base_folds < 0 \
+            or scoring_base_folds == 1:
+        raise NestedError(f"scoring_base_folds must be 0 (a base model per subject) or a whole number >= 2, "
+                          f"got {scoring_base_folds!r}")
+    place = {"data_dir": data_dir} if data_dir else {}
+    runs = [PlannedRun(i, "figures", "", {**common, **c, **place, "records": records}) for i, c in enumerate(candidates)]
+    for r in runs:
+        _check(r)
+    for r in runs:
+        same = [q.candidate for q in runs[:r.candidate] if comparable(q.config) == comparable(r.config)]
+        if same:
+            raise NestedError(f"candidate {r.candidate} ({_label(candidates[r.candidate])}) runs what candidate "
+                              f"{same[0]} runs ({_label(candidates[same[0]])}); give each candidate other options")
+    kept = runs[0].records
+    for r in runs[1:]:
+        if r.records != kept:
+            raise NestedError(f"candidate {r.candidate} keeps records {r.records}, candidate 0 keeps {kept} "
+                              "(include_paced or label_scheme differ); a choice compares candidates on the same patients")
+    plan_folds = subject_folds(sorted({subject_of(r) for r in kept}), folds)
+    blind = blind_records(kept, plan_folds)
+    fewest = min(len({subject_of(r) for r in recs}) for recs in blind.values())
+    if fewest < 2 or scoring_base_folds > fewest:
+        raise NestedError(f"folds={folds}: the smallest scoring run (the records outside a fold) holds {fewest} "
+                          f"subject(s); a LOSO run needs 2" + ("" if fewest < 2 else
+                          f" and scoring_base_folds={scoring_base_folds} at most {fewest} (or 0)"))
+    scoring = []
+    for fold, recs in blind.items():
+        for r in runs:
+            opts = {**r.options, "records": ",".join(recs), "base_folds": str(scoring_base_folds),
+                    "registry_prefix": r.config.registry_prefix + "-scoring"}
+            scoring.append(_check(PlannedRun(r.candidate, "scoring", fold, opts)))
+    return scoring + runs, plan_folds
+
+
+def _check(r: PlannedRun) -> PlannedRun:
+    """Fill in a planned run's configuration, dataset digest and records, checked as a LOSO run checks them."""
+    try:
+        a = cli.loso_parser(parser_class=_Refusing).parse_args(to_argv(r.options))
+        r.config = cli.loso_config(a).validated()
+        ds, _ = preflight(r.config)
+    except (NestedError, ValueError) as exc:  # DataError is a ValueError
+        raise NestedError(f"{r.what}: {exc}") from None
+    r.digest, r.records = ds.digest, list(ds.records)
+    return r
+
+
+def find_finished(client: MlflowClient, experiment_ids: list[str], planned: PlannedRun) -> str | None:
+    """The newest FINISHED LOSO run in these experiments that ran the planned run's configuration
+    on its dataset (see the module docstring), or ``None``."""
+    found = client.search_runs(experiment_ids, "tags.`ecg.role` = 'loso' and attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=5000)
+    want = comparable(planned.config)
+    for run in found:
+        if run.data.tags.get("dataset_digest") != planned.digest or FAILED_TAG in run.data.tags:
+            continue
+        try:
+            have = comparable(config_of_run(run.data.params, planned.config))
+        except ValueError:  # a parameter that cannot be read back: not this configuration
+            continue
+        if have == want:
+            return run.info.run_id
+    return None
+
+
+def launch(planned: PlannedRun, parent_id: str, experiment_id: str) -> str:
+    """Run ``entrypoints/loso.py`` for a planned run as a child process (as ``mlflow run`` would,
+    in a run created here under the nested run); returns its run id. A run that fails is ended
+    FAILED and raises :class:`PlanRunFailed` naming it."""
+    client = MlflowClient()
+    tag = f"{parent_id} {planned.role} {planned.candidate} {planned.fold or '-'}"
+    run = client.create_run(experiment_id, run_name="loso", tags={"mlflow.parentRunId": parent_id, NESTED_TAG: tag})
+    run_id = run.info.run_id
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
+           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    cmd = [sys.executable, str(PROJECT_DIR / "entrypoints" / "loso.py"), *to_argv(planned.options)]
+    proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR)
+    print(f"nested: {planned.what}: run {run_id} (pid {proc.pid}): {shlex.join(cmd[1:])}", flush=True)
+    code = proc.wait()
+    if code != 0:
+        if client.get_run(run_id).info.status == "RUNNING":  # refused before it began, or killed
+            client.set_terminated(run_id, "FAILED")
+        raise PlanRunFailed(f"{planned.what}: LOSO run {run_id} exited with status {code} (its output above says "
+                          "why); runs already finished are reused when the same nested command runs again")
+    return run_id
+
+
+def plan_table(runs: list[PlannedRun], candidates: list[dict[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame([{"candidate": r.candidate, "options": _label(candidates[r.candidate]), "role": r.role,
+                          "fold": r.fold, "records": r.options["records"], "base_folds": r.config.base_folds,
+                          "run_id": r.run_id or "", "reused": r.reused} for r in runs])
+
+
+def nested(candidates: str, common: str = "", data_dir: str = "", records: str = "all", folds: str = "4",
+           scoring_base_folds: int = 4, reuse: str = "experiment", n_boot: int = 10_000, seed: int = 0) -> SelectResult:
+    """Plan, reuse or run, and choose (see the module docstring). Bad input raises
+    :class:`NestedError` before any run is written; returns the ``select`` result, logged in the
+    active run (the one ``mlflow run`` made) or a new one."""
+    if reuse not in REUSE:
+        raise NestedError(f"reuse must be one of {list(REUSE)}, got {reuse!r}")
+    sets = parse_candidates(candidates)
+    shared = parse_options(common, "common")
+    runs, plan_folds = make_plan(sets, shared, data_dir, records, folds, scoring_base_folds)
+    tracking.check_tracking_server()
+    for r in runs:
+        executors.check_store_for_executor(mlflow.get_tracking_uri(), r.config.execution)
+    client = MlflowClient()
+    with tracking.run_to_log_into("0", "nested") as active:
+        parent_id, experiment_id = active.info.run_id, active.info.experiment_id
+        logged = client.get_run(parent_id).data.params
+        params = {"candidates": candidates, "common": common, "data_dir": data_dir, "records": records,
+                  "folds": folds, "scoring_base_folds": scoring_base_folds, "reuse": reuse}
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        mlflow.set_tag(NESTED_TAG, "true")
+        where = {"experiment": [experiment_id], "none": [],
+                 "all": [e.experiment_id for e in client.search_experiments()]}[reuse]
+        for r in runs:
+            r.run_id = find_finished(client, where, r) if where else None
+            r.reused = r.run_id is not None
+        todo = [r for r in runs if not r.reused]
+        print(f"nested: {len(sets)} candidates x {len(plan_folds)} folds ({', '.join(plan_folds)}): "
+              f"{len(runs)} LOSO runs, {len(runs) - len(todo)} reused, {len(todo)} to run; nested run {parent_id}",
+              flush=True)
+        for r in runs:
+            if r.reused:
+                print(f"nested: {r.what}: reusing run {r.run_id}", flush=True)
+        for r in todo:
+            r.run_id = launch(r, parent_id, experiment_id)
+        figures = [r.run_id for r in runs if r.role == "figures"]
+        scoring = ["+".join(r.run_id for r in runs if r.role == "scoring" and r.candidate == i)
+                   for i in range(len(sets))]
+        result = select(",".join(figures), folds=folds, n_boot=n_boot, seed=seed, scored_on=",".join(scoring))
+        mlflow.log_text(plan_table(runs, sets).to_csv(index=False), "nested_plan.csv")
+    return result

@@ -1,0 +1,268 @@
+"""The `nested` entry point: the LOSO runs a blind choice needs, planned, checked, reused or run, then `select`.
+
+The plan and its refusals are checked on real records without training; the whole command runs on
+five real subjects with tiny models: interrupted by killing one of its LOSO runs, run again (the
+finished run reused, the rest made), and once more through `mlflow run` (everything reused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import entry_env, run_script_in_process
+from ecg_mlflow import nested as N
+from ecg_mlflow.selection import SelectError, select
+from ecg_mlflow.splits import subject_of
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "entrypoints" / "nested.py"
+RECORDS = "100,101,103,105,201,202"  # five subjects (201 = 202); folds=2 deals them 100 103 201 | 101 105
+COMMON = "epochs=1 finetune_epochs=2 finetune_minutes=5 seed=7"
+CANDIDATES = "; kernel_size=5"  # the defaults (incumbent), and one other option set
+# The whole command: six subjects with S and V beats on either side of folds=2 (118 200 209 | 119 201 232),
+# so each candidate's four statistics are defined outside each fold and a choice can be made.
+E2E_RECORDS = "118,119,200,201,202,209,232"
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing: no data needed
+
+
+def test_options_are_loso_parameters_as_key_value_pairs():
+    assert N.parse_options("epochs=10  augment=0.1 recent_reference='ontime'", "common") == {
+        "epochs": "10", "augment": "0.1", "recent_reference": "ontime"}
+    assert N.parse_options("finetune-minutes=5", "common") == {"finetune_minutes": "5"}
+    assert N.parse_options("", "common") == {}
+    assert N.to_argv({"finetune_minutes": "5", "model": "rr_cnn"}) == ["--finetune-minutes", "5", "--model", "rr_cnn"]
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ("epochz=3", "'epochz' is not a loso parameter"),
+    ("records=100,101", "records is set by the plan"),
+    ("base_folds=4", "base_folds is set by the plan"),
+    ("epochs 3", "expected key=value pairs"),
+    ("epochs=3 epochs=4", "epochs is given twice"),
+    ("model='rr_cnn", "cannot read"),
+])
+def test_bad_options_are_refused_naming_them(text, culprit):
+    with pytest.raises(N.NestedError, match=re.escape(culprit)) as exc:
+        N.parse_options(text, "candidate 1")
+    assert str(exc.value).startswith("candidate 1: ")
+
+
+def test_every_loso_parameter_is_an_option_or_the_plans():
+    import yaml
+
+    params = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["loso"]["parameters"]
+    assert set(N.PLANNED) <= set(params)
+    for key in params:
+        if key in N.PLANNED:
+            with pytest.raises(N.NestedError, match=f"{key} is set by the plan"):
+                N.parse_options(f"{key}=1", "common")
+        else:
+            assert N.parse_options(f"{key}=1", "common") == {key: "1"}
+
+
+def test_candidates_need_two_sets():
+    assert N.parse_candidates(" ; sveb_gate=0.99") == [{}, {"sveb_gate": "0.99"}]
+    with pytest.raises(N.NestedError, match="at least two option sets"):
+        N.parse_candidates("epochs=3")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan on real records: nothing trained
+
+
+pytest_realdata = pytest.mark.realdata
+
+
+@pytest.fixture()
+def data_env(mitdb_dir, cache_root, monkeypatch):
+    monkeypatch.setenv("ECG_DATA_DIR", str(mitdb_dir))
+    monkeypatch.setenv("ECG_CACHE_DIR", str(cache_root))
+    return mitdb_dir
+
+
+@pytest_realdata
+def test_plan_scores_each_fold_on_runs_without_its_records(data_env):
+    sets = N.parse_candidates(CANDIDATES)
+    runs, folds = N.make_plan(sets, N.parse_options(COMMON, "common"), "", RECORDS, "2", 2)
+    assert folds == {"group1of2": ["100", "103", "201"], "group2of2": ["101", "105"]}
+    scoring = [r for r in runs if r.role == "scoring"]
+    figures = [r for r in runs if r.role == "figures"]
+    assert [(r.fold, r.candidate) for r in scoring] == [("group1of2", 0), ("group1of2", 1),
+                                                        ("group2of2", 0), ("group2of2", 1)]
+    assert [r.candidate for r in figures] == [0, 1] and runs[-2:] == figures
+    all_records = ["100", "101", "103", "105", "201", "202"]
+    for r in figures:
+        assert r.records == all_records and r.config.base_folds == 0 and r.config.registry_prefix == "ecg"
+        assert r.options["records"] == RECORDS
+    for r in scoring:
+        inside = {subject_of(x) for x in r.records}
+        assert inside == {subject_of(x) for x in all_records} - set(folds[r.fold])  # 202 goes with 201
+        assert r.config.base_folds == 2 and r.config.registry_prefix == "ecg-scoring"
+        assert r.config.train.epochs == 1 and r.config.prepare.finetune_minutes == 5
+    assert {r.config.train.kernel_size for r in runs if r.candidate == 1} == {5}
+    assert {r.config.train.kernel_size for r in runs if r.candidate == 0} == {3}
+    # a run's digest is the one its LOSO run will log: the same records give the same digest
+    assert figures[0].digest == figures[1].digest != scoring[0].digest
+    assert scoring[0].digest == scoring[1].digest
+
+
+@pytest_realdata
+@pytest.mark.parametrize("candidates, folds, base_folds, culprit", [
+    (CANDIDATES, "subject", 2, "folds=subject would need a scoring run per subject"),
+    (CANDIDATES, "9", 2, "folds=9: at most 8 folds"),
+    (CANDIDATES, "2", 3, "holds 2 subject(s); a LOSO run needs 2 and scoring_base_folds=3 at most 2"),
+    ("; epochs=-1", "2", 2, "candidate 1 figures: epochs"),
+    ("; kernel_size=40", "2", 2, "candidate 1 figures: kernel_size"),
+    ("; label_scheme=raw sveb_gate=0.5", "2", 2, "candidate 1 figures: sveb_gate=0.5 needs label_scheme=aami"),
+    ("epochs=3 augment=0.1; epochs=5; augment=0.1 epochs=3", "2", 2, "candidate 2 (augment=0.1 epochs=3) runs what "
+     "candidate 0 runs (epochs=3 augment=0.1)"),
+    ("; epochs=1 kernel_size=3", "2", 2, "candidate 1 (epochs=1 kernel_size=3) runs what candidate 0 runs"),
+])
+def test_bad_plans_are_refused_before_any_run(candidates, folds, base_folds, culprit, data_env):
+    with pytest.raises(N.NestedError, match=re.escape(culprit)):
+        N.make_plan(N.parse_candidates(candidates), N.parse_options(COMMON, "common"), "", RECORDS, folds, base_folds)
+
+
+@pytest_realdata
+def test_halves_score_each_half_on_runs_over_the_other(data_env):
+    runs, folds = N.make_plan(N.parse_candidates(CANDIDATES), {}, "", RECORDS, "halves", 0)
+    assert folds == {"half1": ["101", "201"], "half2": ["100", "103", "105"]}
+    assert {(r.fold, tuple(r.records)) for r in runs if r.role == "scoring"} == {
+        ("half1", ("100", "103", "105")), ("half2", ("101", "201", "202"))}
+    with pytest.raises(SelectError, match=r"folds=halves: .* make only 1 fold"):  # records of half2 only
+        N.make_plan(N.parse_candidates(CANDIDATES), {}, "", "100,103,105", "halves", 0)
+
+
+@pytest_realdata
+def test_bad_input_exits_2_and_writes_nothing(tracking_uri, data_env, monkeypatch, capsys):
+    argv = ["--candidates", "; model=bogus", "--common", COMMON, "--records", RECORDS, "--folds", "2",
+            "--scoring-base-folds", "2"]
+    code, err = run_script_in_process(SCRIPT, argv, monkeypatch, capsys)
+    assert code == 2 and "candidate 1 figures" in err and "bogus" in err, err
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    code, err = run_script_in_process(SCRIPT, [*argv[:1], "; epochs=2", *argv[2:], "--reuse", "sometimes"],
+                                      monkeypatch, capsys)
+    assert code == 2 and "reuse must be one of ['experiment', 'all', 'none']" in err, err
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole command: killed half-way, run again, run a third time
+
+
+def _loso_runs(client: MlflowClient, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], "tags.`ecg.role` = 'loso'")
+
+
+def _nested_runs(client: MlflowClient, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], "tags.`ecg.nested` = 'true'", order_by=["attributes.start_time ASC"])
+
+
+def _estimate(client: MlflowClient, run_id: str) -> dict:
+    return json.loads(Path(client.download_artifacts(run_id, "estimate.json")).read_text())
+
+
+@pytest.mark.slow
+@pytest_realdata
+def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitdb_dir, cache_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = entry_env(uri, mitdb_dir, cache_root, MLFLOW_EXPERIMENT_NAME="nested-test")
+    args = ["--candidates", CANDIDATES, "--common", COMMON, "--records", E2E_RECORDS, "--folds", "2",
+            "--scoring-base-folds", "2"]
+
+    # 1. killed during its second LOSO run: that run and the nested run end FAILED, nothing chosen
+    out = tmp_path / "first.txt"
+    with open(out, "w") as fo:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, stdout=fo,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (pids := re.findall(r"run ([0-9a-f]{32}) \(pid (\d+)\)", out.read_text()))[1:]:
+            assert proc.poll() is None, out.read_text()[-4000:]
+            assert time.monotonic() < deadline, "timed out waiting for the second LOSO run"
+            time.sleep(0.2)
+        killed_run, pid = pids[1]
+        time.sleep(3)  # let it get going
+        os.kill(int(pid), signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.read_text()
+    assert proc.returncode == 1, text[-4000:]
+    assert f"candidate 1 scoring without group1of2: LOSO run {killed_run} exited with status -9" in text
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("nested-test").experiment_id
+    (first,) = _nested_runs(client, exp)
+    assert first.info.status == "FAILED"
+    assert client.list_artifacts(first.info.run_id) == []  # no half-written choice
+    assert client.get_run(killed_run).info.status == "FAILED"
+    finished = {r.info.run_id for r in _loso_runs(client, exp) if r.info.status == "FINISHED"}
+    assert finished == {pids[0][0]}
+    assert client.get_run(pids[0][0]).data.tags["mlflow.parentRunId"] == first.info.run_id
+
+    # 2. the same command: the finished run is reused, the other five are made
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "6 LOSO runs, 1 reused, 5 to run" in proc.stdout
+    assert f"candidate 0 scoring without group1of2: reusing run {pids[0][0]}" in proc.stdout
+    second = _nested_runs(client, exp)[1]
+    assert second.info.status == "FINISHED" and second.data.tags["ecg.role"] == "select"
+    plan = pd.read_csv(client.download_artifacts(second.info.run_id, "nested_plan.csv"), dtype={"records": str})
+    assert len(plan) == 6 and plan.reused.tolist() == [True] + [False] * 5
+    loso = {r.info.run_id: r for r in _loso_runs(client, exp)}
+    for row in plan.itertuples():
+        run = loso[row.run_id]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["base_folds"] == ("2" if row.role == "scoring" else "0")
+        assert run.data.params["kernel_size"] == ("5" if row.candidate == 1 else "3")
+        if not row.reused:
+            assert run.data.tags["mlflow.parentRunId"] == second.info.run_id
+    choices = pd.read_csv(client.download_artifacts(second.info.run_id, "choices.csv"))
+    assert set(choices.scored_without_fold) == {"yes"}  # every fold scored on base models blind to it
+    # the choice is select's on the same runs, in the same order
+    figures = plan[plan.role == "figures"].sort_values("candidate").run_id.tolist()
+    scoring = ["+".join(plan[(plan.role == "scoring") & (plan.candidate == i)].run_id) for i in (0, 1)]
+    mlflow.set_tracking_uri(uri)
+    try:
+        again = select(",".join(figures), folds="2", n_boot=10_000, seed=0, scored_on=",".join(scoring), echo=False)
+    finally:
+        mlflow.set_tracking_uri(None)
+    estimate = _estimate(client, second.info.run_id)
+    assert {k: _estimate(client, again.run_id)[k] for k in ("estimate", "counts")} == \
+        {k: estimate[k] for k in ("estimate", "counts")}
+    # scoring runs register under their own prefix; the experiment's names come from the figures runs
+    names = {m.name for m in client.search_registered_models()}
+    assert "ecg-transfer-118" in names and "ecg-scoring-transfer-118" in names
+    newest = client.get_model_version_by_alias("ecg-transfer-118", "newest")
+    assert client.get_run(newest.run_id).data.tags["mlflow.parentRunId"] == figures[1]
+
+    # 3. through `mlflow run`: every run reused, nothing trained, the same estimate
+    n_loso = len(_loso_runs(client, exp))
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "nested", "--env-manager", "local",
+           "--experiment-name", "nested-test", "-P", f"candidates={CANDIDATES}", "-P", f"common={COMMON}",
+           "-P", f"records={E2E_RECORDS}", "-P", "folds=2", "-P", "scoring_base_folds=2"]
+    env.pop("MLFLOW_EXPERIMENT_NAME")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "6 LOSO runs, 6 reused, 0 to run" in proc.stdout
+    assert len(_loso_runs(client, exp)) == n_loso
+    third = _nested_runs(client, exp)[2]
+    assert _estimate(client, third.info.run_id) == estimate
