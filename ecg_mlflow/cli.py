@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) buries the entry points' own output.
@@ -191,10 +192,26 @@ def loso_config(a: argparse.Namespace):
                       evaluate_on=a.evaluate_on.strip().lower(), base_run_id=a.base_run_id.strip() or None)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (a process manager, ``timeout``, ``nested`` stopping its LOSO run) stop this
+    process the way Ctrl-C does, so that its ``finally`` blocks run: fold workers and a private
+    tracking server are stopped, and its run ends FAILED instead of staying RUNNING."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def run_main(main: Callable[[], object]) -> None:
-    """Run an entry point; bad input exits 2 with one line naming the culprit, not a traceback."""
+    """Run an entry point; bad input exits 2 with one line naming the culprit, not a traceback;
+    Ctrl-C or SIGTERM exits 130 after cleaning up."""
+    stop_on_sigterm()
     try:
         main()
     except (ValueError, DataError, ConnectionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -235,13 +236,28 @@ def launch(planned: PlannedRun, parent_id: str, experiment_id: str) -> str:
     cmd = [sys.executable, str(PROJECT_DIR / "entrypoints" / "loso.py"), *to_argv(planned.options)]
     proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR)
     print(f"nested: {planned.what}: run {run_id} (pid {proc.pid}): {shlex.join(cmd[1:])}", flush=True)
-    code = proc.wait()
+    try:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C or SIGTERM here: the LOSO run stops the same way (it cleans up), then this
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _end_if_running(client, run_id)
+        raise
     if code != 0:
-        if client.get_run(run_id).info.status == "RUNNING":  # refused before it began, or killed
-            client.set_terminated(run_id, "FAILED")
+        _end_if_running(client, run_id)
         raise PlanRunFailed(f"{planned.what}: LOSO run {run_id} exited with status {code} (its output above says "
                           "why); runs already finished are reused when the same nested command runs again")
     return run_id
+
+
+def _end_if_running(client: MlflowClient, run_id: str) -> None:
+    """A LOSO run whose process ended without ending it (refused before it began, or killed) ends FAILED."""
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 def plan_table(runs: list[PlannedRun], candidates: list[dict[str, str]]) -> pd.DataFrame:

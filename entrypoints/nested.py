@@ -3,7 +3,8 @@
 Plans each candidate's LOSO run over all records and its runs blind to each fold, reuses finished
 runs of the same options in the experiment, runs the rest nested under this run, then makes the
 ``select`` choice in this run. Exit status 2: bad input (nothing logged, one line naming the
-culprit); 1: a LOSO run of the plan failed (rerun the same command: finished runs are reused).
+culprit); 1: a LOSO run of the plan failed (rerun the same command: finished runs are reused);
+130: interrupted (Ctrl-C or SIGTERM; the LOSO run under way is stopped the same way).
 """
 
 import sys
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    cli.stop_on_sigterm()
     try:
         nested(a.candidates, common=a.common, data_dir=a.data_dir, records=a.records, folds=a.folds,
                scoring_base_folds=a.scoring_base_folds, reuse=a.reuse.strip().lower(), n_boot=a.bootstrap, seed=a.seed)
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CompareError, ValueError, DataError, ConnectionError, FileNotFoundError) as exc:  # bad input
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the LOSO run under way was stopped, this run ended FAILED
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -5,7 +5,8 @@
 - a LOSO process killed during the second patient is resumed: nothing missing, nothing twice;
 - a worker process killed mid-fold fails only its fold, the parent ends FAILED naming the patient
   and the resume command, and that command (through ``mlflow run``) finishes the run;
-- a real ``mlflow server`` stopped and restarted while a fold logs: every metric arrives.
+- a real ``mlflow server`` stopped and restarted while a fold logs: every metric arrives;
+- SIGTERM stops the workers and the private tracking server, and fails the run.
 """
 
 from __future__ import annotations
@@ -266,6 +267,62 @@ def test_a_dead_worker_fails_its_fold_and_the_printed_command_resumes(sequential
     (pointer,) = client.search_runs([parent.info.experiment_id], "tags.`ecg.role` = 'loso_resume'")
     assert pointer.data.tags["ecg.resumed_run_id"] == parent_id and pointer.info.status == "FINISHED"
     assert not client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pointer.info.run_id}'")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(d.name))
+    return found
+
+
+def test_sigterm_stops_workers_and_the_private_server_and_fails_the_run(tmp_path, mitdb_dir, cache_root):
+    """SIGTERM (a process manager, `timeout`, `nested` stopping a LOSO run) cleans up as Ctrl-C does:
+    the workers and the private tracking server (its own process group) are gone, the parent run
+    ends FAILED, exit status 130."""
+    db = tmp_path / "mlflow.db"
+    env = entry_env(f"sqlite:///{db}", mitdb_dir, cache_root)
+    log_out = tmp_path / "stdout.txt"
+    with open(log_out, "w") as fo:
+        proc = subprocess.Popen([*LOSO, *ARGS, "--executor", "local", "--workers", "2"], env=env, cwd=tmp_path,
+                                stdout=fo, stderr=subprocess.STDOUT, text=True)
+    try:
+        ports: list[int] = []
+
+        def serving() -> bool:
+            ports[:] = [int(p) for p in re.findall(r"private tracking server at http://127.0.0.1:(\d+)",
+                                                   log_out.read_text())]
+            return bool(ports) and "-> worker pid" in log_out.read_text()
+
+        wait_for(serving, 300, "the private server and a worker", proc)
+        workers = [int(p) for p in re.findall(r"-> worker pid (\d+)", log_out.read_text())]
+        assert _listening(ports[0]) and _processes_naming(f"--port {ports[0]}")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_out.read_text()
+    assert proc.returncode == 130, text[-4000:]
+    assert "error: interrupted" in text
+    assert not _listening(ports[0]) and _processes_naming(f"--port {ports[0]}") == []
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+    assert store_runs(db)["loso"] == "FAILED"
 
 
 def test_register_once_replaces_the_version_of_an_unfinished_attempt(tracking_uri):

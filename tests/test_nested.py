@@ -1,8 +1,9 @@
 """The `nested` entry point: the LOSO runs a blind choice needs, planned, checked, reused or run, then `select`.
 
 The plan and its refusals are checked on real records without training; the whole command runs on
-five real subjects with tiny models: interrupted by killing one of its LOSO runs, run again (the
-finished run reused, the rest made), and once more through `mlflow run` (everything reused).
+six real subjects with tiny models: one of its LOSO runs killed, then nested itself stopped with
+SIGTERM, then run to the end (the finished run reused, the rest made), and once more through
+`mlflow run` (everything reused, nothing trained).
 """
 
 from __future__ import annotations
@@ -178,6 +179,27 @@ def _estimate(client: MlflowClient, run_id: str) -> dict:
     return json.loads(Path(client.download_artifacts(run_id, "estimate.json")).read_text())
 
 
+def _interrupt_at(args: list[str], env: dict[str, str], out: Path, nth: int, interrupt) -> tuple:
+    """Start nested, wait for its ``nth`` LOSO run to start, give it 3 s, then call
+    ``interrupt(loso pid, nested pid)``; returns (finished process, [(run id, pid), ...] started, output)."""
+    with open(out, "w") as fo:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=out.parent, stdout=fo,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while len(started := re.findall(r"run ([0-9a-f]{32}) \(pid (\d+)\)", out.read_text())) < nth:
+            assert proc.poll() is None, out.read_text()[-4000:]
+            assert time.monotonic() < deadline, f"timed out waiting for LOSO run {nth}"
+            time.sleep(0.2)
+        time.sleep(3)  # let it get going
+        interrupt(int(started[nth - 1][1]), proc.pid)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, [(run, int(pid)) for run, pid in started], out.read_text()
+
+
 @pytest.mark.slow
 @pytest_realdata
 def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitdb_dir, cache_root):
@@ -186,25 +208,9 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     args = ["--candidates", CANDIDATES, "--common", COMMON, "--records", E2E_RECORDS, "--folds", "2",
             "--scoring-base-folds", "2"]
 
-    # 1. killed during its second LOSO run: that run and the nested run end FAILED, nothing chosen
-    out = tmp_path / "first.txt"
-    with open(out, "w") as fo:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, stdout=fo,
-                                stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 400
-        while not (pids := re.findall(r"run ([0-9a-f]{32}) \(pid (\d+)\)", out.read_text()))[1:]:
-            assert proc.poll() is None, out.read_text()[-4000:]
-            assert time.monotonic() < deadline, "timed out waiting for the second LOSO run"
-            time.sleep(0.2)
-        killed_run, pid = pids[1]
-        time.sleep(3)  # let it get going
-        os.kill(int(pid), signal.SIGKILL)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = out.read_text()
+    # 1. its second LOSO run killed: that run and the nested run end FAILED, nothing chosen, exit 1
+    proc, started, text = _interrupt_at(args, env, tmp_path / "first.txt", 2, lambda pid, _: os.kill(pid, signal.SIGKILL))
+    done_run, killed_run = started[0][0], started[1][0]
     assert proc.returncode == 1, text[-4000:]
     assert f"candidate 1 scoring without group1of2: LOSO run {killed_run} exited with status -9" in text
     client = MlflowClient(uri)
@@ -214,16 +220,28 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     assert client.list_artifacts(first.info.run_id) == []  # no half-written choice
     assert client.get_run(killed_run).info.status == "FAILED"
     finished = {r.info.run_id for r in _loso_runs(client, exp) if r.info.status == "FINISHED"}
-    assert finished == {pids[0][0]}
-    assert client.get_run(pids[0][0]).data.tags["mlflow.parentRunId"] == first.info.run_id
+    assert finished == {done_run}
+    assert client.get_run(done_run).data.tags["mlflow.parentRunId"] == first.info.run_id
+
+    # 1b. SIGTERM to nested itself during its first new LOSO run: that run is stopped the same way
+    # (its process ends, its run FAILED), the nested run ends FAILED, exit 130
+    proc, started, text = _interrupt_at(args, env, tmp_path / "second.txt", 1,
+                                        lambda _, nested_pid: os.kill(nested_pid, signal.SIGTERM))
+    assert proc.returncode == 130, text[-4000:]
+    assert "1 reused, 5 to run" in text and "error: interrupted" in text
+    stopped_run, stopped_pid = started[0]
+    assert not Path(f"/proc/{stopped_pid}").exists()
+    assert client.get_run(stopped_run).info.status == "FAILED"
+    assert _nested_runs(client, exp)[1].info.status == "FAILED"
+    assert {r.info.run_id for r in _loso_runs(client, exp) if r.info.status == "FINISHED"} == finished
 
     # 2. the same command: the finished run is reused, the other five are made
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "6 LOSO runs, 1 reused, 5 to run" in proc.stdout
-    assert f"candidate 0 scoring without group1of2: reusing run {pids[0][0]}" in proc.stdout
-    second = _nested_runs(client, exp)[1]
+    assert f"candidate 0 scoring without group1of2: reusing run {done_run}" in proc.stdout
+    second = _nested_runs(client, exp)[2]
     assert second.info.status == "FINISHED" and second.data.tags["ecg.role"] == "select"
     plan = pd.read_csv(client.download_artifacts(second.info.run_id, "nested_plan.csv"), dtype={"records": str})
     assert len(plan) == 6 and plan.reused.tolist() == [True] + [False] * 5
@@ -264,5 +282,5 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "6 LOSO runs, 6 reused, 0 to run" in proc.stdout
     assert len(_loso_runs(client, exp)) == n_loso
-    third = _nested_runs(client, exp)[2]
+    third = _nested_runs(client, exp)[3]
     assert _estimate(client, third.info.run_id) == estimate
