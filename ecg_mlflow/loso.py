@@ -45,6 +45,7 @@ from mlflow import MlflowClient
 from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
+from ecg_mlflow.tracking import logged_value
 from ecg_mlflow.beats import REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
@@ -616,16 +617,6 @@ def _param(parse, name: str, text: str):
 
 # What a run that predates a TrainConfig field ran with, for fields whose default has changed since.
 UNLOGGED_DEFAULTS: dict[str, object] = {"finetune_replay": 0, "dropout": 0.0}
-
-
-def logged_value(text: str) -> str:
-    """A parameter value as logged, read back: ``mlflow run`` logs each value shell-quoted (``''``
-    for an empty string, ``'a b'`` for one with a space), the entry points log it as it is."""
-    try:
-        parts = shlex.split(text)
-    except ValueError:  # an unbalanced quote: not shell-quoted
-        return text
-    return parts[0] if len(parts) == 1 else text
 
 
 def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:

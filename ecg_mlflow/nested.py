@@ -34,6 +34,7 @@ they are; ``nested_plan.csv`` lists every run of the plan and whether it was reu
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import signal
@@ -73,6 +74,7 @@ class _Refusing(argparse.ArgumentParser):
         raise NestedError(message)
 
 
+@functools.cache
 def _loso_keys() -> dict[str, str]:
     """``loso`` parameter name -> its command-line flag (``finetune_minutes`` -> ``--finetune-minutes``)."""
     return {k: "--" + k.replace("_", "-") for k in vars(cli.loso_parser().parse_args([]))}

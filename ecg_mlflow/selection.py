@@ -323,14 +323,28 @@ _NOT_OPTIONS = frozenset({"executor", "workers", "threads", "ray_address", "ray_
                           "base_run_id", "registry_prefix", "data_dir", "precision", "jit_compile"})
 
 
+def _option_value(key: str, text: str) -> str:
+    """A logged option as one spelling: ``mlflow run`` logs values as given (``1``, ``auto``), a run
+    started by ``nested`` as the entry point parsed them (``1.0``, ``''`` for an automatic
+    ``include_paced``); both mean the same."""
+    text = tracking.logged_value(text)
+    if key == "include_paced" and text == "":
+        return "auto"
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
 def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
     """Each candidate's run id(s) and the options in which the candidates differ, e.g.
     ``'<id> sveb_gate=0.99'`` (``'<id> (same options)'`` when they differ in none)."""
     # data.* params describe the prepared dataset (digest, window), which the options already name.
     keys = sorted({k for r in runs for k in r.params if not k.startswith("data.")} - _NOT_OPTIONS)
-    differ = [k for k in keys if len({r.params.get(k, "") for r in runs}) > 1]
-    return [f"{rid} " + (", ".join(f"{k}={r.params.get(k, '')}" for k in differ) or "(same options)")
-            for rid, r in zip(ids, runs)]
+    value = [{k: _option_value(k, r.params.get(k, "")) for k in keys} for r in runs]
+    differ = [k for k in keys if len({v[k] for v in value}) > 1]
+    return [f"{rid} " + (", ".join(f"{k}={v[k]}" for k in differ) or "(same options)")
+            for rid, v in zip(ids, value)]
 
 
 def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: int = 0, scored_on: str = "",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import tempfile
 import urllib.error
 import urllib.request
@@ -56,6 +57,16 @@ def log_new_params(params: dict[str, object]) -> None:
 def log_epoch_metrics(epoch: int, logs: dict[str, float]) -> None:
     """Per-epoch training metrics on the active run, ``step`` = epoch (0-based)."""
     mlflow.log_metrics({k: v for k, v in logs.items() if np.isfinite(v)}, step=epoch)
+
+
+def logged_value(text: str) -> str:
+    """A parameter value as logged, read back: ``mlflow run`` logs each value shell-quoted (``''``
+    for an empty string, ``'a b'`` for one with a space), the entry points log it as it is."""
+    try:
+        parts = shlex.split(text)
+    except ValueError:  # an unbalanced quote: not shell-quoted
+        return text
+    return parts[0] if len(parts) == 1 else text
 
 
 def run_to_log_into(default_experiment_id: str, run_name: str):

@@ -170,11 +170,16 @@ def _candidates() -> list[dict[str, dict[str, np.ndarray]]]:
 
 def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
     cands = _candidates()
+    # Spelled as `mlflow run` logs them (1, auto, '') or as a run that nested started does (1.0, ''):
+    # the same options.
+    spelled = [("1", "auto", "5", "''"), ("1.0", "", "5.0", ""), ("1", "auto", "5", "''")]
     ids = [log_loso(c, name=f"cand{i}", params={"label_scheme": "aami", "model": "rr_cnn", "sveb_gate": gate,
-                                                "executor": f"local{i}"})
-           for i, (c, gate) in enumerate(zip(cands, ("0", "0.99", "0.99")))]
+                                                "executor": f"local{i}", "finetune_blend": blend,
+                                                "include_paced": paced, "finetune_minutes": minutes,
+                                                "data_dir": data_dir})
+           for i, (c, gate, (blend, paced, minutes, data_dir)) in enumerate(zip(cands, ("0", "0.99", "0.99"), spelled))]
     res = S.select(",".join(ids), n_boot=N_BOOT, seed=1)
-    # Candidates are named by the options they differ in (not by where they ran).
+    # Candidates are named by the options they differ in (not by where they ran, nor by spelling).
     assert res.table.candidate.iloc[:3].tolist() == [f"{ids[0]} sveb_gate=0", f"{ids[1]} sveb_gate=0.99",
                                                       f"{ids[2]} sveb_gate=0.99"]
     # The choices, recomputed straight from the confusion matrices.
