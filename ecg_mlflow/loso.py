@@ -752,7 +752,7 @@ def _finished_bases(finished: list, experiment_id: str) -> dict[str, tuple[str, 
     return bases
 
 
-def _base_settings(cfg: LosoConfig) -> dict[str, object]:
+def base_settings(cfg: LosoConfig) -> dict[str, object]:
     """Everything that decides a fold's base model: the data, every training parameter but the
     fine-tune ones, the grouping of subjects (and, with groups, which subjects are dealt)."""
     base = [f.name for f in fields(PrepareConfig) if f.name not in ("data_dir", "cache_dir", "download")]
@@ -766,7 +766,7 @@ def check_base_settings(source, cfg: LosoConfig) -> None:
     """Refuse (``ValueError`` naming ``base_run_id`` and the parameters) to take the base models of
     LOSO run ``source`` when they were trained on other data or with other base-training
     parameters than ``cfg`` asks for."""
-    theirs, ours = _base_settings(config_of_run(source.data.params, cfg)), _base_settings(cfg)
+    theirs, ours = base_settings(config_of_run(source.data.params, cfg)), base_settings(cfg)
     differ = [k for k in ours if ours[k] != theirs.get(k)]
     if differ:
         raise ValueError(f"base_run_id {source.info.run_id!r}: its base models were trained with "

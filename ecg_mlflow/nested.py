@@ -20,7 +20,10 @@ defaults); ``common`` holds the parameters every run shares (e.g. ``finetune_min
 executor=local workers=2 threads=1``). ``records``, ``holdout``, ``base_folds``, ``evaluate_on``,
 ``resume_run_id``, ``base_run_id`` and ``data_dir`` are this module's to set and refused there.
 Scoring runs register their models under ``<registry_prefix>-scoring``, so the ``newest`` alias of
-the experiment's own names keeps pointing at runs over all records.
+the experiment's own names keeps pointing at runs over all records. Runs of the plan that differ in
+fine-tune options only (``sveb_gate``, ``finetune_epochs``, ...: :data:`ecg_mlflow.training.FINETUNE_FIELDS`)
+share base models: the first trains them, the others take them (``base_run_id``), as a seed would
+train the same ones again.
 
 A run is reused (``reuse``: ``experiment``, the default, looks in this run's experiment; ``all`` in
 every experiment; ``none`` trains everything) when it is a FINISHED LOSO run whose logged
@@ -48,7 +51,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ecg_mlflow import cli, executors, tracking
-from ecg_mlflow.loso import FAILED_TAG, LosoConfig, config_of_run, preflight, run_settings
+from ecg_mlflow.loso import FAILED_TAG, LosoConfig, base_settings, config_of_run, preflight, run_settings
+from ecg_mlflow.tracking import logged_value
 from ecg_mlflow.selection import FEW_FOLDS, SelectError, SelectResult, blind_records, select, subject_folds
 from ecg_mlflow.splits import subject_of
 
@@ -145,9 +149,21 @@ class PlannedRun:
 
 
 def comparable(cfg: LosoConfig) -> dict[str, object]:
-    """What decides a LOSO run's figures; records are in the dataset digest, which is compared apart."""
+    """What decides a LOSO run's figures; records are in the dataset digest, which is compared apart,
+    and base models taken from another run (``base_run_id``) are the ones it would have trained."""
     s = run_settings(cfg)
-    return {k: v for k, v in s.items() if k not in ("registry_prefix", "records")}
+    return {k: v for k, v in s.items() if k not in ("registry_prefix", "records", "base_run_id")}
+
+
+def base_key(r: PlannedRun) -> tuple:
+    """What decides a planned run's base models: runs with equal keys can share them (they differ
+    in fine-tune options only). The thread count is in it: a seed repeats only at equal counts."""
+    return r.digest, r.config.execution.threads, tuple(sorted(base_settings(r.config).items()))
+
+
+def base_source(client: MlflowClient, run_id: str) -> str:
+    """The run whose base models a finished LOSO run used: itself, or the run it took them from."""
+    return logged_value(client.get_run(run_id).data.params.get("base_run_id", "")) or run_id
 
 
 def make_plan(candidates: list[dict[str, str]], common: dict[str, str], data_dir: str, records: str, folds: str,
@@ -237,7 +253,8 @@ def launch(planned: PlannedRun, parent_id: str, experiment_id: str) -> str:
            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     cmd = [sys.executable, str(PROJECT_DIR / "entrypoints" / "loso.py"), *to_argv(planned.options)]
     proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR)
-    print(f"nested: {planned.what}: run {run_id} (pid {proc.pid}): {shlex.join(cmd[1:])}", flush=True)
+    shared = f", base models of run {planned.options['base_run_id']}" if "base_run_id" in planned.options else ""
+    print(f"nested: {planned.what}: run {run_id} (pid {proc.pid}{shared}): {shlex.join(cmd[1:])}", flush=True)
     try:
         code = proc.wait()
     except BaseException:  # Ctrl-C or SIGTERM here: the LOSO run stops the same way (it cleans up), then this
@@ -265,7 +282,8 @@ def _end_if_running(client: MlflowClient, run_id: str) -> None:
 def plan_table(runs: list[PlannedRun], candidates: list[dict[str, str]]) -> pd.DataFrame:
     return pd.DataFrame([{"candidate": r.candidate, "options": _label(candidates[r.candidate]), "role": r.role,
                           "fold": r.fold, "records": r.options["records"], "base_folds": r.config.base_folds,
-                          "run_id": r.run_id or "", "reused": r.reused} for r in runs])
+                          "run_id": r.run_id or "", "reused": r.reused,
+                          "base_models_of": r.options.get("base_run_id", "")} for r in runs])
 
 
 def nested(candidates: str, common: str = "", data_dir: str = "", records: str = "all", folds: str = "4",
@@ -301,8 +319,14 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
         for r in runs:
             if r.reused:
                 print(f"nested: {r.what}: reusing run {r.run_id}", flush=True)
+        # Runs that differ in fine-tune options only share base models: the first one trains them.
+        bases = {base_key(r): base_source(client, r.run_id) for r in reversed(runs) if r.reused}
         for r in todo:
+            source = bases.get(base_key(r))
+            if source:
+                r.options["base_run_id"] = source
             r.run_id = launch(r, parent_id, experiment_id)
+            bases.setdefault(base_key(r), source or r.run_id)
         figures = [r.run_id for r in runs if r.role == "figures"]
         scoring = ["+".join(r.run_id for r in runs if r.role == "scoring" and r.candidate == i)
                    for i in range(len(sets))]

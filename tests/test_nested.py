@@ -35,6 +35,7 @@ CANDIDATES = "; kernel_size=5"  # the defaults (incumbent), and one other option
 # The whole command: six subjects with S and V beats on either side of folds=2 (118 200 209 | 119 201 232),
 # so each candidate's four statistics are defined outside each fold and a choice can be made.
 E2E_RECORDS = "118,119,200,201,202,209,232"
+E2E_CANDIDATES = "; finetune_epochs=1"  # fine-tune options only: candidate 1 takes candidate 0's base models
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def _interrupt_at(args: list[str], env: dict[str, str], out: Path, nth: int, int
                                 stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
-        while len(started := re.findall(r"run ([0-9a-f]{32}) \(pid (\d+)\)", out.read_text())) < nth:
+        while len(started := re.findall(r"run ([0-9a-f]{32}) \(pid (\d+)", out.read_text())) < nth:
             assert proc.poll() is None, out.read_text()[-4000:]
             assert time.monotonic() < deadline, f"timed out waiting for LOSO run {nth}"
             time.sleep(0.2)
@@ -205,7 +206,7 @@ def _interrupt_at(args: list[str], env: dict[str, str], out: Path, nth: int, int
 def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitdb_dir, cache_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = entry_env(uri, mitdb_dir, cache_root, MLFLOW_EXPERIMENT_NAME="nested-test")
-    args = ["--candidates", CANDIDATES, "--common", COMMON, "--records", E2E_RECORDS, "--folds", "2",
+    args = ["--candidates", E2E_CANDIDATES, "--common", COMMON, "--records", E2E_RECORDS, "--folds", "2",
             "--scoring-base-folds", "2"]
 
     # 1. its second LOSO run killed: that run and the nested run end FAILED, nothing chosen, exit 1
@@ -250,9 +251,17 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
         run = loso[row.run_id]
         assert run.info.status == "FINISHED"
         assert run.data.params["base_folds"] == ("2" if row.role == "scoring" else "0")
-        assert run.data.params["kernel_size"] == ("5" if row.candidate == 1 else "3")
+        assert run.data.params["finetune_epochs"] == ("1" if row.candidate == 1 else "2")
         if not row.reused:
             assert run.data.tags["mlflow.parentRunId"] == second.info.run_id
+        # candidate 1 differs in a fine-tune option only: it fine-tunes candidate 0's base models
+        bases = client.search_runs([exp], f"tags.mlflow.parentRunId = '{row.run_id}' and tags.`ecg.role` = 'base'")
+        twin = plan[(plan.role == row.role) & (plan.fold.fillna("") == ("" if pd.isna(row.fold) else row.fold))
+                    & (plan.candidate == 0)].run_id.item()
+        if row.candidate == 1:
+            assert run.data.params["base_run_id"] == twin == row.base_models_of and bases == []
+        else:
+            assert run.data.params["base_run_id"] == "" and len(bases) == (2 if row.role == "scoring" else 6)
     choices = pd.read_csv(client.download_artifacts(second.info.run_id, "choices.csv"))
     assert set(choices.scored_without_fold) == {"yes"}  # every fold scored on base models blind to it
     # the choice is select's on the same runs, in the same order
@@ -275,7 +284,7 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     # 3. through `mlflow run`: every run reused, nothing trained, the same estimate
     n_loso = len(_loso_runs(client, exp))
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "nested", "--env-manager", "local",
-           "--experiment-name", "nested-test", "-P", f"candidates={CANDIDATES}", "-P", f"common={COMMON}",
+           "--experiment-name", "nested-test", "-P", f"candidates={E2E_CANDIDATES}", "-P", f"common={COMMON}",
            "-P", f"records={E2E_RECORDS}", "-P", "folds=2", "-P", "scoring_base_folds=2"]
     env.pop("MLFLOW_EXPERIMENT_NAME")
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
