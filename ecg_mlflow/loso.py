@@ -45,7 +45,6 @@ from mlflow import MlflowClient
 from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
-from ecg_mlflow.tracking import logged_value
 from ecg_mlflow.beats import REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import (BeatDataset, PrepareConfig, include_paced_from_param, log_to_mlflow, prepare,
                                 window_from_param)
@@ -54,6 +53,7 @@ from ecg_mlflow.models import check_kernel_size, gate_premature, promote_early
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
+from ecg_mlflow.tracking import logged_value
 from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, early_normal_rows, early_threshold,
                                  fine_tune, model_input_names, predict_logits, premature_threshold, replay_rows,
                                  train_base)

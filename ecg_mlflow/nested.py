@@ -223,11 +223,17 @@ def _check(r: PlannedRun) -> PlannedRun:
     return r
 
 
-def find_finished(client: MlflowClient, experiment_ids: list[str], planned: PlannedRun) -> str | None:
-    """The newest FINISHED LOSO run in these experiments that ran the planned run's configuration
-    on its dataset (see the module docstring), or ``None``."""
-    found = client.search_runs(experiment_ids, "tags.`ecg.role` = 'loso' and attributes.status = 'FINISHED'",
-                               order_by=["attributes.start_time DESC"], max_results=5000)
+def finished_loso_runs(client: MlflowClient, experiment_ids: list[str]) -> list:
+    """The FINISHED LOSO runs of these experiments, newest first: what :func:`find_finished` looks in."""
+    if not experiment_ids:
+        return []
+    return client.search_runs(experiment_ids, "tags.`ecg.role` = 'loso' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=5000)
+
+
+def find_finished(found: list, planned: PlannedRun) -> str | None:
+    """The newest of ``found`` (finished LOSO runs, newest first) that ran the planned run's
+    configuration on its dataset (see the module docstring), or ``None``."""
     want = comparable(planned.config)
     for run in found:
         if run.data.tags.get("dataset_digest") != planned.digest or FAILED_TAG in run.data.tags:
@@ -309,8 +315,9 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
         mlflow.set_tag(NESTED_TAG, "true")
         where = {"experiment": [experiment_id], "none": [],
                  "all": [e.experiment_id for e in client.search_experiments()]}[reuse]
+        found = finished_loso_runs(client, where)  # one search for the whole plan
         for r in runs:
-            r.run_id = find_finished(client, where, r) if where else None
+            r.run_id = find_finished(found, r)
             r.reused = r.run_id is not None
         todo = [r for r in runs if not r.reused]
         print(f"nested: {len(sets)} candidates x {len(plan_folds)} folds ({', '.join(plan_folds)}): "
