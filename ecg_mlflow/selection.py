@@ -35,9 +35,11 @@ Every candidate is one LOSO run, or several on different patients pooled with ``
 ``compare``), and all must hold the same subjects. ``scored_on`` gives one entry per candidate in
 the same order (by default a candidate is scored on its own runs); an entry's runs, together, must
 hold every subject of the candidates.
-The interval of the estimate is a subject bootstrap of the pooled counts with the choices held
-fixed (it leaves out the spread of the choice itself); the difference from the first candidate is
-paired on the same resamples.
+The interval of the estimate is a subject bootstrap of the whole procedure: in every resample each
+fold's choice is made again on the resampled subjects outside it, and the fold's resampled subjects
+take that choice's counts, so the interval holds the spread of the choice as well as that of the
+subjects. How often each fold's choice stands in the resamples is reported (``kept``). The
+difference from the first candidate is paired on the same resamples.
 
 The choice is guarded, not the candidates: an option set that was itself tuned on some subjects'
 test figures carries that into any estimate it enters.
@@ -128,11 +130,15 @@ class Selection:
     per_subject: index ``subject``: ``fold``, ``chosen`` and the chosen candidate's EC57 counts.
     counts: the candidates' counts per subject, ``(n_candidates, n_subjects, 8)``, subjects in the
     order of ``per_subject``.
+    scoring: per fold, the counts each candidate was scored on, per subject,
+    ``(n_folds, n_candidates, n_subjects, 8)`` (zero for the fold's own subjects), folds in the
+    order of ``folds``; what :func:`choice_bootstrap` makes the choice again on.
     """
 
     folds: pd.DataFrame
     per_subject: pd.DataFrame
     counts: np.ndarray
+    scoring: np.ndarray
 
     @property
     def pooled(self) -> np.ndarray:
@@ -163,12 +169,19 @@ _WORSE = {"yes": 0, "unknown": 1, "no": 2}  # a fold's verdict is the worst of i
 
 def fold_counts(runs: list[ScoringRun], outside: list[str], fold: set[str], what: str) -> tuple[np.ndarray, str]:
     """A candidate's summed counts ``(8,)`` on the subjects ``outside`` a fold, and whether they were
-    made without the fold. Each subject's counts come from the first of ``runs`` that holds it with a
-    base model trained without any of the ``fold``'s subjects (``'yes'``); failing that, from the
-    first run that holds it (``'no'`` when that base model was trained with one of them,
+    made without the fold (see :func:`fold_rows`)."""
+    rows, verdict = fold_rows(runs, outside, fold, what)
+    return rows.sum(axis=0), verdict
+
+
+def fold_rows(runs: list[ScoringRun], outside: list[str], fold: set[str], what: str) -> tuple[np.ndarray, str]:
+    """A candidate's counts ``(len(outside), 8)`` for each subject ``outside`` a fold, and whether
+    they were made without the fold. Each subject's counts come from the first of ``runs`` that holds
+    it with a base model trained without any of the ``fold``'s subjects (``'yes'``); failing that,
+    from the first run that holds it (``'no'`` when that base model was trained with one of them,
     ``'unknown'`` when its training subjects are not known). The fold's verdict is the worst."""
-    total, verdict = np.zeros(len(EC57_COUNTS), np.int64), "yes"
-    for s in outside:
+    rows, verdict = np.zeros((len(outside), len(EC57_COUNTS)), np.int64), "yes"
+    for j, s in enumerate(outside):
         holding = [r for r in runs if s in r.counts.index]
         if not holding:
             raise SelectError(f"{what}: no run holds subject {s}")
@@ -177,8 +190,8 @@ def fold_counts(runs: list[ScoringRun], outside: list[str], fold: set[str], what
         if not blind:
             here = "unknown" if run.trained_on.get(s) is None else "no"
             verdict = max(verdict, here, key=_WORSE.get)
-        total += run.counts.loc[s, list(EC57_COUNTS)].to_numpy(np.int64)
-    return total, verdict
+        rows[j] = run.counts.loc[s, list(EC57_COUNTS)].to_numpy(np.int64)
+    return rows, verdict
 
 
 def cross_fitted_choice(tables: list[pd.DataFrame], folds: dict[str, list[str]],
@@ -204,19 +217,22 @@ def cross_fitted_choice(tables: list[pd.DataFrame], folds: dict[str, list[str]],
         raise SelectError("folds must hold each of the candidates' subjects exactly once")
     counts = np.stack([t.reindex(subjects)[list(EC57_COUNTS)].to_numpy(np.int64) for t in tables])
     pos = {s: i for i, s in enumerate(subjects)}
-    fold_rows, chosen_of = [], {}
-    for name, members in folds.items():
+    rows_of_folds, chosen_of = [], {}
+    scoring = np.zeros((len(folds), len(tables), len(subjects), len(EC57_COUNTS)), np.int64)
+    for f, (name, members) in enumerate(folds.items()):
         outside = [s for s in subjects if s not in set(members)]
+        at = [pos[s] for s in outside]
         scores, verdicts = [], []
         for i, runs in enumerate(scored):
-            total, verdict = fold_counts(runs, outside, set(members), f"scored_on entry {i}")
-            scores.append(score(total))
+            rows, verdict = fold_rows(runs, outside, set(members), f"scored_on entry {i}")
+            scoring[f, i, at] = rows
+            scores.append(score(rows.sum(axis=0)))
             verdicts.append(verdict)
         if all(s == -math.inf for s in scores):
             raise SelectError(f"fold {name}: no candidate has all four statistics defined on the subjects "
                               "outside it, so none can be chosen")
         best = int(np.argmax(scores))  # the first of equals: the candidate listed first wins ties
-        fold_rows.append({"fold": name, "subjects": " ".join(members), "chosen": best,
+        rows_of_folds.append({"fold": name, "subjects": " ".join(members), "chosen": best,
                           **{f"score_{i}": s for i, s in enumerate(scores)},
                           "scored_without_fold": max(verdicts, key=_WORSE.get)})
         chosen_of.update({s: (name, best) for s in members})
@@ -224,7 +240,48 @@ def cross_fitted_choice(tables: list[pd.DataFrame], folds: dict[str, list[str]],
         [{"subject": s, "fold": chosen_of[s][0], "chosen": chosen_of[s][1],
           **dict(zip(EC57_COUNTS, counts[chosen_of[s][1], pos[s]].tolist()))} for s in subjects]
     ).set_index("subject")
-    return Selection(folds=pd.DataFrame(fold_rows).set_index("fold"), per_subject=per_subject, counts=counts)
+    return Selection(folds=pd.DataFrame(rows_of_folds).set_index("fold"), per_subject=per_subject, counts=counts,
+                     scoring=scoring)
+
+
+@dataclass
+class ChoiceBootstrap:
+    """The cross-fitted choice made again on each resample of subjects (:func:`choice_bootstrap`).
+
+    counts: the estimate's summed counts per resample ``(n_boot, 8)``; chosen: each fold's choice per
+    resample ``(n_boot, n_folds)``, folds in the order of ``Selection.folds``.
+    """
+
+    counts: np.ndarray
+    chosen: np.ndarray
+
+    def kept(self, sel: Selection) -> np.ndarray:
+        """Per fold, the share of resamples in which it makes the choice it made on the data ``(n_folds,)``."""
+        return (self.chosen == sel.folds.chosen.to_numpy()[None, :]).mean(axis=0)
+
+
+def choice_bootstrap(sel: Selection, weights: np.ndarray) -> ChoiceBootstrap:
+    """The whole procedure on each resample of subjects: ``weights`` ``(n_boot, n_subjects)``
+    (:func:`ecg_mlflow.uncertainty.resample_weights`, subjects in the order of ``per_subject``).
+
+    In a resample every candidate is scored again on the fold's outside subjects as drawn (a subject
+    drawn twice counts twice, one not drawn not at all); the first of the best wins, as on the data
+    (candidate 0 where none has all four statistics defined); the fold's subjects as drawn then take
+    the winner's counts.
+    """
+    n_boot = weights.shape[0]
+    counts = np.zeros((n_boot, len(EC57_COUNTS)), np.int64)
+    chosen = np.zeros((n_boot, len(sel.folds)), np.int64)
+    fold_of = sel.per_subject.fold.to_numpy()
+    for f, name in enumerate(sel.folds.index):
+        scores = uncertainty.rates(np.einsum("bs,csk->cbk", weights, sel.scoring[f]))[RULE]  # (n_cand, n_boot)
+        best = np.argmax(np.where(np.isfinite(scores), scores, -np.inf), axis=0)  # first of equals
+        chosen[:, f] = best
+        members = fold_of == name
+        for i in np.unique(best):
+            at = best == i
+            counts[at] += weights[np.ix_(at, members)] @ sel.counts[i][members]
+    return ChoiceBootstrap(counts=counts, chosen=chosen)
 
 
 def base_training_subjects(client: MlflowClient, run: LosoRun) -> dict[str, frozenset[str] | None]:
@@ -247,25 +304,28 @@ def base_training_subjects(client: MlflowClient, run: LosoRun) -> dict[str, froz
 
 
 def estimate_table(sel: Selection, labels: list[str], n_boot: int = N_BOOT, seed: int = 0,
-                   level: float = CI_LEVEL) -> pd.DataFrame:
+                   level: float = CI_LEVEL) -> tuple[pd.DataFrame, ChoiceBootstrap]:
     """Per row (each candidate on all subjects, then ``cross-fitted choice``): its label, the four
     gross rates and their smallest, with subject-bootstrap intervals (``<stat>_ci_low/high``), the
     folds that chose it, and the difference from candidate 0 on the same resamples
-    (``<stat>_vs_0``, ``..._vs_0_ci_low/high``). Rates are fractions."""
+    (``<stat>_vs_0``, ``..._vs_0_ci_low/high``). Rates are fractions. The choice's intervals make
+    the choice again in every resample (:func:`choice_bootstrap`), which is returned beside."""
     weights = uncertainty.resample_weights(len(sel.per_subject), n_boot, seed)
+    boot = choice_bootstrap(sel, weights)
     rows = []
     chosen = sel.folds.chosen.value_counts()
-    for name, counts, n_folds in [*((labels[i], c, int(chosen.get(i, 0))) for i, c in enumerate(sel.counts)),
-                                  ("cross-fitted choice", sel.pooled, len(sel.folds))]:
-        ci = uncertainty.gross_interval(counts, weights, level)
-        vs = uncertainty.paired_interval(sel.counts[0], counts, weights, level)
+    for name, counts, n_folds, resampled in [
+            *((labels[i], c, int(chosen.get(i, 0)), None) for i, c in enumerate(sel.counts)),
+            ("cross-fitted choice", sel.pooled, len(sel.folds), boot.counts)]:
+        ci = uncertainty.gross_interval(counts, weights, level, resampled)
+        vs = uncertainty.paired_interval(sel.counts[0], counts, weights, level, resampled_b=resampled)
         row = {"candidate": name, "folds_chosen": n_folds}
         for k in uncertainty.STATISTICS:
             row[k], row[f"{k}_ci_low"], row[f"{k}_ci_high"] = ci[k]
             row[f"{k}_vs_0"], row[f"{k}_vs_0_ci_low"], row[f"{k}_vs_0_ci_high"] = (
                 vs[k]["diff"], vs[k]["ci_low"], vs[k]["ci_high"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), boot
 
 
 def _finite(x: float) -> float | None:
@@ -301,13 +361,20 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict
         lines += [f"  without {name}: -P records={','.join(recs)}" for name, recs in blind_to.items()]
     counts = sel.folds.groupby("chosen").size()
     lines.append("chosen per fold: " + ", ".join(f"[{i}] {n} fold(s)" for i, n in counts.items()))
+    kept = sel.folds.get("kept")
     if len(sel.folds) <= FEW_FOLDS:  # name the subjects only where the folds are few
         for name, r in sel.folds.iterrows():
-            lines.append(f"  {name}: [{r.chosen}] for {r.subjects}")
+            again = "" if kept is None else f" (made again in {100 * r.kept:.0f}% of resamples)"
+            lines.append(f"  {name}: [{r.chosen}] for {r.subjects}{again}")
     else:
         for i in counts.index:
             if i != counts.idxmax():
                 lines.append(f"  [{i}] chosen for: " + " ".join(sel.folds.index[sel.folds.chosen == i]))
+        if kept is not None:
+            lines.append(f"  each fold's choice made again in {100 * kept.min():.0f}–{100 * kept.max():.0f}% of "
+                         f"resamples (median {100 * kept.median():.0f}%)")
+    if kept is not None:
+        lines.append("intervals of the cross-fitted choice: each fold's choice made again on every resample")
     return "\n".join(lines)
 
 
@@ -390,7 +457,8 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     plan = subject_folds(list(tables[0].index), folds)
     sel = cross_fitted_choice(tables, plan, scoring)
     labels = candidate_labels(ids, runs)
-    table = estimate_table(sel, labels, n_boot, seed)
+    table, boot = estimate_table(sel, labels, n_boot, seed)
+    sel.folds["kept"] = boot.kept(sel)
     # The scoring runs that would make each fold blind to its subjects; listed where the folds are few
     # enough to run them (not one per subject).
     blind_to = blind_records(list(runs[0].children.patient.unique()), plan) if len(plan) <= FEW_FOLDS else None
@@ -416,6 +484,7 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
         doc = {"folds": folds, "rule": f"largest {RULE} of the four gross {VARIANT} statistics",
                "candidates": labels, "scored_on": score_ids,
                "scored_without_fold": sel.folds.scored_without_fold.to_dict(),
+               "choice_kept_in_resamples": sel.folds.kept.round(4).to_dict(),
                "records_without_fold": blind_to,
                "estimate": {k: _finite(last[k]) for k in uncertainty.STATISTICS},
                "counts": dict(zip(EC57_COUNTS, sel.pooled.sum(axis=0).tolist()))}

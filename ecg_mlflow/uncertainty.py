@@ -83,23 +83,27 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def gross_interval(counts: np.ndarray, weights: np.ndarray, level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+def gross_interval(counts: np.ndarray, weights: np.ndarray, level: float = 0.95,
+                   resampled: np.ndarray | None = None) -> dict[str, tuple[float, float, float]]:
     """Per statistic of :data:`STATISTICS`: (gross value, CI low, CI high).
 
     counts: per subject ``(n_subjects, 8)``; weights: :func:`resample_weights` ``(n_boot, n_subjects)``.
+    resampled: the summed counts of each resample ``(n_boot, 8)`` where they are not ``weights @
+    counts`` (a procedure made again on each resample); default ``weights @ counts``.
     Resamples where a statistic is undefined (no V beat drawn, say) are left out of its interval.
     """
     counts = np.asarray(counts, dtype=np.int64)
     point = rates(counts.sum(axis=0))
-    boot = rates(weights @ counts)
+    boot = rates(weights @ counts if resampled is None else resampled)
     return {k: (float(point[k]), *_percentiles(boot[k], level)) for k in STATISTICS}
 
 
 def paired_interval(counts_a: np.ndarray, counts_b: np.ndarray, weights: np.ndarray,
-                    level: float = 0.95) -> dict[str, dict[str, float]]:
+                    level: float = 0.95, resampled_b: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """``b - a`` for each statistic of :data:`STATISTICS`, on the same subjects and resamples.
 
-    counts_a, counts_b: ``(n_subjects, 8)``, row ``i`` of both the same subject. Per statistic:
+    counts_a, counts_b: ``(n_subjects, 8)``, row ``i`` of both the same subject; resampled_b: ``b``'s
+    summed counts per resample where they are not ``weights @ counts_b`` (see :func:`gross_interval`). Per statistic:
     ``a``, ``b``, ``diff`` (b - a), ``ci_low``, ``ci_high`` of the difference, and ``share_b_higher``,
     the share of resamples (where both are defined) in which ``b`` is higher.
     """
@@ -107,7 +111,7 @@ def paired_interval(counts_a: np.ndarray, counts_b: np.ndarray, weights: np.ndar
     if a.shape != b.shape:
         raise ValueError(f"paired counts must have one shape (the same subjects), got {a.shape} and {b.shape}")
     pa, pb = rates(a.sum(axis=0)), rates(b.sum(axis=0))
-    ba, bb = rates(weights @ a), rates(weights @ b)
+    ba, bb = rates(weights @ a), rates(weights @ b if resampled_b is None else resampled_b)
     out = {}
     for k in STATISTICS:
         d = bb[k] - ba[k]

@@ -118,6 +118,87 @@ def test_ties_go_to_the_first_candidate_and_undefined_never_wins():
         S.cross_fitted_choice([no_s, no_s.copy()], S.subject_folds(list(t.index), "subject"))
 
 
+def _duplicated(tables: list[pd.DataFrame], plan: dict[str, list[str]], drawn: np.ndarray,
+                subjects: list[str]) -> tuple[list[pd.DataFrame], dict[str, list[str]]]:
+    """The tables and folds of one resample written out: a subject drawn k times as k subjects."""
+    copies = {s: [f"{s}#{k}" for k in range(n)] for s, n in zip(subjects, drawn)}
+    out = [counts_table({c: t.loc[s].tolist() for s in subjects for c in copies[s]}) for t in tables]
+    return out, {name: [c for s in members for c in copies[s]] for name, members in plan.items()}
+
+
+@pytest.mark.parametrize("folds", ["subject", "2", "3"])
+def test_the_bootstrap_makes_the_choice_again_on_each_resample(folds):
+    rng = np.random.default_rng(3)
+    subjects = [str(100 + i) for i in range(9)]
+    tables = [counts_table({s: row(tuple(rng.integers(1, 100, 3)), tuple(rng.integers(1, 100, 3)))
+                            for s in subjects}) for _ in range(3)]
+    plan = S.subject_folds(subjects, folds)
+    sel = S.cross_fitted_choice(tables, plan)
+    # Every subject drawn once is the data itself: the choices and counts made on the data.
+    once = S.choice_bootstrap(sel, np.ones((1, len(subjects)), np.int64))
+    assert once.chosen[0].tolist() == sel.folds.chosen.tolist()
+    assert once.counts[0].tolist() == sel.pooled.sum(axis=0).tolist()
+    # Each resample equals the choice made on that resample written out subject by subject.
+    weights = U.resample_weights(len(subjects), 40, seed=5)
+    boot = S.choice_bootstrap(sel, weights)
+    for b in range(len(weights)):
+        dup_tables, dup_plan = _duplicated(tables, plan, weights[b], subjects)
+        dup_plan = {k: v for k, v in dup_plan.items() if v}  # a fold not drawn at all adds nothing
+        if len(dup_plan) == 1:  # nothing outside the one fold drawn to choose on: candidate 0, as for a tie
+            assert boot.counts[b].tolist() == (weights[b] @ sel.counts[0]).tolist()
+            continue
+        again = S.cross_fitted_choice(dup_tables, dup_plan)
+        assert boot.counts[b].tolist() == again.pooled.sum(axis=0).tolist()
+        for f, name in enumerate(sel.folds.index):
+            if name in dup_plan:
+                assert boot.chosen[b, f] == again.folds.loc[name, "chosen"]
+    assert boot.kept(sel).shape == (len(plan),) and ((0 <= boot.kept(sel)) & (boot.kept(sel) <= 1)).all()
+
+
+def test_the_bootstrap_scores_on_the_blind_runs():
+    good, poor = row((90, 10, 5), (80, 20, 10)), row((50, 50, 5), (10, 90, 10))
+    plan = {"g1": ["a", "b"], "g2": ["c", "d"]}
+    tables = [counts_table({s: good for s in "abcd"}), counts_table({s: poor for s in "abcd"})]
+    worse = S.ScoringRun(counts_table({s: row((70, 30, 5), (60, 40, 10)) for s in "abcd"}),
+                         {s: frozenset("abcd") - {s} for s in "abcd"})
+    inside = [S.ScoringRun(counts_table({s: good for s in m}), {s: frozenset(m) - {s} for s in m})
+              for m in plan.values()]
+    sel = S.cross_fitted_choice(tables, plan, [[worse], inside])
+    weights = U.resample_weights(4, 300, seed=0)
+    boot = S.choice_bootstrap(sel, weights)
+    # Candidate 1 wins on its blind runs in every resample that draws a subject outside the fold (on
+    # its own table it would lose every one); with none drawn there is nothing to choose on.
+    outside_drawn = np.stack([weights[:, 2:].sum(1) > 0, weights[:, :2].sum(1) > 0], axis=1)
+    assert outside_drawn.mean() > 0.8
+    assert (boot.chosen[outside_drawn] == 1).all() and (boot.chosen[~outside_drawn] == 0).all()
+
+
+def test_the_interval_of_the_choice_holds_its_spread():
+    rng = np.random.default_rng(0)
+    subjects = [str(100 + i) for i in range(12)]
+    base = {s: row(tuple(rng.integers(60, 100, 3)), tuple(rng.integers(40, 100, 3))) for s in subjects}
+    steady = counts_table(base)
+    # Candidate 1 misses and errs far less everywhere: every resample chooses it.
+    better = counts_table({s: [v[0], 1, 1, v[3], v[4], 1, 1, v[7]] for s, v in base.items()})
+    sel = S.cross_fitted_choice([steady, better], S.subject_folds(subjects, "3"))
+    table, boot = S.estimate_table(sel, ["a", "b"], n_boot=400, seed=2)
+    assert (boot.kept(sel) == 1).all()
+    assert table.iloc[-1].smallest_ci_low == pytest.approx(table.iloc[1].smallest_ci_low)
+    # Candidate 1 wins through one subject alone (a huge SVEB haul there, poor elsewhere): the
+    # choice flips in resamples without that subject, and the interval spreads beyond the fixed one.
+    lucky = counts_table({s: (row((60, 40, 30), (900, 0, 0)) if s == "100" else row((60, 40, 30), (5, 95, 30)))
+                          for s in subjects})
+    sel = S.cross_fitted_choice([steady, lucky], S.subject_folds(subjects, "3"))
+    table, boot = S.estimate_table(sel, ["a", "b"], n_boot=400, seed=2)
+    kept = boot.kept(sel)
+    assert (kept < 1).any() and (kept > 0).all()
+    weights = U.resample_weights(len(subjects), 400, seed=2)
+    fixed = U.gross_interval(sel.pooled, weights)["smallest"]
+    last = table.iloc[-1]
+    assert last.smallest == pytest.approx(fixed[0])  # the point estimate is the data's choice
+    assert (last.smallest_ci_low, last.smallest_ci_high) != pytest.approx(fixed[1:])
+
+
 def test_candidates_must_hold_the_same_subjects():
     good = row((90, 10, 5), (80, 20, 10))
     a, b = counts_table({"x": good, "y": good}), counts_table({"x": good, "z": good})
@@ -213,7 +294,17 @@ def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
     logged = pd.read_csv(path / "per_subject.csv", dtype={"subject": str}).set_index("subject")
     assert logged.chosen.to_dict() == expected
     assert {"choices.csv", "estimate.csv", "summary.txt"} <= {p.name for p in path.iterdir()}
-    assert "Cross-fitted choice over 5 folds (subject)" in capsys.readouterr().out
+    # How often each fold's choice stands when the subjects are resampled, as the interval was made.
+    choices = pd.read_csv(path / "choices.csv", dtype={"fold": str}).set_index("fold")
+    weights = U.resample_weights(len(subjects), N_BOOT, 1)
+    boot = S.choice_bootstrap(res.selection, weights)
+    assert choices.kept.to_numpy() == pytest.approx(boot.kept(res.selection), abs=1e-9)
+    assert doc["choice_kept_in_resamples"] == pytest.approx(choices.kept.round(4).to_dict())
+    assert (last.smallest_ci_low, last.smallest_ci_high) == pytest.approx(
+        U.gross_interval(res.selection.pooled, weights, resampled=boot.counts)["smallest"][1:])
+    out = capsys.readouterr().out
+    assert "Cross-fitted choice over 5 folds (subject)" in out
+    assert "made again in" in out and "each fold's choice made again in" not in out  # few folds: one line each
 
 
 def test_halves_and_pooled_candidates(tracking_uri):
