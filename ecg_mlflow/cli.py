@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from typing import Callable
 
 from ecg_mlflow.dataset import PrepareConfig, include_paced_from_param, window_from_param
+from ecg_mlflow.lifetime import watch_parent_from_env
 from ecg_mlflow.records import DataError
 
 # TrainConfig is imported inside the functions that need it: it brings TensorFlow, which an
@@ -203,15 +204,37 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+def end_given_run_failed() -> None:
+    """End the run this process was given (``MLFLOW_RUN_ID``, set by ``mlflow run`` or ``nested``)
+    FAILED where it is still RUNNING: an entry point stopped before it began that run, whose parent
+    may be gone (killed) and so cannot end it. Tries once, briefly: the process is on its way out."""
+    run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    if not run_id:
+        return
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # the store unreachable, the run gone: it stays as it is
+        print(f"warning: could not end run {run_id} FAILED: {exc}", file=sys.stderr)
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run an entry point; bad input exits 2 with one line naming the culprit, not a traceback;
-    Ctrl-C or SIGTERM exits 130 after cleaning up."""
-    stop_on_sigterm()
+    Ctrl-C or SIGTERM exits 130 after cleaning up, and so does the loss of a parent that asked this
+    process to watch it (``nested``'s LOSO runs; :mod:`ecg_mlflow.lifetime`), even before the
+    entry point began its run."""
     try:
+        stop_on_sigterm()
+        watch_parent_from_env()
         main()
     except (ValueError, DataError, ConnectionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        end_given_run_failed()
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

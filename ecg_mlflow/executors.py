@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
+from ecg_mlflow.lifetime import watch_parent
+
 EXECUTORS = ("sequential", "local", "ray")
 
 # MLflow's HTTP client retries failed requests (connection refused, 5xx, 429) with exponential
@@ -234,8 +236,10 @@ class SequentialExecutor:
             on_done(task, _call_fold(fn, task))
 
 
-def _local_worker(conn, threads: int, env: dict[str, str]) -> None:
-    """A pool process: receive (fn, task), send back the outcome, until told to stop (None)."""
+def _local_worker(conn, threads: int, env: dict[str, str], parent: int) -> None:
+    """A pool process: receive (fn, task), send back the outcome, until told to stop (None).
+    Exits at once when ``parent`` (the LOSO process) is gone, killed without a chance to stop it."""
+    watch_parent(parent, lambda: os._exit(1))
     # Before TensorFlow is imported (unpickling fn imports it): OpenMP/MKL pools too.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(threads, 1)))
     configure_worker(0, env)
@@ -271,7 +275,7 @@ class LocalExecutor:
 
     def _start(self) -> _Worker:
         parent_end, child_end = self.ctx.Pipe()
-        p = self.ctx.Process(target=_local_worker, args=(child_end, self.threads, forwarded_env()),
+        p = self.ctx.Process(target=_local_worker, args=(child_end, self.threads, forwarded_env(), os.getpid()),
                              name="ecg-loso-worker", daemon=True)
         p.start()
         child_end.close()

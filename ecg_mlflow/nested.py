@@ -50,11 +50,11 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from ecg_mlflow import cli, executors, tracking
+from ecg_mlflow import cli, executors, lifetime, tracking
 from ecg_mlflow.loso import FAILED_TAG, LosoConfig, base_settings, config_of_run, preflight, run_settings
-from ecg_mlflow.tracking import logged_value
 from ecg_mlflow.selection import FEW_FOLDS, SelectError, SelectResult, blind_records, select, subject_folds
 from ecg_mlflow.splits import subject_of
+from ecg_mlflow.tracking import logged_value
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # Parameters the plan sets for each run; a candidate or `common` may not.
@@ -255,8 +255,9 @@ def launch(planned: PlannedRun, parent_id: str, experiment_id: str) -> str:
     tag = f"{parent_id} {planned.role} {planned.candidate} {planned.fold or '-'}"
     run = client.create_run(experiment_id, run_name="loso", tags={"mlflow.parentRunId": parent_id, NESTED_TAG: tag})
     run_id = run.info.run_id
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
-           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    # child_env: the LOSO process stops (and cleans up) if this one is killed without the chance to stop it.
+    env = lifetime.child_env({**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
+                              "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()})
     cmd = [sys.executable, str(PROJECT_DIR / "entrypoints" / "loso.py"), *to_argv(planned.options)]
     proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR)
     shared = f", base models of run {planned.options['base_run_id']}" if "base_run_id" in planned.options else ""

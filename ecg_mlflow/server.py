@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ecg_mlflow.lifetime import guarded
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 DEFAULT_BACKEND_STORE_URI = "sqlite:///mlflow.db"
@@ -268,9 +270,11 @@ def start_server(
         Path(artifacts_destination).expanduser().mkdir(parents=True, exist_ok=True)
     try:
         with open(log_path, "wb") as log:
-            # A new session, so stop() can end the server and its worker processes together.
+            # Under a guard (ecg_mlflow.lifetime) that ends the server and its worker processes
+            # together when stopped, or when this process is gone (even killed with SIGKILL); in a
+            # new session, so a terminal's Ctrl-C reaches this process and not the server.
             process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+                guarded(cmd), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
             )
     except BaseException:
         if auth_dir is not None:
@@ -286,7 +290,8 @@ def start_server(
 
 
 def stop_server(server: TrackingServer, timeout: float = 15.0) -> None:
-    """Stop the server's process group (SIGTERM, then SIGKILL) and delete its auth config directory."""
+    """Stop the server (SIGTERM to its guard, which ends the server's process group; SIGKILL if the
+    guard has not ended after ``timeout``) and delete its auth config directory."""
     proc = server.process
     if proc.poll() is None:
         try:

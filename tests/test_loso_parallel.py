@@ -6,7 +6,8 @@
 - a worker process killed mid-fold fails only its fold, the parent ends FAILED naming the patient
   and the resume command, and that command (through ``mlflow run``) finishes the run;
 - a real ``mlflow server`` stopped and restarted while a fold logs: every metric arrives;
-- SIGTERM stops the workers and the private tracking server, and fails the run.
+- SIGTERM stops the workers and the private tracking server, and fails the run; after SIGKILL
+  they end by themselves.
 """
 
 from __future__ import annotations
@@ -291,10 +292,13 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-def test_sigterm_stops_workers_and_the_private_server_and_fails_the_run(tmp_path, mitdb_dir, cache_root):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_loso_leaves_no_workers_nor_private_server(sig, tmp_path, mitdb_dir, cache_root):
     """SIGTERM (a process manager, `timeout`, `nested` stopping a LOSO run) cleans up as Ctrl-C does:
     the workers and the private tracking server (its own process group) are gone, the parent run
-    ends FAILED, exit status 130."""
+    ends FAILED, exit status 130. SIGKILL gives the process no chance to clean up, yet its workers
+    and its server (and the server's guard) notice it gone and end; its run stays RUNNING, as after
+    any kill, for `resume_run_id`."""
     db = tmp_path / "mlflow.db"
     env = entry_env(f"sqlite:///{db}", mitdb_dir, cache_root)
     log_out = tmp_path / "stdout.txt"
@@ -312,17 +316,24 @@ def test_sigterm_stops_workers_and_the_private_server_and_fails_the_run(tmp_path
         wait_for(serving, 300, "the private server and a worker", proc)
         workers = [int(p) for p in re.findall(r"-> worker pid (\d+)", log_out.read_text())]
         assert _listening(ports[0]) and _processes_naming(f"--port {ports[0]}")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log_out.read_text()
-    assert proc.returncode == 130, text[-4000:]
-    assert "error: interrupted" in text
-    assert not _listening(ports[0]) and _processes_naming(f"--port {ports[0]}") == []
-    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
-    assert store_runs(db)["loso"] == "FAILED"
+    if sig == signal.SIGTERM:  # cleaned up before it exited
+        assert proc.returncode == 130, text[-4000:]
+        assert "error: interrupted" in text
+        assert not _listening(ports[0]) and _processes_naming(f"--port {ports[0]}") == []
+        assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+        assert store_runs(db)["loso"] == "FAILED"
+    else:  # cleaned up by what it left behind, within seconds
+        assert proc.returncode == -signal.SIGKILL
+        wait_for(lambda: not _listening(ports[0]) and _processes_naming(f"--port {ports[0]}") == [], 60,
+                 "the private server and its guard to end")
+        wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in workers), 60, "the workers to end")
+        assert store_runs(db)["loso"] == "RUNNING"
 
 
 def test_register_once_replaces_the_version_of_an_unfinished_attempt(tracking_uri):

@@ -2,7 +2,7 @@
 
 The plan and its refusals are checked on real records without training; the whole command runs on
 six real subjects with tiny models: one of its LOSO runs killed, then nested itself stopped with
-SIGTERM, then run to the end (the finished run reused, the rest made), and once more through
+SIGTERM, then killed with SIGKILL (its LOSO run stops by itself), then run to the end (the finished run reused, the rest made), and once more through
 `mlflow run` (everything reused, nothing trained).
 """
 
@@ -236,13 +236,26 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     assert _nested_runs(client, exp)[1].info.status == "FAILED"
     assert {r.info.run_id for r in _loso_runs(client, exp) if r.info.status == "FINISHED"} == finished
 
+    # 1c. SIGKILL to nested itself: it cleans up nothing, but its LOSO run sees it gone and stops as on
+    # SIGTERM (its process ends, its run FAILED); the nested run stays RUNNING, as after any kill
+    proc, started, text = _interrupt_at(args, env, tmp_path / "third.txt", 1,
+                                        lambda _, nested_pid: os.kill(nested_pid, signal.SIGKILL))
+    assert proc.returncode == -signal.SIGKILL, text[-4000:]
+    orphan_run, orphan_pid = started[0]
+    deadline = time.monotonic() + 120
+    while Path(f"/proc/{orphan_pid}").exists() or client.get_run(orphan_run).info.status == "RUNNING":
+        assert time.monotonic() < deadline, "the LOSO run of a killed nested did not stop"
+        time.sleep(0.5)
+    assert client.get_run(orphan_run).info.status == "FAILED"
+    assert _nested_runs(client, exp)[2].info.status == "RUNNING"
+
     # 2. the same command: the finished run is reused, the other five are made
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "6 LOSO runs, 1 reused, 5 to run" in proc.stdout
     assert f"candidate 0 scoring without group1of2: reusing run {done_run}" in proc.stdout
-    second = _nested_runs(client, exp)[2]
+    second = _nested_runs(client, exp)[3]
     assert second.info.status == "FINISHED" and second.data.tags["ecg.role"] == "select"
     plan = pd.read_csv(client.download_artifacts(second.info.run_id, "nested_plan.csv"), dtype={"records": str})
     assert len(plan) == 6 and plan.reused.tolist() == [True] + [False] * 5
@@ -291,5 +304,5 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "6 LOSO runs, 6 reused, 0 to run" in proc.stdout
     assert len(_loso_runs(client, exp)) == n_loso
-    third = _nested_runs(client, exp)[3]
+    third = _nested_runs(client, exp)[4]
     assert _estimate(client, third.info.run_id) == estimate
