@@ -14,6 +14,11 @@ Modules, in the order data flows through them:
 - ``registry`` — model-registry entries per patient.
 - ``loso``     — the leave-one-subject-out experiment.
 - ``compare``  — transfer against no-transfer across patients.
+- ``selection`` — the cross-fitted choice among option sets (``select``); ``nested`` makes the
+  runs it needs, end to end.
+
+Around them: ``executors`` (where folds run), ``server`` (a local tracking server), ``lifetime``
+(child processes that end with a killed parent), ``cli`` (the entry points' plumbing).
 """
 
 __version__ = "0.1.0"
