@@ -290,28 +290,18 @@ def start_server(
 
 
 def stop_server(server: TrackingServer, timeout: float = 15.0) -> None:
-    """Stop the server (SIGTERM to its guard, which ends the server's process group; SIGKILL if the
-    guard has not ended after ``timeout``) and delete its auth config directory."""
+    """Stop the server (SIGTERM to its guard, which ends the server's process group within
+    :data:`ecg_mlflow.lifetime.GRACE_S`, less than ``timeout``; SIGKILL if the guard has not ended by
+    then) and delete its auth config directory. A guard that ended by itself already killed what its
+    server left."""
     proc = server.process
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        proc.terminate()
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            proc.kill()
             proc.wait(timeout=timeout)
-    else:
-        # The main process is gone; make sure no worker of its group is left behind.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
     if server.auth_config_dir is not None:
         shutil.rmtree(server.auth_config_dir, ignore_errors=True)
         server.auth_config_dir = None
