@@ -116,7 +116,10 @@ def log_keras_model(model, example_x, name: str = "model") -> str:
         example_x = {k: np.asarray(v[:8], dtype=np.float32) for k, v in example_x.items()}
     else:
         example_x = np.asarray(example_x[:8], dtype=np.float32)
-    signature = infer_signature(example_x, model.predict(example_x, verbose=0))
+    # The signature needs the output's shape and type, not its values: no predict graph to trace.
+    n = len(next(iter(example_x.values())) if isinstance(example_x, dict) else example_x)
+    outputs = np.zeros((n, *model.output.shape[1:]), dtype=model.output.dtype)
+    signature = infer_signature(example_x, outputs)
     info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=pip_requirements())
     return info.model_uri
 

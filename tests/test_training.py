@@ -79,6 +79,27 @@ def test_several_steps_per_execution_change_no_number(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("model_name", ["seed_cnn", "rr_cnn"])
+def test_predict_logits_equals_keras_predict_to_the_bit_for_any_batch_split(model_name):
+    from ecg_mlflow.training import predict_logits
+
+    x, y, rr = toy_beats()
+    src = BeatSource(x, y, rr)
+    model, _ = train_base(src, np.arange(400), 3, TrainConfig(**{**FAST.__dict__, "model": model_name}))
+    rows = np.arange(400, 600)
+    inputs = src.inputs(rows, model_input_names(model))
+    # The float rounding may depend on the batch size (the CPU kernels differ by shape), so each
+    # split is held against Keras's predict with the same batches, compiled with several steps
+    # per execution as training leaves it.
+    for batch_size in (64, 7, 4096):  # several full batches and a short one; many; one
+        expected = model.predict(inputs, batch_size=batch_size, verbose=0)
+        got = predict_logits(model, src, rows, batch_size=batch_size)
+        assert got.dtype == np.float32 and got.shape == (200, 3)
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(predict_logits(model, inputs), expected)  # arrays as well as a source
+    assert predict_logits(model, src, np.arange(0)).shape == (0, 3)
+
+
 def test_kernel_size_sets_every_convolution_and_is_checked_against_the_window():
     x, y, rr = toy_beats()
     cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "kernel_size": 4})
