@@ -534,7 +534,8 @@ def _forward(model: keras.Model) -> Callable:
         given = model.input
         signature = [{n: spec(t) for n, t in given.items()} if isinstance(given, dict)
                      else spec(given[0] if isinstance(given, (list, tuple)) else given)]
-        _FORWARD[model] = tf.function(lambda inputs: model(inputs, training=False), input_signature=signature)
+        ref = weakref.ref(model)  # a strong one would keep every fold's models alive in _FORWARD
+        _FORWARD[model] = tf.function(lambda inputs: ref()(inputs, training=False), input_signature=signature)
     return _FORWARD[model]
 
 

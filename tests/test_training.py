@@ -98,6 +98,14 @@ def test_predict_logits_equals_keras_predict_to_the_bit_for_any_batch_split(mode
         np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(predict_logits(model, inputs), expected)  # arrays as well as a source
     assert predict_logits(model, src, np.arange(0)).shape == (0, 3)
+    # the graph kept for the model does not keep the model (a LOSO run makes two per fold)
+    import gc
+    import weakref
+
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
 
 
 def test_kernel_size_sets_every_convolution_and_is_checked_against_the_window():
