@@ -116,10 +116,13 @@ def log_keras_model(model, example_x, name: str = "model") -> str:
         example_x = {k: np.asarray(v[:8], dtype=np.float32) for k, v in example_x.items()}
     else:
         example_x = np.asarray(example_x[:8], dtype=np.float32)
-    # The signature needs the output's shape and type, not its values: no predict graph to trace.
-    n = len(next(iter(example_x.values())) if isinstance(example_x, dict) else example_x)
-    outputs = np.zeros((n, *model.output.shape[1:]), dtype=model.output.dtype)
-    signature = infer_signature(example_x, outputs)
+    import keras
+
+    # The signature needs the output's shape and type, not its values: worked out symbolically
+    # (any model, Sequential ones never called included), with no predict graph to trace.
+    out = model.compute_output_spec(keras.tree.map_structure(
+        lambda a: keras.KerasTensor(a.shape, dtype=str(a.dtype)), example_x))
+    signature = infer_signature(example_x, np.zeros(out.shape, dtype=out.dtype))
     info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=pip_requirements())
     return info.model_uri
 
