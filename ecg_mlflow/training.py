@@ -524,16 +524,16 @@ def blend_weights(tuned: keras.Model, base: keras.Model, blend: float) -> None:
 # One inference graph per model, traced once for any batch size. `model.predict` on a model
 # compiled with STEPS_PER_EXECUTION unrolls that many copies of the model into its graph (and
 # traces again for a shorter last group): about three times the tracing, paid by every new model,
-# i.e. by every fold, for no gain at inference batches of 4096. The logits are the same to the bit.
+# i.e. by every fold, for no gain at inference batches of 4096. At the same batches the logits
+# are the same to the bit.
 _FORWARD: "weakref.WeakKeyDictionary[keras.Model, Callable]" = weakref.WeakKeyDictionary()
 
 
-def _forward(model: keras.Model) -> Callable:
+def _forward(model: keras.Model, x) -> Callable:
+    """The model's inference function for inputs shaped as ``x`` (an array, or a dict of them)."""
     if model not in _FORWARD:
-        spec = lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype)  # noqa: E731 (any batch size)
-        given = model.input
-        signature = [{n: spec(t) for n, t in given.items()} if isinstance(given, dict)
-                     else spec(given[0] if isinstance(given, (list, tuple)) else given)]
+        spec = lambda a: tf.TensorSpec((None, *np.shape(a)[1:]), tf.float32)  # noqa: E731 (any batch size)
+        signature = [{k: spec(v) for k, v in x.items()} if isinstance(x, dict) else spec(x)]
         ref = weakref.ref(model)  # a strong one would keep every fold's models alive in _FORWARD
         _FORWARD[model] = tf.function(lambda inputs: ref()(inputs, training=False), input_signature=signature)
     return _FORWARD[model]
@@ -548,7 +548,7 @@ def predict_logits(model: keras.Model, x, idx: np.ndarray | None = None, batch_s
     n = len(x["beat"]) if isinstance(x, dict) else len(x)
     if n == 0:
         return np.zeros((0, int(model.output.shape[-1])), dtype=np.float32)
-    forward = _forward(model)
+    forward = _forward(model, x)
     part = (lambda a, b: {k: np.asarray(v[a:b], dtype=np.float32) for k, v in x.items()}) if isinstance(x, dict) \
         else (lambda a, b: np.asarray(x[a:b], dtype=np.float32))
     return np.concatenate([forward(part(a, a + batch_size)).numpy() for a in range(0, n, batch_size)])
