@@ -530,10 +530,9 @@ _FORWARD: "weakref.WeakKeyDictionary[keras.Model, Callable]" = weakref.WeakKeyDi
 
 
 def _forward(model: keras.Model, x) -> Callable:
-    """The model's inference function for inputs shaped as ``x`` (an array, or a dict of them)."""
+    """The model's inference function for float32 inputs shaped as ``x`` (an array, or a dict of them)."""
     if model not in _FORWARD:
-        spec = lambda a: tf.TensorSpec((None, *np.shape(a)[1:]), tf.float32)  # noqa: E731 (any batch size)
-        signature = [{k: spec(v) for k, v in x.items()} if isinstance(x, dict) else spec(x)]
+        signature = [keras.tree.map_structure(lambda v: tf.TensorSpec((None, *v.shape[1:]), tf.float32), x)]
         ref = weakref.ref(model)  # a strong one would keep every fold's models alive in _FORWARD
         _FORWARD[model] = tf.function(lambda inputs: ref()(inputs, training=False), input_signature=signature)
     return _FORWARD[model]
@@ -548,10 +547,10 @@ def predict_logits(model: keras.Model, x, idx: np.ndarray | None = None, batch_s
     n = len(x["beat"]) if isinstance(x, dict) else len(x)
     if n == 0:
         return np.zeros((0, int(model.output.shape[-1])), dtype=np.float32)
+    x = keras.tree.map_structure(lambda v: np.asarray(v, dtype=np.float32), x)  # no copy when already float32
     forward = _forward(model, x)
-    part = (lambda a, b: {k: np.asarray(v[a:b], dtype=np.float32) for k, v in x.items()}) if isinstance(x, dict) \
-        else (lambda a, b: np.asarray(x[a:b], dtype=np.float32))
-    return np.concatenate([forward(part(a, a + batch_size)).numpy() for a in range(0, n, batch_size)])
+    return np.concatenate([forward(keras.tree.map_structure(lambda v: v[a:a + batch_size], x)).numpy()
+                           for a in range(0, n, batch_size)])
 
 
 def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:
