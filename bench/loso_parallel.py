@@ -40,7 +40,7 @@ def main() -> int:
               file=sys.stderr)
         return 1
 
-    variants = [("sequential", []), (f"local, {args.workers} workers", ["--executor", "local"])]
+    variants = [("sequential", ["--executor", "sequential"]), (f"local, {args.workers} workers", ["--executor", "local"])]
     if args.ray:
         variants.append((f"ray (local), {args.workers} CPUs", ["--executor", "ray"]))
     with tempfile.TemporaryDirectory(prefix="bench-loso-") as root:

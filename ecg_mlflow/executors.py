@@ -9,7 +9,9 @@ confusion matrix, from which the parent computes the ``gross_*`` / ``avg_*`` met
 
 Executors (parameter ``executor``):
 
-- ``sequential``: folds one after the other in this process (the default);
+- ``auto`` (the entry point's default): ``local`` where that pays, else ``sequential``
+  (:func:`resolve`): folds side by side when the machine has cores for them and no GPU;
+- ``sequential``: folds one after the other in this process (the library's default);
 - ``local``: ``workers`` processes started with the ``spawn`` method (a process that has started
   TensorFlow is never forked); a worker that dies fails only the fold it held, and is replaced;
 - ``ray``: one Ray task per fold (``num_cpus=threads``, ``num_gpus=ray_gpus_per_task``) on the
@@ -35,7 +37,7 @@ import signal
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait as wait_any
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,7 +45,7 @@ from urllib.parse import urlsplit
 
 from ecg_mlflow.lifetime import watch_parent
 
-EXECUTORS = ("sequential", "local", "ray")
+EXECUTORS = ("auto", "sequential", "local", "ray")
 
 # MLflow's HTTP client retries failed requests (connection refused, 5xx, 429) with exponential
 # backoff. MLflow's defaults are 7 retries, factor 2 and a 120 s timeout. For a LOSO run that
@@ -93,7 +95,10 @@ class ExecConfig:
     @property
     def resolved_threads(self) -> int:
         """Threads per fold: ``threads`` when set; else TensorFlow's own default (every core) for
-        ``sequential`` (0), and the cores shared out among the workers for ``local`` and ``ray``."""
+        ``sequential`` (0), and the cores shared out among the workers for ``local`` and ``ray``.
+        Call it on a :func:`resolve`\ d configuration (``auto`` is not an executor of its own)."""
+        if self.executor == "auto":
+            raise ValueError("executor 'auto' has no thread count until resolved (executors.resolve)")
         if self.threads > 0:
             return self.threads
         if self.executor == "sequential":
@@ -382,6 +387,38 @@ class RayExecutor:
                 ray.shutdown()
 
 
+# Below this much base training (beats read: epochs x training beats, summed over the folds) a run
+# finishes sooner in this process than a pool takes to start: a private tracking server and worker
+# processes that each load TensorFlow and the dataset cost about 20 s; a million beats take about
+# 75 s to train on one 2-core CPU (README, "Speed").
+AUTO_MIN_WORK = 1_000_000
+
+
+def resolve(cfg: ExecConfig, folds: int, work: int, tracking_uri: str, cores: int | None = None,
+            gpus: int = 0) -> ExecConfig:
+    """``cfg`` with executor ``auto`` made concrete for a run of ``folds`` folds whose base
+    training reads ``work`` beats (epochs x training beats, summed over the folds); any other
+    executor is returned as it is.
+
+    ``auto`` is ``local`` when at least two folds can run side by side and it pays:
+    ``min(workers, folds, cores // threads)`` processes (``threads`` 0 counts as 1; ``cores``
+    default: this machine's) is two or more, ``work`` is at least :data:`AUTO_MIN_WORK`, no GPU
+    is seen (``gpus``: the GPUs TensorFlow sees; folds in separate processes would each claim the
+    whole GPU's memory), and other processes can reach the store (not an in-memory
+    ``sqlite://``). Otherwise ``sequential``. Two folds at once keep a small machine's cores busy
+    where one fold leaves them idle part of the time (fine-tuning, evaluation and logging run on
+    one thread; README, "Speed"). ``threads`` is kept (0: the cores shared out among the workers).
+    """
+    if cfg.executor != "auto":
+        return cfg
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    workers = min(cfg.workers, folds, cores // max(cfg.threads, 1))
+    shared = not tracking_uri.startswith("sqlite:") or _sqlite_file(tracking_uri) is not None
+    if workers >= 2 and work >= AUTO_MIN_WORK and not gpus and shared:
+        return replace(cfg, executor="local", workers=workers)
+    return replace(cfg, executor="sequential")
+
+
 def make_executor(cfg: ExecConfig) -> SequentialExecutor | LocalExecutor | RayExecutor:
     if cfg.executor == "local":
         return LocalExecutor(cfg.workers, cfg.resolved_threads)
@@ -392,6 +429,14 @@ def make_executor(cfg: ExecConfig) -> SequentialExecutor | LocalExecutor | RayEx
 
 # ---------------------------------------------------------------------------------------------
 # A store that takes concurrent writers
+
+
+def _sqlite_file(tracking_uri: str) -> str | None:
+    """The database file of a ``sqlite:///path`` URI; None for an in-memory one (``sqlite://``,
+    ``sqlite:///:memory:``), which no other process can open."""
+    path = tracking_uri.split("?", 1)[0]
+    db_file = path[len("sqlite:///"):] if path.startswith("sqlite:///") else ""
+    return db_file if db_file and db_file != ":memory:" else None
 
 
 def needs_private_server(tracking_uri: str, cfg: ExecConfig) -> bool:
@@ -428,8 +473,8 @@ def concurrent_store(tracking_uri: str, cfg: ExecConfig) -> Iterator[str]:
         return
     from ecg_mlflow.server import start_server
 
-    db_file = tracking_uri.split("?", 1)[0][len("sqlite:///"):]
-    if not tracking_uri.startswith("sqlite:///") or not db_file or db_file == ":memory:":
+    db_file = _sqlite_file(tracking_uri)
+    if db_file is None:
         raise ValueError(f"executor {cfg.executor!r} needs a SQLite database file (sqlite:///path/to/mlflow.db), "
                          f"got MLFLOW_TRACKING_URI={tracking_uri!r}")
     log_dir = Path(tempfile.mkdtemp(prefix="ecg-loso-store-"))
@@ -448,11 +493,13 @@ def concurrent_store(tracking_uri: str, cfg: ExecConfig) -> Iterator[str]:
 
 
 def describe(cfg: ExecConfig) -> str:
-    threads = f"{cfg.threads} TensorFlow thread(s) per fold"
+    """Where and how a :func:`resolve`\ d configuration runs its folds, in words."""
+    n = cfg.resolved_threads
+    threads = f"{n} TensorFlow thread(s) per fold" if n else "TensorFlow's own thread count (every core)"
     if cfg.executor == "local":
         return f"on a local pool of {cfg.workers} worker processes, {threads}"
     if cfg.executor == "ray":
         where = f"Ray cluster {cfg.ray_address}" if cfg.ray_address else \
-            f"a local Ray instance ({cfg.workers * cfg.threads} CPUs)"
+            f"a local Ray instance ({cfg.workers * n} CPUs)"
         return f"as Ray tasks on {where}, {threads}, {cfg.ray_gpus_per_task:g} GPU(s) per task"
     return f"one after another in this process, {threads}"

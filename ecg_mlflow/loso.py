@@ -56,7 +56,7 @@ from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subj
 from ecg_mlflow.tracking import logged_value
 from ecg_mlflow.training import (FINETUNE_FIELDS, BeatSource, TrainConfig, early_normal_rows, early_threshold,
                                  fine_tune, model_input_names, predict_logits, premature_threshold, replay_rows,
-                                 train_base)
+                                 train_base, visible_gpus)
 
 VARIANTS = ("no_transfer", "transfer")
 EVALUATE_ON = ("test", "validation")
@@ -490,11 +490,16 @@ def run_loso(cfg: LosoConfig) -> str:
               f"{len(ds)} beats, {len(ds.classes)} classes {ds.classes}, "
               f"parent run {parent_id}" + (f" (resumed: {len(folds) - len(todo)} subject(s) already finished)"
                                            if previous is not None else ""), flush=True)
-        print(f"loso: folds run {executors.describe(cfg.execution)}", flush=True)
+        n_train = {f.subject: int(f.train.sum()) for f in folds}
+        # Executor auto: folds side by side when there is enough base training to pay for the pool.
+        work = sum(n_train[f.subject] for f in todo if plan[f.subject][1] is None) * cfg.train.epochs * cfg.train.ensemble
+        execution = executors.resolve(cfg.execution, len(todo), work, uri, gpus=visible_gpus())
+        how = executors.describe(execution)
+        mlflow.set_tag(EXECUTION_TAG, how)
+        print(f"loso: folds run {how}" + (" (executor auto)" if cfg.execution.executor == "auto" else ""), flush=True)
 
         outcomes: dict[str, FoldOutcome] = {}
         clock = _Clock(len(todo))
-        n_train = {f.subject: int(f.train.sum()) for f in folds}
         records = {f.subject: f.records for f in folds}
 
         def on_start(task: FoldTask) -> None:
@@ -512,14 +517,14 @@ def run_loso(cfg: LosoConfig) -> str:
                   f"done | {clock.times()}", flush=True)
 
         # No private server when a resume finds nothing left to run.
-        store = executors.concurrent_store(uri, cfg.execution) if todo else contextlib.nullcontext(uri)
+        store = executors.concurrent_store(uri, execution) if todo else contextlib.nullcontext(uri)
         with store as worker_uri:
             tasks = [FoldTask(dataset_path=str(ds.path), subject=f.subject, config=cfg, parent_run_id=parent_id,
                               experiment_id=experiment_id, tracking_uri=worker_uri, done=plan[f.subject][0],
                               base_model_uri=plan[f.subject][1], base_run_id=plan[f.subject][2],
-                              threads=cfg.execution.resolved_threads, env=executors.forwarded_env())
+                              threads=execution.resolved_threads, env=executors.forwarded_env())
                      for f in todo]
-            executors.make_executor(cfg.execution).run(run_fold, tasks, on_done, on_start)
+            executors.make_executor(execution).run(run_fold, tasks, on_done, on_start)
         mlflow.set_tracking_uri(uri)
         # A worker that died left its run RUNNING; no fold of this run is running any more.
         _end_stale_children(client, parent_id, experiment_id, "FAILED")
@@ -542,6 +547,7 @@ def run_loso(cfg: LosoConfig) -> str:
 
 
 FAILED_TAG = "ecg.failed_patients"
+EXECUTION_TAG = "ecg.execution"  # where and how the folds ran, in words (executor auto made concrete)
 RESUMED_TAG = "ecg.resumed_run_id"
 
 

@@ -124,10 +124,15 @@ FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "f
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
+def visible_gpus() -> int:
+    """How many GPUs TensorFlow sees."""
+    return len(tf.config.list_physical_devices("GPU"))
+
+
 def compute_dtype(precision: str) -> str:
     """The Keras dtype policy of a ``precision`` setting: ``mixed_float16`` for ``mixed``, and for
     ``auto`` when TensorFlow sees a GPU (float16 is slower than float32 on a CPU)."""
-    if precision == "mixed" or (precision == "auto" and tf.config.list_physical_devices("GPU")):
+    if precision == "mixed" or (precision == "auto" and visible_gpus()):
         return "mixed_float16"
     return "float32"
 

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, entry_env
 from ecg_mlflow.dataset import PrepareConfig
+from ecg_mlflow import executors
 from ecg_mlflow.executors import ExecConfig
 from ecg_mlflow.loso import LosoConfig, register_once, run_loso
 from ecg_mlflow.training import TrainConfig
@@ -160,11 +161,16 @@ def sequential(tmp_path_factory, mitdb_dir, cache_root):
     return uri, snapshot(uri, parent_id_of(uri))
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize("executor", ["local", "ray", "auto"])
 def test_parallel_executors_repeat_the_sequential_run(executor, sequential, tracking_uri, mitdb_dir, cache_root,
-                                                      capsys):
+                                                      capsys, monkeypatch):
     if executor == "ray":
         pytest.importorskip("ray")
+    if executor == "auto":
+        if (os.cpu_count() or 1) < 2:
+            pytest.skip("executor auto runs folds side by side only with two cores or more")
+        # this tiny run reads far fewer beats than auto's threshold: lower it, so that it takes the pool
+        monkeypatch.setattr(executors, "AUTO_MIN_WORK", 0)
     t0 = time.monotonic()
     parent_id = run_loso(config(mitdb_dir, cache_root, executor=executor, workers=2))
     print(f"{executor} LOSO: {time.monotonic() - t0:.1f} s")
@@ -175,8 +181,50 @@ def test_parallel_executors_repeat_the_sequential_run(executor, sequential, trac
     assert "private tracking server" in out
     assert_same_results(snapshot(tracking_uri, parent_id), sequential[1])
     assert_clean_tree_and_registry(tracking_uri, parent_id)
-    params = MlflowClient(tracking_uri).get_run(parent_id).data.params
-    assert params["executor"] == executor and params["threads"] == "1"
+    parent = MlflowClient(tracking_uri).get_run(parent_id)
+    assert parent.data.params["executor"] == executor and parent.data.params["threads"] == "1"
+    how = parent.data.tags["ecg.execution"]
+    assert ("Ray" in how) if executor == "ray" else how.startswith("on a local pool of 2 worker processes, 1 "), how
+
+
+def test_the_sequential_reference_ran_in_one_process_though_auto(sequential):
+    """The entry point's default executor is auto; the tiny reference run is below its threshold."""
+    parent = sequential[1]["parent"]
+    assert parent.data.params["executor"] == "auto"
+    assert parent.data.tags["ecg.execution"] == "one after another in this process, 1 TensorFlow thread(s) per fold"
+
+
+SQLITE_FILE = "sqlite:////tmp/x/mlflow.db"
+MILLION = executors.AUTO_MIN_WORK
+
+
+@pytest.mark.parametrize("given, folds, work, uri, cores, gpus, want", [
+    # enough folds, cores and work, no GPU: folds side by side; threads stay as given (0: shared out)
+    ({}, 43, 20 * MILLION, SQLITE_FILE, 2, 0, ("local", 2, 0)),
+    ({}, 43, MILLION, "http://127.0.0.1:5000", 16, 0, ("local", 2, 0)),
+    ({"workers": 4}, 3, MILLION, SQLITE_FILE, 16, 0, ("local", 3, 0)),
+    ({"workers": 4, "threads": 2}, 43, MILLION, SQLITE_FILE, 6, 0, ("local", 3, 2)),
+    # otherwise one after another
+    ({}, 1, 20 * MILLION, SQLITE_FILE, 2, 0, ("sequential", 2, 0)),
+    ({}, 43, MILLION - 1, SQLITE_FILE, 2, 0, ("sequential", 2, 0)),
+    ({}, 43, 20 * MILLION, SQLITE_FILE, 1, 0, ("sequential", 2, 0)),
+    ({"threads": 2}, 43, 20 * MILLION, SQLITE_FILE, 2, 0, ("sequential", 2, 2)),
+    ({}, 43, 20 * MILLION, SQLITE_FILE, 16, 1, ("sequential", 2, 0)),
+    ({}, 43, 20 * MILLION, "sqlite://", 2, 0, ("sequential", 2, 0)),
+    ({}, 43, 20 * MILLION, "sqlite:///:memory:", 2, 0, ("sequential", 2, 0)),
+    ({"workers": 1}, 43, 20 * MILLION, SQLITE_FILE, 2, 0, ("sequential", 1, 0)),
+])
+def test_auto_runs_folds_side_by_side_only_where_it_pays(given, folds, work, uri, cores, gpus, want):
+    got = executors.resolve(ExecConfig(executor="auto", **given), folds, work, uri, cores=cores, gpus=gpus)
+    assert (got.executor, got.workers, got.threads) == want
+
+
+def test_resolve_leaves_a_named_executor_alone():
+    for name in ("sequential", "local", "ray"):
+        cfg = ExecConfig(executor=name)
+        assert executors.resolve(cfg, 43, 20 * MILLION, "sqlite://", cores=1, gpus=1) is cfg
+    with pytest.raises(ValueError, match="auto"):
+        ExecConfig(executor="auto").resolved_threads
 
 
 # --------------------------------------------------------------------------------------------
