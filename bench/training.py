@@ -13,7 +13,9 @@ Prints figures; asserts nothing. In one run it measures:
 3. the share of LOSO wall time spent in tracking calls (every MLflow call of a small in-process
    LOSO run is timed; a local SQLite store);
 4. the wall time of a full default LOSO: measured with ``--full`` (20+ minutes here), otherwise
-   estimated from the small run's per-subject time and labelled as an estimate.
+   estimated from the small run's per-subject time and labelled as an estimate. Its folds run one
+   after another in this process, where the tracking calls can be timed; the ``loso`` entry
+   point's ``executor=auto`` runs two at once on a machine with two cores or more (README, "Speed").
 
     python bench/training.py [--data-dir DIR] [--beats 40000] [--epochs 2] [--repeats 3]
                              [--configs 256,256+xla,1024,1024+xla] [--full]
@@ -245,7 +247,7 @@ def bench_loso(data_dir: str, cache: str, holdout: int, full: bool, store: str |
         print(f"   LOSO wall time {wall:.1f} s; tracking calls {timer.total:.1f} s = {100 * timer.total / wall:.1f} % of it")
         for name, sec in sorted(timer.by_name.items(), key=lambda kv: -kv[1])[:6]:
             print(f"      {name:28s} {sec:6.2f} s")
-        print("\n4. full default LOSO (44 non-paced records, 43 subjects, base + transfer):")
+        print("\n4. full default LOSO (44 non-paced records, 43 subjects, base + transfer; folds one after another):")
         if full:
             print(f"   measured: {wall / 60:.1f} min")
         else:

@@ -17,7 +17,8 @@ that share one base model each (trained on every subject outside the group), and
 evaluates on the second half, never reading a test part (:func:`plan_folds`).
 
 :func:`run_fold` is one held-out subject (or group); :mod:`ecg_mlflow.executors` runs the folds
-in this process, in local worker processes or as Ray tasks, each fold logging its own child runs. A run
+in this process, in local worker processes or as Ray tasks, each fold logging its own child runs
+(executor ``auto`` is made concrete once the folds and their base training are known). A run
 whose folds failed ends FAILED, naming the patients; ``resume_run_id`` re-opens it and re-runs
 only what did not finish (:func:`run_loso`). ``base_run_id`` takes the base models of an earlier
 LOSO run with the same data and base-training parameters, so transfer options can be tried in

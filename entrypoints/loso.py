@@ -1,6 +1,7 @@
 """Entry point `loso`: the whole leave-one-subject-out experiment (see ecg_mlflow.loso).
 
-Folds run on an executor (sequential, a local process pool, or Ray); --resume-run-id finishes an
+Folds run on an executor (auto, the default: a local process pool where it pays, else one after
+another; sequential, local or Ray by name); --resume-run-id finishes an
 interrupted or failed LOSO run; --base-run-id takes an earlier run's base models. Exit status 2: bad input (nothing logged); 1: some folds failed
 (the run ended FAILED and the message says how to resume it).
 """
