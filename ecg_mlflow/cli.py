@@ -163,8 +163,8 @@ def loso_parser(description: str | None = None, parser_class: type = argparse.Ar
     add_train_args(p)
     p.add_argument("--holdout", default="all", help="subjects to hold out (record ids, commas), or 'all'")
     p.add_argument("--executor", default="auto",
-                   help=f"where folds run: {', '.join(EXECUTORS)} (auto: local when two or more folds fit the cores "
-                        f"and no GPU is seen, else sequential)")
+                   help=f"where folds run: {', '.join(EXECUTORS)} (auto: local where two or more folds fit the cores, "
+                        f"base training reads a million beats or more and no GPU is seen; else sequential)")
     p.add_argument("--workers", type=whole_number("workers"), default=2,
                    help="worker processes (local) or CPUs of a local Ray instance")
     p.add_argument("--ray-address", default="", help="an existing Ray cluster (e.g. 10.0.0.5:6379); '' = local Ray")
