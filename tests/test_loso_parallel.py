@@ -2,6 +2,7 @@
 
 - the local process pool and a local Ray instance give exactly the numbers of the sequential run
   (same seed, same TensorFlow thread count), with the same run tree and registry layout;
+- executor auto takes the pool only where it pays, and a resume decides as the whole run did;
 - a LOSO process killed during the second patient is resumed: nothing missing, nothing twice;
 - a worker process killed mid-fold fails only its fold, the parent ends FAILED naming the patient
   and the resume command, and that command (through ``mlflow run``) finishes the run;
@@ -192,6 +193,36 @@ def test_the_sequential_reference_ran_in_one_process_though_auto(sequential):
     parent = sequential[1]["parent"]
     assert parent.data.params["executor"] == "auto"
     assert parent.data.tags["ecg.execution"] == "one after another in this process, 1 TensorFlow thread(s) per fold"
+
+
+def test_auto_resume_decides_as_the_whole_run_did(tracking_uri, mitdb_dir, cache_root, monkeypatch):
+    """A resume with one fold left takes the pool and thread count the whole run took, so the
+    re-run patient's figures are the first attempt's to the bit."""
+    from dataclasses import replace
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("executor auto runs folds side by side only with two cores or more")
+    monkeypatch.setattr(executors, "AUTO_MIN_WORK", 0)
+    cfg = config(mitdb_dir, cache_root, executor="auto", threads=0)
+    parent_id = run_loso(cfg)
+    client = MlflowClient(tracking_uri)
+    how = client.get_run(parent_id).data.tags["ecg.execution"]
+    assert how == "on a local pool of 2 worker processes, 1 TensorFlow thread(s) per fold", how
+    # as an interruption leaves it: patient 101's transfer run and the parent unfinished
+    exp = client.get_run(parent_id).info.experiment_id
+    (first,) = client.search_runs([exp], "tags.patient = '101' and tags.variant = 'transfer'")
+    client.set_terminated(first.info.run_id, "FAILED")
+    client.set_terminated(parent_id, "FAILED")
+    assert run_loso(replace(cfg, resume_run_id=parent_id)) == parent_id
+    assert client.get_run(parent_id).data.tags["ecg.execution"] == how
+    again = client.search_runs([exp], "tags.patient = '101' and tags.variant = 'transfer' and "
+                                      "attributes.status = 'FINISHED'")
+    assert [r.info.run_id for r in again] != [first.info.run_id] and len(again) == 1
+    want = {k: v for k, v in first.data.metrics.items() if k.startswith("test_")}
+    got = {k: v for k, v in again[0].data.metrics.items() if k.startswith("test_")}
+    assert got.keys() == want.keys() and all(same_number(got[k], want[k]) for k in want)
+    fine = [client.get_metric_history(r.info.run_id, "finetune_loss") for r in (first, again[0])]
+    assert [m.value for m in fine[0]] == [m.value for m in fine[1]]
 
 
 SQLITE_FILE = "sqlite:////tmp/x/mlflow.db"
