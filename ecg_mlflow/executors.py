@@ -387,10 +387,11 @@ class RayExecutor:
                 ray.shutdown()
 
 
-# Below this much base training (beats read: epochs x training beats, summed over the folds) a run
-# finishes sooner in this process than a pool takes to start: a private tracking server and worker
-# processes that each load TensorFlow and the dataset cost about 20 s; a million beats take about
-# 75 s to train on one 2-core CPU (README, "Speed").
+# Below about this much base training (beats read: epochs x training beats, summed over the folds)
+# a run finishes sooner in this process than a pool takes to start (a private tracking server,
+# worker processes that each load TensorFlow and the dataset: about 20 s). Measured on a 2-core
+# CPU: records 100,101,200 at 1 epoch took 26 s in this process and 47 s on the pool; six
+# subjects at 16 epochs (about a million beats) 120 s and 107 s.
 AUTO_MIN_WORK = 1_000_000
 
 
