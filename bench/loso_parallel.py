@@ -1,9 +1,11 @@
-"""Wall time of a small LOSO run: sequential against the local process pool (and Ray, if asked).
+"""Wall time of a small LOSO run: sequential against the local process pool, what executor auto
+chose for it (and Ray, if asked).
 
 Each variant runs ``entrypoints/loso.py`` as a fresh process on a fresh SQLite store (a parallel
 run on SQLite includes starting its private tracking server), after the dataset is prepared
 once. Prints the figures; asserts nothing. The per-patient results are the same in every
-variant (same seed, same TensorFlow threads per fold); only the time differs.
+variant at equal TensorFlow threads per fold; sequential runs with every core and the pool with
+cores / workers, so their last digits may differ.
 
     python bench/loso_parallel.py [--records 100,101,103,105] [--holdout all] [--epochs 2]
                                   [--finetune-epochs 5] [--workers 2] [--ray]
@@ -40,7 +42,8 @@ def main() -> int:
               file=sys.stderr)
         return 1
 
-    variants = [("sequential", ["--executor", "sequential"]), (f"local, {args.workers} workers", ["--executor", "local"])]
+    variants = [("sequential", ["--executor", "sequential"]), (f"local, {args.workers} workers", ["--executor", "local"]),
+                ("auto", ["--executor", "auto"])]
     if args.ray:
         variants.append((f"ray (local), {args.workers} CPUs", ["--executor", "ray"]))
     with tempfile.TemporaryDirectory(prefix="bench-loso-") as root:
@@ -65,6 +68,9 @@ def main() -> int:
                                   cwd=work, env=env, capture_output=True, text=True)
             times[name] = time.perf_counter() - t0
             status = "ok" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}): {proc.stderr[-500:]}"
+            chose = [line.split("folds run ", 1)[1].removesuffix(" (executor auto)")
+                     for line in proc.stdout.splitlines() if "folds run " in line]
+            status += f"   (folds ran {chose[0]})" if chose and name == "auto" else ""
             print(f"  {name:28s} {times[name]:7.1f} s   {status}", flush=True)
         base = times["sequential"]
         for name, t in times.items():
