@@ -4,11 +4,11 @@ chose for it (and Ray, if asked).
 Each variant runs ``entrypoints/loso.py`` as a fresh process on a fresh SQLite store (a parallel
 run on SQLite includes starting its private tracking server), after the dataset is prepared
 once. Prints the figures; asserts nothing. The per-patient results are the same in every
-variant at equal TensorFlow threads per fold; sequential runs with every core and the pool with
-cores / workers, so their last digits may differ.
+variant at equal TensorFlow threads per fold (``--threads``); by default sequential runs with
+every core and the pool and auto with cores / workers, so their last digits may differ.
 
     python bench/loso_parallel.py [--records 100,101,103,105] [--holdout all] [--epochs 2]
-                                  [--finetune-epochs 5] [--workers 2] [--ray]
+                                  [--finetune-epochs 5] [--workers 2] [--threads 0] [--ray]
 """
 
 import sys
@@ -35,6 +35,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0,
+                   help="TensorFlow threads per fold in every variant (0: each executor's own default)")
     p.add_argument("--ray", action="store_true", help="also time executor=ray on a local Ray instance")
     args = p.parse_args()
     if not args.data_dir or not Path(args.data_dir, "100.hea").is_file():
@@ -55,7 +57,7 @@ def main() -> int:
               f"load average {os.getloadavg()[0]:.1f}")
         common = ["--data-dir", args.data_dir, "--records", args.records, "--holdout", args.holdout,
                   "--epochs", str(args.epochs), "--finetune-epochs", str(args.finetune_epochs),
-                  "--workers", str(args.workers)]
+                  "--workers", str(args.workers), "--threads", str(args.threads)]
         times = {}
         for name, extra in variants:
             work = Path(root) / name.split(",")[0].split(" ")[0]

@@ -164,7 +164,8 @@ def loso_parser(description: str | None = None, parser_class: type = argparse.Ar
     p.add_argument("--holdout", default="all", help="subjects to hold out (record ids, commas), or 'all'")
     p.add_argument("--executor", default="auto",
                    help=f"where folds run: {', '.join(EXECUTORS)} (auto: local where two or more folds fit the cores, "
-                        f"base training reads a million beats or more and no GPU is seen; else sequential)")
+                        f"base training reads 250,000 beats or more and no GPU is seen; else sequential; "
+                        f"threads 0 = cores / workers either way)")
     p.add_argument("--workers", type=whole_number("workers"), default=2,
                    help="worker processes (local) or CPUs of a local Ray instance")
     p.add_argument("--ray-address", default="", help="an existing Ray cluster (e.g. 10.0.0.5:6379); '' = local Ray")

@@ -10,7 +10,7 @@ confusion matrix, from which the parent computes the ``gross_*`` / ``avg_*`` met
 Executors (parameter ``executor``):
 
 - ``auto`` (the entry point's default): ``local`` where that pays, else ``sequential``
-  (:func:`resolve`): folds side by side when the machine has cores for them and no GPU;
+  (:func:`resolve`), at the same thread count either way (cores / workers unless ``threads``);
 - ``sequential``: folds one after the other in this process (the library's default);
 - ``local``: ``workers`` processes started with the ``spawn`` method (a process that has started
   TensorFlow is never forked); a worker that dies fails only the fold it held, and is replaced;
@@ -387,12 +387,13 @@ class RayExecutor:
                 ray.shutdown()
 
 
-# Below about this much base training (beats read: epochs x training beats, summed over the folds)
-# a run finishes sooner in this process than a pool takes to start (a private tracking server,
-# worker processes that each load TensorFlow and the dataset: about 20 s). Measured on a 2-core
-# CPU: records 100,101,200 at 1 epoch took 26 s in this process and 47 s on the pool; six
-# subjects at 16 epochs (about a million beats) 120 s and 107 s.
-AUTO_MIN_WORK = 1_000_000
+# Below about this much base training (beats read: epochs x training beats, summed over the
+# folds) a run finishes as soon in this process as on a pool, which takes about 15 s to start (a
+# private tracking server, worker processes that each load TensorFlow and the dataset). Measured
+# on a 2-core CPU at one thread per fold (bench/loso_parallel.py --threads 1): six subjects at 4
+# epochs (252,000 beats) 72 s in this process against 59 s on the pool; at 1 epoch 54 s against
+# 51 s; records 100,101,200 at 1 epoch 24 s against 37 s.
+AUTO_MIN_WORK = 250_000
 
 
 def resolve(cfg: ExecConfig, folds: int, work: int, tracking_uri: str, cores: int | None = None,
@@ -401,23 +402,24 @@ def resolve(cfg: ExecConfig, folds: int, work: int, tracking_uri: str, cores: in
     training reads ``work`` beats (epochs x training beats, summed over the folds); any other
     executor is returned as it is.
 
-    ``auto`` is ``local`` when at least two folds can run side by side and it pays:
-    ``min(workers, folds, cores // threads)`` processes (``threads`` 0 counts as 1; ``cores``
-    default: this machine's) is two or more, ``work`` is at least :data:`AUTO_MIN_WORK`, no GPU
-    is seen (``gpus``: the GPUs TensorFlow sees; folds in separate processes would each claim the
-    whole GPU's memory), and other processes can reach the store (not an in-memory
-    ``sqlite://``). Otherwise ``sequential``. Two folds at once keep a small machine's cores busy
-    where one fold leaves them idle part of the time (fine-tuning, evaluation and logging run on
-    one thread; README, "Speed"). ``threads`` is kept (0: the cores shared out among the workers).
+    Under ``auto`` every fold runs with ``threads`` TensorFlow threads, or when 0 with ``cores //
+    workers`` (at least 1; ``cores`` default: this machine's), whichever way it runs: so a seed
+    repeats a fold's numbers whether it ran on the pool or in this process, in a resume or with
+    another run's base models. The folds run on a ``local`` pool of ``min(workers, folds)``
+    processes when that is two or more, ``work`` is at least :data:`AUTO_MIN_WORK`, no GPU is
+    seen (``gpus``: the GPUs TensorFlow sees; folds in separate processes would each claim the
+    whole GPU's memory) and other processes can reach the store (not an in-memory
+    ``sqlite://``); otherwise ``sequential``.
     """
     if cfg.executor != "auto":
         return cfg
     cores = (os.cpu_count() or 1) if cores is None else cores
-    workers = min(cfg.workers, folds, cores // max(cfg.threads, 1))
+    threads = cfg.threads or max(1, cores // cfg.workers)
+    workers = min(cfg.workers, folds, max(1, cores // threads))
     shared = not tracking_uri.startswith("sqlite:") or _sqlite_file(tracking_uri) is not None
     if workers >= 2 and work >= AUTO_MIN_WORK and not gpus and shared:
-        return replace(cfg, executor="local", workers=workers)
-    return replace(cfg, executor="sequential")
+        return replace(cfg, executor="local", workers=workers, threads=threads)
+    return replace(cfg, executor="sequential", threads=threads)
 
 
 def make_executor(cfg: ExecConfig) -> SequentialExecutor | LocalExecutor | RayExecutor:

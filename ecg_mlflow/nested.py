@@ -29,7 +29,8 @@ A run is reused (``reuse``: ``experiment``, the default, looks in this run's exp
 every experiment; ``none`` trains everything) when it is a FINISHED LOSO run whose logged
 parameters, read back as a :class:`~ecg_mlflow.loso.LosoConfig`, equal the planned run's (the
 registry prefix and machine settings aside; the TensorFlow thread count included, since a seed
-repeats only at equal counts, as given: ``threads=0`` is 0 whatever count the executor made of it)
+repeats only at equal counts, as given: ``threads=0`` is 0 whatever count the executor made of it:
+every core under ``sequential``, cores / workers under ``auto``)
 and whose dataset digest (records, window, label scheme, fine-tune
 minutes, format and every record file's checksum) is the planned one's. Reused runs stay where
 they are; ``nested_plan.csv`` lists every run of the plan and whether it was reused.

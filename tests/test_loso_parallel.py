@@ -226,24 +226,24 @@ def test_auto_resume_decides_as_the_whole_run_did(tracking_uri, mitdb_dir, cache
 
 
 SQLITE_FILE = "sqlite:////tmp/x/mlflow.db"
-MILLION = executors.AUTO_MIN_WORK
+ENOUGH = executors.AUTO_MIN_WORK
 
 
 @pytest.mark.parametrize("given, folds, work, uri, cores, gpus, want", [
-    # enough folds, cores and work, no GPU: folds side by side; threads stay as given (0: shared out)
-    ({}, 43, 20 * MILLION, SQLITE_FILE, 2, 0, ("local", 2, 0)),
-    ({}, 43, MILLION, "http://127.0.0.1:5000", 16, 0, ("local", 2, 0)),
-    ({"workers": 4}, 3, MILLION, SQLITE_FILE, 16, 0, ("local", 3, 0)),
-    ({"workers": 4, "threads": 2}, 43, MILLION, SQLITE_FILE, 6, 0, ("local", 3, 2)),
-    # otherwise one after another
-    ({}, 1, 20 * MILLION, SQLITE_FILE, 2, 0, ("sequential", 2, 0)),
-    ({}, 43, MILLION - 1, SQLITE_FILE, 2, 0, ("sequential", 2, 0)),
-    ({}, 43, 20 * MILLION, SQLITE_FILE, 1, 0, ("sequential", 2, 0)),
-    ({"threads": 2}, 43, 20 * MILLION, SQLITE_FILE, 2, 0, ("sequential", 2, 2)),
-    ({}, 43, 20 * MILLION, SQLITE_FILE, 16, 1, ("sequential", 2, 0)),
-    ({}, 43, 20 * MILLION, "sqlite://", 2, 0, ("sequential", 2, 0)),
-    ({}, 43, 20 * MILLION, "sqlite:///:memory:", 2, 0, ("sequential", 2, 0)),
-    ({"workers": 1}, 43, 20 * MILLION, SQLITE_FILE, 2, 0, ("sequential", 1, 0)),
+    # enough folds, cores and work, no GPU: folds side by side, threads given or cores / workers
+    ({}, 43, 80 * ENOUGH, SQLITE_FILE, 2, 0, ("local", 2, 1)),
+    ({}, 43, ENOUGH, "http://127.0.0.1:5000", 16, 0, ("local", 2, 8)),
+    ({"workers": 4}, 3, ENOUGH, SQLITE_FILE, 16, 0, ("local", 3, 4)),
+    ({"workers": 4, "threads": 2}, 43, ENOUGH, SQLITE_FILE, 6, 0, ("local", 3, 2)),
+    # otherwise one after another, at the thread count the pool would have had
+    ({}, 1, 80 * ENOUGH, SQLITE_FILE, 2, 0, ("sequential", 2, 1)),
+    ({}, 43, ENOUGH - 1, SQLITE_FILE, 2, 0, ("sequential", 2, 1)),
+    ({}, 43, 80 * ENOUGH, SQLITE_FILE, 1, 0, ("sequential", 2, 1)),
+    ({"threads": 2}, 43, 80 * ENOUGH, SQLITE_FILE, 2, 0, ("sequential", 2, 2)),
+    ({}, 43, 80 * ENOUGH, SQLITE_FILE, 16, 1, ("sequential", 2, 8)),
+    ({}, 43, 80 * ENOUGH, "sqlite://", 2, 0, ("sequential", 2, 1)),
+    ({}, 43, 80 * ENOUGH, "sqlite:///:memory:", 2, 0, ("sequential", 2, 1)),
+    ({"workers": 1}, 43, 80 * ENOUGH, SQLITE_FILE, 2, 0, ("sequential", 1, 2)),
 ])
 def test_auto_runs_folds_side_by_side_only_where_it_pays(given, folds, work, uri, cores, gpus, want):
     got = executors.resolve(ExecConfig(executor="auto", **given), folds, work, uri, cores=cores, gpus=gpus)
@@ -253,7 +253,7 @@ def test_auto_runs_folds_side_by_side_only_where_it_pays(given, folds, work, uri
 def test_resolve_leaves_a_named_executor_alone():
     for name in ("sequential", "local", "ray"):
         cfg = ExecConfig(executor=name)
-        assert executors.resolve(cfg, 43, 20 * MILLION, "sqlite://", cores=1, gpus=1) is cfg
+        assert executors.resolve(cfg, 43, 80 * ENOUGH, "sqlite://", cores=1, gpus=1) is cfg
     with pytest.raises(ValueError, match="auto"):
         ExecConfig(executor="auto").resolved_threads
 
