@@ -493,8 +493,8 @@ def run_loso(cfg: LosoConfig) -> str:
                                            if previous is not None else ""), flush=True)
         n_train = {f.subject: int(f.train.sum()) for f in folds}
         # Executor auto: folds side by side when there is enough base training to pay for the pool.
-        # Decided on the whole run, not on what is left of it, so that a resumed run decides (and
-        # sets the thread count) as the original did.
+        # Decided on the whole run, not on what is left of it, so that a resumed run takes the pool
+        # (or not) as the original did.
         work = sum(n_train[f.subject] for f in folds if f.subject not in reused) * cfg.train.epochs * cfg.train.ensemble
         execution = executors.resolve(cfg.execution, len(folds), work, uri, gpus=visible_gpus())
         how = executors.describe(execution)
