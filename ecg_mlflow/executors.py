@@ -103,7 +103,7 @@ class ExecConfig:
             return self.threads
         if self.executor == "sequential":
             return 0
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return _cores_per_worker(os.cpu_count() or 1, self.workers)
 
     def params(self) -> dict[str, object]:
         return {"executor": self.executor, "workers": self.workers, "ray_address": self.ray_address,
@@ -414,12 +414,17 @@ def resolve(cfg: ExecConfig, folds: int, work: int, tracking_uri: str, cores: in
     if cfg.executor != "auto":
         return cfg
     cores = (os.cpu_count() or 1) if cores is None else cores
-    threads = cfg.threads or max(1, cores // cfg.workers)
+    threads = cfg.threads or _cores_per_worker(cores, cfg.workers)
     workers = min(cfg.workers, folds, max(1, cores // threads))
     shared = not tracking_uri.startswith("sqlite:") or _sqlite_file(tracking_uri) is not None
     if workers >= 2 and work >= AUTO_MIN_WORK and not gpus and shared:
         return replace(cfg, executor="local", workers=workers, threads=threads)
     return replace(cfg, executor="sequential", threads=threads)
+
+
+def _cores_per_worker(cores: int, workers: int) -> int:
+    """The cores shared out among ``workers`` (at least one each): the thread count of 0."""
+    return max(1, cores // workers)
 
 
 def make_executor(cfg: ExecConfig) -> SequentialExecutor | LocalExecutor | RayExecutor:

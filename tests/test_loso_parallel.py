@@ -162,16 +162,22 @@ def sequential(tmp_path_factory, mitdb_dir, cache_root):
     return uri, snapshot(uri, parent_id_of(uri))
 
 
+@pytest.fixture
+def auto_takes_the_pool(monkeypatch):
+    """Executor auto as on a machine with cores to spare, for tiny runs: the tests' runs read far
+    fewer beats than its threshold, so it is lowered and they take the pool."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("executor auto runs folds side by side only with two cores or more")
+    monkeypatch.setattr(executors, "AUTO_MIN_WORK", 0)
+
+
 @pytest.mark.parametrize("executor", ["local", "ray", "auto"])
 def test_parallel_executors_repeat_the_sequential_run(executor, sequential, tracking_uri, mitdb_dir, cache_root,
-                                                      capsys, monkeypatch):
+                                                      capsys, request):
     if executor == "ray":
         pytest.importorskip("ray")
     if executor == "auto":
-        if (os.cpu_count() or 1) < 2:
-            pytest.skip("executor auto runs folds side by side only with two cores or more")
-        # this tiny run reads far fewer beats than auto's threshold: lower it, so that it takes the pool
-        monkeypatch.setattr(executors, "AUTO_MIN_WORK", 0)
+        request.getfixturevalue("auto_takes_the_pool")
     t0 = time.monotonic()
     parent_id = run_loso(config(mitdb_dir, cache_root, executor=executor, workers=2))
     print(f"{executor} LOSO: {time.monotonic() - t0:.1f} s")
@@ -195,14 +201,11 @@ def test_the_sequential_reference_ran_in_one_process_though_auto(sequential):
     assert parent.data.tags["ecg.execution"] == "one after another in this process, 1 TensorFlow thread(s) per fold"
 
 
-def test_auto_resume_decides_as_the_whole_run_did(tracking_uri, mitdb_dir, cache_root, monkeypatch):
+def test_auto_resume_decides_as_the_whole_run_did(tracking_uri, mitdb_dir, cache_root, auto_takes_the_pool):
     """A resume with one fold left takes the pool and thread count the whole run took, so the
     re-run patient's figures are the first attempt's to the bit."""
     from dataclasses import replace
 
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("executor auto runs folds side by side only with two cores or more")
-    monkeypatch.setattr(executors, "AUTO_MIN_WORK", 0)
     cfg = config(mitdb_dir, cache_root, executor="auto", threads=0)
     parent_id = run_loso(cfg)
     client = MlflowClient(tracking_uri)
