@@ -99,11 +99,8 @@ class ExecConfig:
         Call it on a :func:`resolve`\ d configuration (``auto`` is not an executor of its own)."""
         if self.executor == "auto":
             raise ValueError("executor 'auto' has no thread count until resolved (executors.resolve)")
-        if self.threads > 0:
-            return self.threads
-        if self.executor == "sequential":
-            return 0
-        return _cores_per_worker(os.cpu_count() or 1, self.workers)
+        # 0 for sequential: leave TensorFlow's own default alone (fold_threads: every core).
+        return 0 if self.executor == "sequential" and self.threads == 0 else fold_threads(self)
 
     def params(self) -> dict[str, object]:
         return {"executor": self.executor, "workers": self.workers, "ray_address": self.ray_address,
@@ -414,12 +411,23 @@ def resolve(cfg: ExecConfig, folds: int, work: int, tracking_uri: str, cores: in
     if cfg.executor != "auto":
         return cfg
     cores = (os.cpu_count() or 1) if cores is None else cores
-    threads = cfg.threads or _cores_per_worker(cores, cfg.workers)
+    threads = fold_threads(cfg, cores)
     workers = min(cfg.workers, folds, max(1, cores // threads))
     shared = not tracking_uri.startswith("sqlite:") or _sqlite_file(tracking_uri) is not None
     if workers >= 2 and work >= AUTO_MIN_WORK and not gpus and shared:
         return replace(cfg, executor="local", workers=workers, threads=threads)
     return replace(cfg, executor="sequential", threads=threads)
+
+
+def fold_threads(cfg: ExecConfig, cores: int | None = None) -> int:
+    """The TensorFlow intra-op thread count every fold of a run under ``cfg`` runs with: ``threads``
+    when set; else every core (``sequential``: TensorFlow's own default) or the cores shared out
+    among the workers (``auto``, ``local``, ``ray``). ``cores`` default: this machine's. A seed
+    repeats a fold's numbers only at the same count, which is why runs are compared by it."""
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    if cfg.threads > 0:
+        return cfg.threads
+    return cores if cfg.executor == "sequential" else _cores_per_worker(cores, cfg.workers)
 
 
 def _cores_per_worker(cores: int, workers: int) -> int:

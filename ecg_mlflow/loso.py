@@ -464,6 +464,8 @@ def run_loso(cfg: LosoConfig) -> str:
     if cfg.resume_run_id:
         previous = _loso_run(cfg.resume_run_id, "resume_run_id")
         cfg = config_for_resume(previous.data.params, cfg)
+        # The folds left run at the thread count of those finished, whatever executor runs them now.
+        cfg = replace(cfg, execution=replace(cfg.execution, threads=ran_threads(previous)))
     source = _loso_run(cfg.base_run_id, "base_run_id") if cfg.base_run_id else None
     if source is not None:
         check_base_settings(source, cfg)
@@ -498,7 +500,7 @@ def run_loso(cfg: LosoConfig) -> str:
         work = sum(n_train[f.subject] for f in folds if f.subject not in reused) * cfg.train.epochs * cfg.train.ensemble
         execution = executors.resolve(cfg.execution, len(folds), work, uri, gpus=visible_gpus())
         how = executors.describe(execution)
-        mlflow.set_tag(EXECUTION_TAG, how)
+        mlflow.set_tags({EXECUTION_TAG: how, THREADS_TAG: executors.fold_threads(execution)})
         print(f"loso: folds run {how}" + (" (executor auto)" if cfg.execution.executor == "auto" else ""), flush=True)
 
         outcomes: dict[str, FoldOutcome] = {}
@@ -551,6 +553,7 @@ def run_loso(cfg: LosoConfig) -> str:
 
 FAILED_TAG = "ecg.failed_patients"
 EXECUTION_TAG = "ecg.execution"  # where and how the folds ran, in words (executor auto made concrete)
+THREADS_TAG = "ecg.threads"  # the TensorFlow thread count every fold ran with (executors.fold_threads)
 RESUMED_TAG = "ecg.resumed_run_id"
 
 
@@ -661,6 +664,21 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
                    registry_prefix=get("registry_prefix", "ecg"), execution=replace(given.execution, threads=threads),
                    base_folds=base_folds, evaluate_on=get("evaluate_on", "test"),
                    base_run_id=get("base_run_id", "") or None)
+
+
+def ran_threads(run) -> int:
+    """The TensorFlow thread count a LOSO run's folds ran with: its ``ecg.threads`` tag, or for a run
+    made before the tag its logged ``threads``, ``executor`` and ``workers`` by the rule of
+    :func:`executors.fold_threads` on this machine's cores."""
+    from ecg_mlflow import cli
+
+    tags, params = run.data.tags, run.data.params
+    if tags.get(THREADS_TAG, "").isdigit():
+        return int(tags[THREADS_TAG])
+    get = lambda k, default: logged_value(str(params.get(k, default))) or default  # noqa: E731
+    threads, workers = (_param(cli.whole_number(k), k, get(k, d)) for k, d in (("threads", "0"), ("workers", "2")))
+    return executors.fold_threads(ExecConfig(executor=get("executor", "sequential"), workers=max(workers, 1),
+                                             threads=threads))
 
 
 def run_settings(c: LosoConfig) -> dict[str, object]:

@@ -28,9 +28,10 @@ train the same ones again.
 A run is reused (``reuse``: ``experiment``, the default, looks in this run's experiment; ``all`` in
 every experiment; ``none`` trains everything) when it is a FINISHED LOSO run whose logged
 parameters, read back as a :class:`~ecg_mlflow.loso.LosoConfig`, equal the planned run's (the
-registry prefix and machine settings aside; the TensorFlow thread count included, since a seed
-repeats only at equal counts, as given: ``threads=0`` is 0 whatever count the executor made of it:
-every core under ``sequential``, cores / workers under ``auto``)
+registry prefix and machine settings aside; the TensorFlow thread count its folds ran with
+included, since a seed repeats only at equal counts: the run's ``ecg.threads`` tag against the
+count the planned run's ``threads`` comes to under its executor, so ``threads=0`` under
+``sequential`` (every core) is not ``threads=0`` under ``auto`` (cores / workers))
 and whose dataset digest (records, window, label scheme, fine-tune
 minutes, format and every record file's checksum) is the planned one's. Reused runs stay where
 they are; ``nested_plan.csv`` lists every run of the plan and whether it was reused.
@@ -53,7 +54,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ecg_mlflow import cli, executors, lifetime, tracking
-from ecg_mlflow.loso import FAILED_TAG, LosoConfig, base_settings, config_of_run, preflight, run_settings
+from ecg_mlflow.loso import FAILED_TAG, LosoConfig, base_settings, config_of_run, preflight, ran_threads, run_settings
 from ecg_mlflow.selection import FEW_FOLDS, SelectError, SelectResult, blind_records, select, subject_folds
 from ecg_mlflow.splits import subject_of
 from ecg_mlflow.tracking import logged_value
@@ -150,17 +151,20 @@ class PlannedRun:
         return f"candidate {self.candidate} {self.role}" + (f" without {self.fold}" if self.fold else "")
 
 
-def comparable(cfg: LosoConfig) -> dict[str, object]:
+def comparable(cfg: LosoConfig, threads: int | None = None) -> dict[str, object]:
     """What decides a LOSO run's figures; records are in the dataset digest, which is compared apart,
-    and base models taken from another run (``base_run_id``) are the ones it would have trained."""
-    s = run_settings(cfg)
+    and base models taken from another run (``base_run_id``) are the ones it would have trained.
+    ``threads``: the thread count its folds ran with (a finished run's :func:`ran_threads`); by
+    default the count ``cfg`` gives them (:func:`executors.fold_threads`), since a seed repeats
+    only at equal counts, and ``threads=0`` means another count under each executor."""
+    s = run_settings(cfg) | {"threads": executors.fold_threads(cfg.execution) if threads is None else threads}
     return {k: v for k, v in s.items() if k not in ("registry_prefix", "records", "base_run_id")}
 
 
 def base_key(r: PlannedRun) -> tuple:
     """What decides a planned run's base models: runs with equal keys can share them (they differ
     in fine-tune options only). The thread count is in it: a seed repeats only at equal counts."""
-    return r.digest, r.config.execution.threads, tuple(sorted(base_settings(r.config).items()))
+    return r.digest, executors.fold_threads(r.config.execution), tuple(sorted(base_settings(r.config).items()))
 
 
 def base_source(client: MlflowClient, run_id: str) -> str:
@@ -241,7 +245,7 @@ def find_finished(found: list, planned: PlannedRun) -> str | None:
         if run.data.tags.get("dataset_digest") != planned.digest or FAILED_TAG in run.data.tags:
             continue
         try:
-            have = comparable(config_of_run(run.data.params, planned.config))
+            have = comparable(config_of_run(run.data.params, planned.config), ran_threads(run))
         except ValueError:  # a parameter that cannot be read back: not this configuration
             continue
         if have == want:

@@ -203,14 +203,17 @@ def test_the_sequential_reference_ran_in_one_process_though_auto(sequential):
 
 def test_auto_resume_decides_as_the_whole_run_did(tracking_uri, mitdb_dir, cache_root, auto_takes_the_pool):
     """A resume with one fold left takes the pool and thread count the whole run took, so the
-    re-run patient's figures are the first attempt's to the bit."""
+    re-run patient's figures are the first attempt's to the bit; so does a resume told to run the
+    folds left on another executor, whose own rule would give another thread count."""
     from dataclasses import replace
 
     cfg = config(mitdb_dir, cache_root, executor="auto", threads=0)
     parent_id = run_loso(cfg)
     client = MlflowClient(tracking_uri)
+    n = executors.fold_threads(ExecConfig(executor="auto"))  # cores / 2 workers
     how = client.get_run(parent_id).data.tags["ecg.execution"]
-    assert how == "on a local pool of 2 worker processes, 1 TensorFlow thread(s) per fold", how
+    assert how == f"on a local pool of 2 worker processes, {n} TensorFlow thread(s) per fold", how
+    assert client.get_run(parent_id).data.tags["ecg.threads"] == str(n)
     # as an interruption leaves it: patient 101's transfer run and the parent unfinished
     exp = client.get_run(parent_id).info.experiment_id
     (first,) = client.search_runs([exp], "tags.patient = '101' and tags.variant = 'transfer'")
@@ -226,6 +229,22 @@ def test_auto_resume_decides_as_the_whole_run_did(tracking_uri, mitdb_dir, cache
     assert got.keys() == want.keys() and all(same_number(got[k], want[k]) for k in want)
     fine = [client.get_metric_history(r.info.run_id, "finetune_loss") for r in (first, again[0])]
     assert [m.value for m in fine[0]] == [m.value for m in fine[1]]
+    # Once more on a pool of one worker: at threads=0 that rule gives every core, but the folds left
+    # run at the count the finished ones ran with.
+    client.set_terminated(again[0].info.run_id, "FAILED")
+    client.set_terminated(parent_id, "FAILED")
+    one = replace(cfg, resume_run_id=parent_id, execution=replace(cfg.execution, executor="local", workers=1))
+    assert run_loso(one) == parent_id
+    tags = client.get_run(parent_id).data.tags
+    assert tags["ecg.execution"] == f"on a local pool of 1 worker processes, {n} TensorFlow thread(s) per fold"
+    assert tags["ecg.threads"] == str(n)
+    third = client.search_runs([exp], "tags.patient = '101' and tags.variant = 'transfer' and "
+                                      "attributes.status = 'FINISHED'")
+    assert len(third) == 1 and third[0].info.run_id not in (first.info.run_id, again[0].info.run_id)
+    got = {k: v for k, v in third[0].data.metrics.items() if k.startswith("test_")}
+    assert got.keys() == want.keys() and all(same_number(got[k], want[k]) for k in want)
+    assert [m.value for m in client.get_metric_history(third[0].info.run_id, "finetune_loss")] == \
+        [m.value for m in fine[0]]
 
 
 SQLITE_FILE = "sqlite:////tmp/x/mlflow.db"
@@ -251,6 +270,20 @@ ENOUGH = executors.AUTO_MIN_WORK
 def test_auto_runs_folds_side_by_side_only_where_it_pays(given, folds, work, uri, cores, gpus, want):
     got = executors.resolve(ExecConfig(executor="auto", **given), folds, work, uri, cores=cores, gpus=gpus)
     assert (got.executor, got.workers, got.threads) == want
+
+
+@pytest.mark.parametrize("given, cores, want", [
+    ({"executor": "sequential"}, 2, 2),  # TensorFlow's own default: every core
+    ({"executor": "sequential", "threads": 1}, 2, 1),
+    ({"executor": "auto"}, 2, 1),
+    ({"executor": "auto"}, 16, 8),
+    ({"executor": "local", "workers": 4}, 6, 1),
+    ({"executor": "local", "workers": 1}, 4, 4),
+    ({"executor": "ray", "workers": 3, "threads": 2}, 16, 2),
+    ({"executor": "auto", "workers": 4}, 2, 1),  # at least one
+])
+def test_fold_threads_is_the_count_each_executor_runs_folds_at(given, cores, want):
+    assert executors.fold_threads(ExecConfig(**given), cores=cores) == want
 
 
 def test_resolve_leaves_a_named_executor_alone():

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import entry_env, run_script_in_process
 from ecg_mlflow import nested as N
+from ecg_mlflow.loso import ran_threads
 from ecg_mlflow.selection import SelectError, select
 from ecg_mlflow.splits import subject_of
 
@@ -162,6 +163,77 @@ def test_bad_input_exits_2_and_writes_nothing(tracking_uri, data_env, monkeypatc
                                       monkeypatch, capsys)
     assert code == 2 and "reuse must be one of ['experiment', 'all', 'none']" in err, err
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# reuse: a finished run counts only at the thread count its folds ran with
+
+
+def _finished_loso_run(client: MlflowClient, experiment_id: str, executor: str, threads: int,
+                       tag: int | None) -> str:
+    """A FINISHED LOSO run in the store with the default options, logged as ``mlflow run`` logs them
+    (``executor`` and ``threads`` as given), and the ``ecg.threads`` tag where ``tag`` is given."""
+    from mlflow.entities import Param
+
+    from ecg_mlflow.executors import ExecConfig
+    from ecg_mlflow.loso import THREADS_TAG, LosoConfig
+
+    params = LosoConfig(execution=ExecConfig(executor=executor, threads=threads)).params()
+    tags = {"ecg.role": "loso", "dataset_digest": "d"} | ({THREADS_TAG: str(tag)} if tag is not None else {})
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run_id)
+    return run_id
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: every rule gives one thread")
+@pytest.mark.parametrize("planned_executor, executor, threads, tag, reused", [
+    # planned under auto, threads=0: cores / 2 per fold
+    ("auto", "auto", 0, None, True),  # made before the tag: auto's rule on this machine
+    ("auto", "local", 0, None, True),
+    ("auto", "sequential", 0, None, False),  # every core in one process
+    ("auto", "sequential", "share", None, True),  # the same count, given
+    ("auto", "sequential", 0, "share", True),  # the tag says what the folds ran with
+    ("auto", "auto", 0, "cores", False),  # e.g. made on a machine with twice the cores
+    # planned one after another, threads=0: every core
+    ("sequential", "sequential", 0, None, True),
+    ("sequential", "auto", 0, None, False),
+    ("sequential", "auto", "cores", None, True),
+])
+def test_reuse_counts_the_threads_the_folds_ran_with(tracking_uri, planned_executor, executor, threads, tag, reused):
+    from ecg_mlflow.executors import ExecConfig
+    from ecg_mlflow.loso import LosoConfig
+
+    cores = os.cpu_count()
+    count = {"share": cores // 2, "cores": cores, 0: 0, None: None}
+    client = MlflowClient()
+    experiment_id = client.create_experiment("threads")
+    run_id = _finished_loso_run(client, experiment_id, executor, count[threads], count[tag])
+    planned = N.PlannedRun(0, "figures", "", {}, config=LosoConfig(execution=ExecConfig(executor=planned_executor)),
+                           digest="d")
+    found = N.finished_loso_runs(client, [experiment_id])
+    assert [r.info.run_id for r in found] == [run_id]
+    assert N.find_finished(found, planned) == (run_id if reused else None)
+    # nothing else stands between it and reuse: given the count it ran with, it is reused
+    same = N.PlannedRun(0, "figures", "", {}, digest="d", config=LosoConfig(
+        execution=ExecConfig(executor=planned_executor, threads=ran_threads(found[0]))))
+    assert N.find_finished(found, same) == run_id
+
+
+def test_base_models_are_shared_at_equal_thread_counts_however_given():
+    from ecg_mlflow.executors import ExecConfig
+    from ecg_mlflow.loso import LosoConfig
+
+    cores = os.cpu_count() or 1
+
+    def key(**execution):
+        return N.base_key(N.PlannedRun(0, "figures", "", {}, digest="d",
+                                       config=LosoConfig(execution=ExecConfig(**execution))))
+
+    assert key(executor="auto") == key(executor="local") == key(executor="sequential", threads=max(1, cores // 2))
+    assert key(executor="sequential") == key(executor="auto", threads=cores)
+    if cores >= 2:
+        assert key(executor="auto") != key(executor="sequential")
 
 
 # ---------------------------------------------------------------------------------------------
