@@ -550,12 +550,11 @@ def predict_logits(model: keras.Model, x, idx: np.ndarray | None = None, batch_s
     if isinstance(x, BeatSource):
         x = x.inputs(np.asarray(idx), model_input_names(model))
     n = len(x["beat"]) if isinstance(x, dict) else len(x)
-    if n == 0:
-        return np.zeros((0, int(model.output.shape[-1])), dtype=np.float32)
     x = keras.tree.map_structure(lambda v: np.asarray(v, dtype=np.float32), x)  # no copy when already float32
     forward = _forward(model, x)
+    # No beats: one empty batch, whose output has the model's own shape (0, n_classes).
     return np.concatenate([forward(keras.tree.map_structure(lambda v: v[a:a + batch_size], x)).numpy()
-                           for a in range(0, n, batch_size)])
+                           for a in range(0, max(n, 1), batch_size)])
 
 
 def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:

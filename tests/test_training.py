@@ -79,6 +79,21 @@ def test_several_steps_per_execution_change_no_number(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_predict_logits_on_no_beats_has_the_models_output_shape():
+    """Also for a model that has never been called (a Sequential one built from a shape has no
+    symbolic output to read the shape from)."""
+    import keras
+
+    from ecg_mlflow.training import predict_logits
+
+    model = keras.Sequential([keras.layers.Conv1D(4, 3, name="conv"), keras.layers.Flatten(name="flatten"),
+                              keras.layers.Dense(5, name="logits")])
+    model.build((None, 16, 2))
+    empty = predict_logits(model, np.zeros((0, 16, 2)))
+    assert empty.shape == (0, 5) and empty.dtype == np.float32
+    assert predict_logits(model, np.ones((3, 16, 2)), batch_size=2).shape == (3, 5)
+
+
 @pytest.mark.parametrize("model_name", ["seed_cnn", "rr_cnn"])
 def test_predict_logits_equals_keras_predict_to_the_bit_for_any_batch_split(model_name):
     from ecg_mlflow.training import predict_logits
