@@ -20,11 +20,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from conftest import entry_env, run_script_in_process
 from ecg_mlflow import nested as N
-from ecg_mlflow.loso import ran_threads
+from ecg_mlflow.executors import ExecConfig
+from ecg_mlflow.loso import THREADS_TAG, LosoConfig, ran_threads
 from ecg_mlflow.selection import SelectError, select
 from ecg_mlflow.splits import subject_of
 
@@ -173,11 +175,6 @@ def _finished_loso_run(client: MlflowClient, experiment_id: str, executor: str, 
                        tag: int | None) -> str:
     """A FINISHED LOSO run in the store with the default options, logged as ``mlflow run`` logs them
     (``executor`` and ``threads`` as given), and the ``ecg.threads`` tag where ``tag`` is given."""
-    from mlflow.entities import Param
-
-    from ecg_mlflow.executors import ExecConfig
-    from ecg_mlflow.loso import THREADS_TAG, LosoConfig
-
     params = LosoConfig(execution=ExecConfig(executor=executor, threads=threads)).params()
     tags = {"ecg.role": "loso", "dataset_digest": "d"} | ({THREADS_TAG: str(tag)} if tag is not None else {})
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
@@ -201,9 +198,6 @@ def _finished_loso_run(client: MlflowClient, experiment_id: str, executor: str, 
     ("sequential", "auto", "cores", None, True),
 ])
 def test_reuse_counts_the_threads_the_folds_ran_with(tracking_uri, planned_executor, executor, threads, tag, reused):
-    from ecg_mlflow.executors import ExecConfig
-    from ecg_mlflow.loso import LosoConfig
-
     cores = os.cpu_count()
     count = {"share": cores // 2, "cores": cores, 0: 0, None: None}
     client = MlflowClient()
@@ -221,9 +215,6 @@ def test_reuse_counts_the_threads_the_folds_ran_with(tracking_uri, planned_execu
 
 
 def test_base_models_are_shared_at_equal_thread_counts_however_given():
-    from ecg_mlflow.executors import ExecConfig
-    from ecg_mlflow.loso import LosoConfig
-
     cores = os.cpu_count() or 1
 
     def key(**execution):
