@@ -1,5 +1,5 @@
 """Wall time of a small LOSO run: sequential against the local process pool, what executor auto
-chose for it (and Ray, if asked).
+chose for it (and Ray, if asked); each variant's line says how its folds ran (the run's tag).
 
 Each variant runs ``entrypoints/loso.py`` as a fresh process on a fresh SQLite store (a parallel
 run on SQLite includes starting its private tracking server), after the dataset is prepared
@@ -23,8 +23,17 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from mlflow import MlflowClient  # noqa: E402
+
 from ecg_mlflow.dataset import PrepareConfig, prepare  # noqa: E402
-from ecg_mlflow.loso import holdout_subjects  # noqa: E402
+from ecg_mlflow.loso import EXECUTION_TAG, holdout_subjects  # noqa: E402
+
+
+def how_it_ran(tracking_uri: str) -> str:
+    """How the LOSO run in a fresh store ran its folds: its ``ecg.execution`` tag ('' if none)."""
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`ecg.role` = 'loso'")
+    return runs[0].data.tags.get(EXECUTION_TAG, "") if runs else ""
 
 
 def main() -> int:
@@ -70,9 +79,8 @@ def main() -> int:
                                   cwd=work, env=env, capture_output=True, text=True)
             times[name] = time.perf_counter() - t0
             status = "ok" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}): {proc.stderr[-500:]}"
-            chose = [line.split("folds run ", 1)[1].removesuffix(" (executor auto)")
-                     for line in proc.stdout.splitlines() if "folds run " in line]
-            status += f"   (folds ran {chose[0]})" if chose and name == "auto" else ""
+            how = how_it_ran(env["MLFLOW_TRACKING_URI"])
+            status += f"   (folds ran {how})" if how else ""
             print(f"  {name:28s} {times[name]:7.1f} s   {status}", flush=True)
         base = times["sequential"]
         for name, t in times.items():
