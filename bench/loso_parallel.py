@@ -26,7 +26,8 @@ import time  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from ecg_mlflow.dataset import PrepareConfig, prepare  # noqa: E402
-from ecg_mlflow.loso import EXECUTION_TAG, holdout_subjects  # noqa: E402
+from ecg_mlflow.loso import holdout_subjects  # noqa: E402
+from ecg_mlflow.resume import EXECUTION_TAG  # noqa: E402
 
 
 def how_it_ran(tracking_uri: str) -> str:

@@ -35,9 +35,10 @@ from mlflow.tracking import MlflowClient
 
 from ecg_mlflow import tracking
 from ecg_mlflow.dataset import BeatDataset, PrepareConfig, prepare
-from ecg_mlflow.loso import (VARIANTS, LosoConfig, PatientResult, _print_summary, aggregate, beat_source,
-                             config_of_run, log_test_results, plan_folds)
+from ecg_mlflow.experiment import VARIANTS, LosoConfig, PatientResult
+from ecg_mlflow.loso import _print_summary, aggregate, beat_source, log_test_results, plan_folds
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
+from ecg_mlflow.resume import config_of_run
 from ecg_mlflow.splits import patient_key, subject_of
 from ecg_mlflow.training import predict_logits
 

@@ -184,9 +184,9 @@ def loso_parser(description: str | None = None, parser_class: type = argparse.Ar
 
 
 def loso_config(a: argparse.Namespace):
-    """The :class:`ecg_mlflow.loso.LosoConfig` of parsed ``loso`` arguments (not yet validated)."""
+    """The :class:`ecg_mlflow.experiment.LosoConfig` of parsed ``loso`` arguments (not yet validated)."""
     from ecg_mlflow.executors import ExecConfig
-    from ecg_mlflow.loso import LosoConfig
+    from ecg_mlflow.experiment import LosoConfig
 
     execution = ExecConfig(executor=a.executor.strip().lower(), workers=a.workers, ray_address=a.ray_address.strip(),
                            ray_gpus_per_task=a.ray_gpus_per_task, threads=a.threads)

@@ -117,7 +117,7 @@ class FoldTask:
 
     dataset_path: str
     subject: str
-    config: Any  # ecg_mlflow.loso.LosoConfig (not imported here: this module stays light)
+    config: Any  # ecg_mlflow.experiment.LosoConfig (not imported here: this module stays light)
     parent_run_id: str
     experiment_id: str
     tracking_uri: str
@@ -130,7 +130,7 @@ class FoldTask:
 
 @dataclass
 class FoldOutcome:
-    """What a fold sends back: the patient results it logged (``ecg_mlflow.loso.PatientResult``),
+    """What a fold sends back: the patient results it logged (``ecg_mlflow.experiment.PatientResult``),
     and ``error`` (one line) when it failed."""
 
     subject: str

@@ -7,7 +7,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ecg_mlflow import cli
-from ecg_mlflow.loso import LosoConfig, run_train_base
+from ecg_mlflow.experiment import LosoConfig
+from ecg_mlflow.loso import run_train_base
 
 
 def main() -> None:

@@ -3,9 +3,7 @@ blended, and the blend checked against each member model's own predictions."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import mlflow
 import mlflow.keras

@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient
 from conftest import entry_env, run_script_in_process
 from ecg_mlflow import nested as N
 from ecg_mlflow.executors import ExecConfig
-from ecg_mlflow.loso import THREADS_TAG, LosoConfig, ran_threads
+from ecg_mlflow.loso import LosoConfig
+from ecg_mlflow.resume import THREADS_TAG, ran_threads
 from ecg_mlflow.selection import SelectError, select
 from ecg_mlflow.splits import subject_of
 

@@ -138,7 +138,7 @@ def test_holdout_takes_a_record_set_as_its_subjects():
 
 
 def test_a_resumed_run_that_never_logged_replay_keeps_running_without_it():
-    from ecg_mlflow.loso import config_of_run
+    from ecg_mlflow.resume import config_of_run
 
     assert TrainConfig().finetune_replay == 75  # the default changed after runs without the field
     assert config_of_run({}, LosoConfig()).train.finetune_replay == 0
@@ -152,7 +152,7 @@ def test_a_run_started_by_mlflow_run_reads_back_its_own_parameters():
     from mlflow.projects import _project_spec
 
     from conftest import REPO
-    from ecg_mlflow.loso import config_of_run, logged_value
+    from ecg_mlflow.resume import config_of_run, logged_value
 
     entry = _project_spec.load_project(str(REPO)).get_entry_point("loso")
     logged, _ = entry.compute_parameters({"records": "100,101", "window": "256", "sveb_gate": "0.99"},
