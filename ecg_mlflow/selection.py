@@ -60,7 +60,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ecg_mlflow import tracking, uncertainty
-from ecg_mlflow.compare import CI_LEVEL, N_BOOT, CompareError, LosoRun, load_loso_run, parse_run_ids, pool, \
+from ecg_mlflow.analysis import CI_LEVEL, N_BOOT, CompareError, LosoRun, load_loso_run, parse_run_ids, pool, \
     subject_count_table
 from ecg_mlflow.metrics import EC57_COUNTS
 from ecg_mlflow.records import RECORD_SETS

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import argparse  # noqa: E402
 
 from ecg_mlflow import cli  # noqa: E402
-from ecg_mlflow.compare import N_BOOT, CompareError  # noqa: E402
+from ecg_mlflow.analysis import N_BOOT, CompareError  # noqa: E402
 from ecg_mlflow.nested import PlanRunFailed, nested  # noqa: E402
 from ecg_mlflow.records import DataError  # noqa: E402
 

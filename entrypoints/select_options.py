@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import argparse  # noqa: E402
 
 from ecg_mlflow.cli import whole_number  # noqa: E402
-from ecg_mlflow.compare import N_BOOT, CompareError  # noqa: E402
+from ecg_mlflow.analysis import N_BOOT, CompareError  # noqa: E402
 from ecg_mlflow.selection import select  # noqa: E402
 
 

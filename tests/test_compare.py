@@ -23,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
+from ecg_mlflow import analysis as A
 from ecg_mlflow import compare as C
 from ecg_mlflow import figures
 from ecg_mlflow import uncertainty as U
@@ -157,34 +158,34 @@ def test_paired_statistics_match_scipy(tracking_uri, cms):
 
 def test_bootstrap_ci_agrees_with_scipy_and_is_seeded():
     d = np.random.default_rng(7).normal(0.05, 0.1, 40)
-    lo, hi = C.bootstrap_ci(d, 10_000, seed=0)
+    lo, hi = A.bootstrap_ci(d, 10_000, seed=0)
     ref = stats.bootstrap((d,), np.mean, n_resamples=10_000, method="percentile", rng=1).confidence_interval
     se = d.std(ddof=1) / np.sqrt(d.size)
     assert abs(lo - ref.low) < 0.15 * se and abs(hi - ref.high) < 0.15 * se
     assert lo < d.mean() < hi
-    assert C.bootstrap_ci(d, 10_000, seed=0) == (lo, hi)
-    assert C.bootstrap_ci(d, 10_000, seed=1) != (lo, hi)
-    assert C.bootstrap_ci(np.array([0.2]), 100) == (0.2, 0.2)
-    assert all(math.isnan(x) for x in C.bootstrap_ci(np.array([]), 100))
+    assert A.bootstrap_ci(d, 10_000, seed=0) == (lo, hi)
+    assert A.bootstrap_ci(d, 10_000, seed=1) != (lo, hi)
+    assert A.bootstrap_ci(np.array([0.2]), 100) == (0.2, 0.2)
+    assert all(math.isnan(x) for x in A.bootstrap_ci(np.array([]), 100))
 
 
 def test_paired_test_edge_cases():
     # Hand example: d = +0.1, -0.2, +0.3, 0 -> ranks of |d| (zero dropped) 1, 2, 3; R+ = 4, R- = 2.
-    out = C.paired_test(np.array([0.5, 0.5, 0.2, 0.4, np.nan]), np.array([0.6, 0.3, 0.5, 0.4, 0.9]), n_boot=200)
+    out = A.paired_test(np.array([0.5, 0.5, 0.2, 0.4, np.nan]), np.array([0.6, 0.3, 0.5, 0.4, 0.9]), n_boot=200)
     assert out["n"] == 4 and out["n_left_out"] == 1 and out["n_nonzero"] == 3
     assert out["rank_biserial"] == pytest.approx((4 - 2) / 6)
     assert out["mean_diff"] == pytest.approx(0.2 / 4)
-    same = C.paired_test(np.array([0.5, 0.7]), np.array([0.5, 0.7]), n_boot=200)
+    same = A.paired_test(np.array([0.5, 0.7]), np.array([0.5, 0.7]), n_boot=200)
     assert same["mean_diff"] == 0.0 and same["p_value"] == 1.0 and math.isnan(same["rank_biserial"])
     # One patient (a short run where one record has V beats): means and CI, no test.
-    one = C.paired_test(np.array([0.5, np.nan]), np.array([0.8, 0.9]), n_boot=200)
+    one = A.paired_test(np.array([0.5, np.nan]), np.array([0.8, 0.9]), n_boot=200)
     assert one["n"] == 1 and one["mean_diff"] == pytest.approx(0.3) and one["ci_low"] == pytest.approx(0.3)
     assert math.isnan(one["p_value"]) and math.isnan(one["wilcoxon_W"]) and one["rank_biserial"] == 1.0
-    none = C.paired_test(np.array([np.nan, 0.5]), np.array([0.5, np.nan]), n_boot=200)
+    none = A.paired_test(np.array([np.nan, 0.5]), np.array([0.5, np.nan]), n_boot=200)
     assert none["n"] == 0 and none["n_left_out"] == 2
     assert all(math.isnan(none[k]) for k in ("mean_diff", "ci_low", "p_value", "wilcoxon_W", "rank_biserial"))
     with pytest.raises(ValueError, match="one length"):
-        C.paired_test(np.zeros(2), np.zeros(3))
+        A.paired_test(np.zeros(2), np.zeros(3))
 
 
 def test_gross_statistics_carry_subject_bootstrap_intervals(tracking_uri, cms):
@@ -193,7 +194,7 @@ def test_gross_statistics_carry_subject_bootstrap_intervals(tracking_uri, cms):
     (a,) = res.analyses
     g = a.gross_ci
     # Subjects are drawn, not records: 201 and 202 are one subject.
-    counts = {v: C.subject_count_table(a.run, v) for v in C.VARIANTS}
+    counts = {v: A.subject_count_table(a.run, v) for v in C.VARIANTS}
     assert list(counts["transfer"].index) == ["100", "101", "105", "201", "208"]
     assert counts["transfer"].loc["201"].tolist() == [
         int(known(cms, "201", "transfer", k) + known(cms, "202", "transfer", k)) for k in EC57_COUNTS]
@@ -443,7 +444,7 @@ def test_default_is_the_newest_finished_loso_run(tracking_uri, cms):
     unfinished = log_loso(tiny, name="newest-but-running")
     MlflowClient().update_run(unfinished, status="RUNNING")
     log_loso(tiny, experiment="elsewhere", name="other-experiment")
-    assert C.default_loso_run(MlflowClient()) == newest
+    assert A.default_loso_run(MlflowClient()) == newest
     res = C.compare(n_boot=N_BOOT, echo=False)
     assert MlflowClient().get_run(res.run_id).data.tags["loso_run_ids"] == newest
     with pytest.raises(C.CompareError, match="'nope'"):
