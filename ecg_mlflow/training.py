@@ -552,9 +552,14 @@ def predict_logits(model: keras.Model, x, idx: np.ndarray | None = None, batch_s
     n = len(x["beat"]) if isinstance(x, dict) else len(x)
     x = keras.tree.map_structure(lambda v: np.asarray(v, dtype=np.float32), x)  # no copy when already float32
     forward = _forward(model, x)
-    # No beats: one empty batch, whose output has the model's own shape (0, n_classes).
+    if n == 0:
+        # The width from the traced graph, not from an empty batch: oneDNN's convolution refuses a
+        # batch of 0 on some CPUs. It needs no symbolic output either (a Sequential model built from
+        # a shape and never called has none).
+        width = forward.get_concrete_function().structured_outputs.shape[-1]
+        return np.zeros((0, int(width)), dtype=np.float32)
     return np.concatenate([forward(keras.tree.map_structure(lambda v: v[a:a + batch_size], x)).numpy()
-                           for a in range(0, max(n, 1), batch_size)])
+                           for a in range(0, n, batch_size)])
 
 
 def predict_classes(model: keras.Model, x, idx: np.ndarray | None = None, batch_size: int = 4096) -> np.ndarray:
