@@ -1,8 +1,8 @@
 """What a LOSO experiment is, as plain values: its configuration, the two variants it evaluates per
 record, the statistics it headlines, and the base models and per-record results it produces.
 
-:mod:`ecg_mlflow.loso` runs the experiment; :mod:`ecg_mlflow.resume` reads finished runs back into
-these types. Both import from here, so neither imports the other's internals.
+:mod:`ecg_mlflow.loso` runs the experiment and :mod:`ecg_mlflow.resume` reads finished runs back
+into these types. ``loso`` imports ``resume``, and both import from here, so there is no cycle.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ class BaseModel:
 
 @dataclass
 class PatientResult:
+    """One (record, variant) evaluated: its test metrics and its confusion matrix ``(n_classes, n_classes)``."""
+
     record: str
     variant: str
     run_id: str
