@@ -54,7 +54,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ecg_mlflow import cli, executors, lifetime, tracking
-from ecg_mlflow.loso import LosoConfig, preflight
+from ecg_mlflow.experiment import LosoConfig
+from ecg_mlflow.loso import preflight
 from ecg_mlflow.resume import FAILED_TAG, base_settings, config_of_run, ran_threads, run_settings
 from ecg_mlflow.selection import FEW_FOLDS, SelectError, SelectResult, blind_records, select, subject_folds
 from ecg_mlflow.splits import subject_of
