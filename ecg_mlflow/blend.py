@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from ecg_mlflow import tracking
 from ecg_mlflow.dataset import BeatDataset, PrepareConfig, prepare
 from ecg_mlflow.experiment import VARIANTS, LosoConfig, PatientResult
-from ecg_mlflow.loso import _print_summary, aggregate, beat_source, log_test_results, plan_folds
+from ecg_mlflow.loso import aggregate, beat_source, log_test_results, plan_folds, print_summary
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.resume import config_of_run
 from ecg_mlflow.splits import patient_key, subject_of
@@ -254,7 +254,7 @@ def blend(loso_runs: str, data_dir: str | None = None, echo: bool = True) -> str
         summary = aggregate(results, classes)
         mlflow.log_metrics(summary | {"n_patients": len(patients)})
     if echo:
-        _print_summary(summary)
+        print_summary(summary)
         print(f"\nblend run {parent} of {', '.join(ids)}; compare it with: mlflow run . -e compare "
               f"-P loso_runs={ids[0]},{parent}")
     return parent

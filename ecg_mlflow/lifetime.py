@@ -14,12 +14,17 @@ works on every POSIX system, where ``prctl(PR_SET_PDEATHSIG)`` is Linux only):
 - a tracking server runs under a guard (:func:`guarded`, ``python -m ecg_mlflow.lifetime``): the
   guard starts the server in a process group of its own and ends that whole group, server and its
   workers, when it is stopped or the process that started it is gone.
+
+What a killed process leaves in the tracking store is told apart here too: a run tagged with
+:func:`process_token` (host, pid and the process's start time) can later be asked
+:func:`process_alive`, so a RUNNING run whose process is gone is not mistaken for one at work.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -63,6 +68,48 @@ def watch_parent_from_env() -> bool:
     if not value.isdigit():
         return False
     watch_parent(int(value), interrupt_self)
+    return True
+
+
+def _stat(pid: int) -> tuple[str, str]:
+    """Process ``pid``'s state letter and start time (clock ticks since boot) from Linux ``/proc``;
+    ``("", "")`` where they cannot be read. Together with the pid the start time names one
+    process: a pid is reused, a (pid, start) pair is not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return "", ""
+    # Fields 3 and 22; the command name (field 2) is in parentheses and may hold spaces, so count from its end.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return (fields[0].decode(), fields[19].decode()) if len(fields) > 19 else ("", "")
+
+
+def process_token(pid: int | None = None) -> str:
+    """``"<host> <pid> <start>"`` naming this process (or ``pid``), for a run's tag."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()} {pid} {_stat(pid)[1]}".rstrip()
+
+
+def process_alive(token: str) -> bool | None:
+    """Whether the process a :func:`process_token` names still runs: ``None`` when it ran on another
+    host (or the token cannot be read), so nobody here can tell."""
+    parts = token.split()
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or parts[0] != socket.gethostname() \
+            or os.name != "posix":  # elsewhere os.kill(pid, 0) would end the process
+        return None
+    pid = int(parts[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    state, start = _stat(pid)
+    if state == "Z":
+        return False  # it has ended; only its exit status waits to be collected
+    if len(parts) == 3 and start and start != parts[2]:
+        return False  # the pid now belongs to a later process
     return True
 
 

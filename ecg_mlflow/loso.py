@@ -52,9 +52,9 @@ from ecg_mlflow.experiment import HEADLINE, VARIANTS, BaseModel, LosoConfig, Pat
 from ecg_mlflow.models import gate_premature, promote_early
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
-from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, config_for_resume,
-                               end_stale_children, loso_run, parent_run, public_uri, ran_threads, resume_command,
-                               resume_plan, reused_bases)
+from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, check_not_running,
+                               claim, config_for_resume, end_orphaned_runs, end_stale_children, loso_run,
+                               parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (BeatSource, early_normal_rows, early_threshold, fine_tune, model_input_names,
                                  predict_logits, premature_threshold, replay_rows, train_base, visible_gpus)
@@ -390,6 +390,7 @@ def run_loso(cfg: LosoConfig) -> str:
     previous = None
     if cfg.resume_run_id:
         previous = loso_run(cfg.resume_run_id, "resume_run_id")
+        check_not_running(previous)
         cfg = config_for_resume(previous.data.params, cfg)
         # The folds left run at the thread count of those finished, whatever executor runs them now.
         cfg = replace(cfg, execution=replace(cfg.execution, threads=ran_threads(previous)))
@@ -403,6 +404,8 @@ def run_loso(cfg: LosoConfig) -> str:
 
     with parent_run(cfg.resume_run_id) as parent:
         parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+        claim(parent_id)
+        end_orphaned_runs(client, experiment_id, skip=(parent_id,))
         done_results: list[PatientResult] = []
         plan = {fold.subject: (frozenset(), *reused.get(fold.subject, (None, None))) for fold in folds}
         if previous is None:
@@ -474,7 +477,7 @@ def run_loso(cfg: LosoConfig) -> str:
         for variant in VARIANTS:
             cm = sum(r.cm for r in results if r.variant == variant)
             tracking.log_confusion(cm, ds.classes, f"confusion_matrix_{variant}", f"all patients, {variant}")
-        _print_summary(summary)
+        print_summary(summary)
     return parent_id
 
 
@@ -513,7 +516,8 @@ def _record_failure(parent_id: str, experiment_id: str, cfg: LosoConfig, subject
     raise exc
 
 
-def _print_summary(summary: dict[str, float]) -> None:
+def print_summary(summary: dict[str, float]) -> None:
+    """The gross and average EC57 statistics of both variants (``aggregate``'s keys), as a table in %."""
     print("\nEC57 statistics (gross = summed confusion counts, avg = mean over patients), %:")
     print(f"{'':24s}" + "".join(f"{v:>14s}" for v in VARIANTS))
     for kind in ("gross", "avg"):

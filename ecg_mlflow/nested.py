@@ -56,7 +56,8 @@ from mlflow.tracking import MlflowClient
 from ecg_mlflow import cli, executors, lifetime, tracking
 from ecg_mlflow.experiment import LosoConfig
 from ecg_mlflow.loso import preflight
-from ecg_mlflow.resume import FAILED_TAG, base_settings, config_of_run, ran_threads, run_settings
+from ecg_mlflow.resume import (FAILED_TAG, base_settings, claim, config_of_run, end_orphaned_runs, ran_threads,
+                               run_settings)
 from ecg_mlflow.selection import FEW_FOLDS, SelectError, SelectResult, blind_records, select, subject_folds
 from ecg_mlflow.splits import subject_of
 from ecg_mlflow.tracking import logged_value
@@ -322,6 +323,8 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
                   "folds": folds, "scoring_base_folds": scoring_base_folds, "reuse": reuse}
         mlflow.log_params({k: v for k, v in params.items() if k not in logged})
         mlflow.set_tag(NESTED_TAG, "true")
+        claim(parent_id)
+        end_orphaned_runs(client, experiment_id, skip=(parent_id,))
         where = {"experiment": [experiment_id], "none": [],
                  "all": [e.experiment_id for e in client.search_experiments()]}[reuse]
         found = finished_loso_runs(client, where)  # one search for the whole plan

@@ -6,6 +6,11 @@ and runs again, and the base models another run may take from it.
 the finished variant runs back (their metrics and confusion matrices) and says what each subject
 still has to run; :func:`reused_bases` finds the finished base models of a ``base_run_id``. The
 tags a LOSO parent run carries about how it ran live here too, beside the code that reads them.
+
+A run killed outside ``mlflow run`` (SIGKILL, the out-of-memory killer) cannot end itself and stays
+RUNNING. Each ``loso`` and ``nested`` run is tagged with the process that runs it
+(:data:`PROCESS_TAG`): :func:`check_not_running` refuses to resume a run whose process still runs
+here, and :func:`end_orphaned_runs` marks KILLED the runs whose process here is gone.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import mlflow
 from mlflow import MlflowClient
 
-from ecg_mlflow import cli, executors, tracking
+from ecg_mlflow import cli, executors, lifetime, tracking
 from ecg_mlflow.dataset import BeatDataset, PrepareConfig, include_paced_from_param, window_from_param
 from ecg_mlflow.executors import ExecConfig
 from ecg_mlflow.experiment import VARIANTS, LosoConfig, PatientResult
@@ -35,6 +40,7 @@ FAILED_TAG = "ecg.failed_patients"
 EXECUTION_TAG = "ecg.execution"  # where and how the folds ran, in words (executor auto made concrete)
 THREADS_TAG = "ecg.threads"  # the TensorFlow thread count every fold ran with (executors.fold_threads)
 RESUMED_TAG = "ecg.resumed_run_id"
+PROCESS_TAG = "ecg.process"  # "<host> <pid> <start>" of the process that runs the run (lifetime.process_token)
 
 
 def parent_run(resume_run_id: str | None):
@@ -175,9 +181,57 @@ def children(client: MlflowClient, parent_id: str, experiment_id: str) -> list:
                               order_by=["attributes.start_time DESC"])
 
 
+def claim(run_id: str) -> None:
+    """Tag run ``run_id`` with this process (:data:`PROCESS_TAG`), so that a later process can tell
+    whether the run is still at work."""
+    MlflowClient().set_tag(run_id, PROCESS_TAG, lifetime.process_token())
+
+
+def _pid(token: str) -> str:
+    parts = token.split()
+    return parts[1] if len(parts) > 1 else "?"
+
+
+def check_not_running(run, param: str = "resume_run_id") -> None:
+    """Refuse (``ValueError`` naming the process) to resume a RUNNING run whose process still runs
+    on this host: two processes would run the same patients into one run. A run of another host's
+    process cannot be checked from here; that is said, and the resume goes on."""
+    token = run.data.tags.get(PROCESS_TAG, "")
+    if run.info.status != "RUNNING" or not token or _pid(token) == str(os.getpid()):
+        return
+    alive = lifetime.process_alive(token)
+    if alive:
+        raise ValueError(f"{param} {run.info.run_id!r} is still running: process {_pid(token)} on this host "
+                         f"({PROCESS_TAG}={token!r}); let it finish, or stop it (kill {_pid(token)}) and resume then")
+    if alive is None:
+        print(f"loso: run {run.info.run_id} is RUNNING under process {_pid(token)} of host {token.split()[0]!r}, "
+              "which this host cannot see; resuming it as if that process had ended", flush=True)
+
+
+def end_orphaned_runs(client: MlflowClient, experiment_id: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """End KILLED every RUNNING run of the experiment (but ``skip``) whose process (:data:`PROCESS_TAG`)
+    ran on this host and is gone, and its children left RUNNING; returns the ids of the runs ended.
+    A run without the tag, or of another host's process, is left as it is."""
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50000):
+        token = run.data.tags.get(PROCESS_TAG, "")
+        if run.info.run_id in skip or not token or lifetime.process_alive(token) is not False:
+            continue
+        end_stale_children(client, run.info.run_id, experiment_id, "KILLED")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+        again = (f"; resume it with resume_run_id={run.info.run_id}"
+                 if run.data.tags.get(tracking.ROLE_TAG) == "loso" else "")
+        print(f"run {run.info.run_name} ({run.info.run_id}) was left RUNNING by process {_pid(token)}, which is "
+              f"gone; marked KILLED{again}", flush=True)
+    return ended
+
+
 def end_stale_children(client: MlflowClient, parent_id: str, experiment_id: str, status: str) -> list[str]:
-    """End every child still RUNNING/SCHEDULED (its process is gone) with ``status``; returns their names."""
-    stale = [r for r in children(client, parent_id, experiment_id) if r.info.status in ("RUNNING", "SCHEDULED")]
+    """End every child still RUNNING/SCHEDULED (its process is gone) with ``status``; returns their names.
+    A child tagged with a process that still runs here (a ``nested`` run's LOSO run) is left to end itself."""
+    stale = [r for r in children(client, parent_id, experiment_id) if r.info.status in ("RUNNING", "SCHEDULED")
+             and not lifetime.process_alive(r.data.tags.get(PROCESS_TAG, ""))]
     for r in stale:
         client.set_terminated(r.info.run_id, status)
         print(f"loso: child run {r.info.run_name} ({r.info.run_id}) was left {r.info.status}; marked {status}",

@@ -159,3 +159,80 @@ def test_an_entry_point_whose_parent_is_killed_stops_as_on_sigterm(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# which process runs a run: a RUNNING run whose process is gone is told from one at work
+
+
+def test_a_process_token_names_one_process_while_it_runs():
+    me = lifetime.process_token()
+    host, pid, start = me.split()
+    assert int(pid) == os.getpid() and start.isdigit() and lifetime.process_alive(me) is True
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        token = lifetime.process_token(child.pid)
+        assert lifetime.process_alive(token) is True
+        child.kill()
+        wait_until(lambda: not alive(child.pid), 10, "the child to end")
+        assert lifetime.process_alive(token) is False  # ended, even before its exit status is collected
+    finally:
+        child.kill()
+        child.wait()
+    assert lifetime.process_alive(token) is False
+    assert lifetime.process_alive(f"{host} {pid} {int(start) + 1}") is False  # the pid, but a later process
+    assert lifetime.process_alive(f"{host}-elsewhere {pid} {start}") is None  # another host: cannot tell
+    assert lifetime.process_alive("") is None and lifetime.process_alive("garbage") is None
+
+
+def test_orphaned_runs_are_ended_and_a_live_run_is_not_resumed(tmp_path, capsys):
+    """A run whose process here is gone is marked KILLED with its children left RUNNING; a run whose
+    process still runs, or ran on another host, or carries no process, is left as it is; a live
+    run is not resumed."""
+    from ecg_mlflow import resume
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("orphans")
+    live = subprocess.Popen(["sleep", "300"])
+    dead = subprocess.Popen(["true"])
+    try:
+        tokens = {"live": lifetime.process_token(live.pid), "dead": lifetime.process_token(dead.pid)}
+        dead.wait()
+        host, _, _ = tokens["live"].split()
+        tokens["elsewhere"] = tokens["dead"].replace(host, host + "-elsewhere", 1)
+        runs = {}
+        for name in ("live", "dead", "elsewhere", "untagged"):
+            tags = {"ecg.role": "loso", **({resume.PROCESS_TAG: tokens[name]} if name in tokens else {})}
+            runs[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
+        kids = {name: client.create_run(exp, run_name=f"{name}-base",
+                                        tags={"mlflow.parentRunId": runs[name]}).info.run_id
+                for name in ("live", "dead")}
+        finished = client.create_run(exp, run_name="dead-done", tags={"mlflow.parentRunId": runs["dead"]}).info.run_id
+        client.set_terminated(finished, "FINISHED")
+        # a child tagged with a process that still runs (a nested run's LOSO run) ends by itself
+        own = client.create_run(exp, run_name="dead-own", tags={"mlflow.parentRunId": runs["dead"],
+                                                               resume.PROCESS_TAG: tokens["live"]}).info.run_id
+
+        assert resume.end_orphaned_runs(client, exp) == [runs["dead"]]
+        status = {r.info.run_name: r.info.status for r in client.search_runs([exp])}
+        assert status == {"live": "RUNNING", "dead": "KILLED", "elsewhere": "RUNNING", "untagged": "RUNNING",
+                          "live-base": "RUNNING", "dead-base": "KILLED", "dead-done": "FINISHED",
+                          "dead-own": "RUNNING"}
+        out = capsys.readouterr().out
+        assert f"run dead ({runs['dead']}) was left RUNNING by process {dead.pid}, which is gone; marked KILLED; " \
+               f"resume it with resume_run_id={runs['dead']}" in out
+        assert resume.end_orphaned_runs(client, exp) == []  # nothing left to end
+
+        with pytest.raises(ValueError, match=rf"resume_run_id '{runs['live']}' is still running: process "
+                                             rf"{live.pid} on this host .*kill {live.pid}"):
+            resume.check_not_running(client.get_run(runs["live"]))
+        resume.check_not_running(client.get_run(runs["dead"]))  # KILLED: resumable
+        resume.check_not_running(client.get_run(runs["untagged"]))
+        resume.check_not_running(client.get_run(runs["elsewhere"]))  # cannot tell: said, and allowed
+        assert "which this host cannot see; resuming it as if that process had ended" in capsys.readouterr().out
+    finally:
+        live.kill()
+        live.wait()
+    # its process gone, the run that was live is ended, and so is the child that ran in that process
+    assert sorted(resume.end_orphaned_runs(client, exp)) == sorted([runs["live"], own])
+    assert client.get_run(kids["live"]).info.status == "KILLED"

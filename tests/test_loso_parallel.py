@@ -3,7 +3,8 @@
 - the local process pool and a local Ray instance give exactly the numbers of the sequential run
   (same seed, same TensorFlow thread count), with the same run tree and registry layout;
 - executor auto takes the pool only where it pays, and a resume decides as the whole run did;
-- a LOSO process killed during the second patient is resumed: nothing missing, nothing twice;
+- a LOSO process killed during the second patient is resumed: nothing missing, nothing twice (and
+  not while it still runs; once it is gone, its RUNNING run is marked KILLED);
 - a worker process killed mid-fold fails only its fold, the parent ends FAILED naming the patient
   and the resume command, and that command (through ``mlflow run``) finishes the run;
 - a real ``mlflow server`` stopped and restarted while a fold logs: every metric arrives;
@@ -31,7 +32,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, entry_env
 from ecg_mlflow.dataset import PrepareConfig
-from ecg_mlflow import executors
+from ecg_mlflow import executors, resume
 from ecg_mlflow.executors import ExecConfig
 from ecg_mlflow.loso import LosoConfig, register_once, run_loso
 from ecg_mlflow.training import TrainConfig
@@ -304,6 +305,14 @@ def test_killed_run_is_resumed_without_gaps_or_duplicates(sequential, tmp_path, 
     try:
         # the second patient's base model is being trained: kill the whole process, no clean-up
         wait_for(lambda: store_runs(db).get("base-101") == "RUNNING", 300, "base-101 to start", proc)
+        # while its process lives (stopped here, so that it cannot finish meanwhile) the run is not resumed
+        os.kill(proc.pid, signal.SIGSTOP)
+        before = store_runs(db)
+        refused = subprocess.run([*LOSO, "--resume-run-id", parent_id_of(uri)], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stderr[-4000:]
+        assert f"is still running: process {proc.pid} on this host" in refused.stderr
+        assert store_runs(db) == before  # nothing written
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -313,6 +322,11 @@ def test_killed_run_is_resumed_without_gaps_or_duplicates(sequential, tmp_path, 
     assert runs["loso"] == "RUNNING" and runs["base-101"] == "RUNNING" and runs["100-transfer"] == "FINISHED"
     assert "101-transfer" not in runs
     parent_id = parent_id_of(uri)
+    # the next loso or nested in the experiment finds the run's process gone and ends it, and its child
+    client = MlflowClient(uri)
+    assert resume.end_orphaned_runs(client, client.get_run(parent_id).info.experiment_id) == [parent_id]
+    runs = store_runs(db)
+    assert runs["loso"] == "KILLED" and runs["base-101"] == "KILLED" and runs["100-transfer"] == "FINISHED"
 
     # resume with the run id only: parameters come from the run itself
     proc = subprocess.run([*LOSO, "--resume-run-id", parent_id], env=env, cwd=tmp_path, capture_output=True,

@@ -318,6 +318,10 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
                           text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "6 LOSO runs, 1 reused, 5 to run" in proc.stdout
+    # the nested run killed in 1c, left RUNNING, is found with its process gone and ended
+    killed = _nested_runs(client, exp)[2]
+    assert killed.info.status == "KILLED"
+    assert f"run {killed.info.run_name} ({killed.info.run_id}) was left RUNNING by process" in proc.stdout
     assert f"candidate 0 scoring without group1of2: reusing run {done_run}" in proc.stdout
     second = _nested_runs(client, exp)[3]
     assert second.info.status == "FINISHED" and second.data.tags["ecg.role"] == "select"
