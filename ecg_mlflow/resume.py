@@ -217,6 +217,8 @@ def end_orphaned_runs(client: MlflowClient, experiment_id: str, skip: tuple[str,
         token = run.data.tags.get(PROCESS_TAG, "")
         if run.info.run_id in skip or not token or lifetime.process_alive(token) is not False:
             continue
+        if client.get_run(run.info.run_id).info.status != "RUNNING":
+            continue  # ended meanwhile, as the child of a run ended before it
         end_stale_children(client, run.info.run_id, experiment_id, "KILLED")
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)

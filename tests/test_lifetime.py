@@ -222,6 +222,15 @@ def test_orphaned_runs_are_ended_and_a_live_run_is_not_resumed(tmp_path, capsys)
         assert f"run dead ({runs['dead']}) was left RUNNING by process {dead.pid}, which is gone; marked KILLED; " \
                f"resume it with resume_run_id={runs['dead']}" in out
         assert resume.end_orphaned_runs(client, exp) == []  # nothing left to end
+        # a run whose process is gone under a parent whose process is gone: ended once, not twice
+        # (the child started first, so the newest-first search meets the parent first)
+        inner = client.create_run(exp, run_name="inner", tags={resume.PROCESS_TAG: tokens["dead"]}).info.run_id
+        time.sleep(0.01)
+        outer = client.create_run(exp, run_name="outer", tags={resume.PROCESS_TAG: tokens["dead"]}).info.run_id
+        client.set_tag(inner, "mlflow.parentRunId", outer)
+        assert resume.end_orphaned_runs(client, exp) == [outer]
+        assert {client.get_run(i).info.status for i in (outer, inner)} == {"KILLED"}
+        assert capsys.readouterr().out.count(f"({inner})") == 1
 
         with pytest.raises(ValueError, match=rf"resume_run_id '{runs['live']}' is still running: process "
                                              rf"{live.pid} on this host .*kill {live.pid}"):
