@@ -50,7 +50,10 @@ def cpu_description() -> str:
                                if line.startswith(name)), "")
     flags = set(field("flags").split())
     vector = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{field('model name') or platform.machine()} ({' '.join(vector) or 'no AVX2'})"
+    # oneDNN (TensorFlow's CPU kernels) can be held below what the CPU has; a figure should say so.
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return (f"{field('model name') or platform.machine()} ({' '.join(vector) or 'no AVX2'})"
+            + (f", oneDNN held to {cap}" if cap else ""))
 
 
 def seed_path_model(window: int, n_classes: int):
