@@ -22,6 +22,7 @@ What a killed process leaves in the tracking store is told apart here too: a run
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 PARENT_ENV = "ECG_MLFLOW_PARENT_PID"
 POLL_S = 0.5  # how soon a child notices its parent is gone
@@ -85,17 +87,30 @@ def _stat(pid: int) -> tuple[str, str]:
     return (fields[0].decode(), fields[19].decode()) if len(fields) > 19 else ("", "")
 
 
+def host_id() -> str:
+    """This host as pids are meaningful on it: the host name, and (Linux) a digest of the boot id and
+    the pid namespace. Machines given the same name, or containers with pid namespaces of their own,
+    thus differ, and none reads another's pid as its own."""
+    name = socket.gethostname()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return name
+    return f"{name}/{hashlib.sha256(f'{boot} {namespace}'.encode()).hexdigest()[:12]}"
+
+
 def process_token(pid: int | None = None) -> str:
-    """``"<host> <pid> <start>"`` naming this process (or ``pid``), for a run's tag."""
+    """``"<host id> <pid> <start>"`` naming this process (or ``pid``), for a run's tag."""
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()} {pid} {_stat(pid)[1]}".rstrip()
+    return f"{host_id()} {pid} {_stat(pid)[1]}".rstrip()
 
 
 def process_alive(token: str) -> bool | None:
     """Whether the process a :func:`process_token` names still runs: ``None`` when it ran on another
     host (or the token cannot be read), so nobody here can tell."""
     parts = token.split()
-    if len(parts) not in (2, 3) or not parts[1].isdigit() or parts[0] != socket.gethostname() \
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or parts[0] != host_id() \
             or os.name != "posix":  # elsewhere os.kill(pid, 0) would end the process
         return None
     pid = int(parts[1])

@@ -7,7 +7,9 @@ watching child, the parent is killed, and the test waits for what it left to end
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,7 +184,24 @@ def test_a_process_token_names_one_process_while_it_runs():
     assert lifetime.process_alive(token) is False
     assert lifetime.process_alive(f"{host} {pid} {int(start) + 1}") is False  # the pid, but a later process
     assert lifetime.process_alive(f"{host}-elsewhere {pid} {start}") is None  # another host: cannot tell
+    # a machine of the same name (another boot, another pid namespace) is another host too
+    name = socket.gethostname()
+    assert host.startswith(name + "/") and lifetime.process_alive(f"{name} {pid} {start}") is None
     assert lifetime.process_alive("") is None and lifetime.process_alive("garbage") is None
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare(1) to start a pid namespace")
+def test_a_process_in_another_pid_namespace_is_not_read_as_one_of_ours(tmp_path):
+    """A container's process 1 is not this host's process 1: its token names another host."""
+    code = "from ecg_mlflow import lifetime; print(lifetime.process_token())"
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                          env=env(), capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.skip(f"unshare --pid needs privileges here: {proc.stderr.strip()[-200:]}")
+    token = proc.stdout.strip().splitlines()[-1]
+    host, pid, _ = token.split()
+    assert pid == "1" and host != lifetime.host_id()
+    assert lifetime.process_alive(token) is None  # pid 1 runs here too, but it is not that process
 
 
 def test_orphaned_runs_are_ended_and_a_live_run_is_not_resumed(tmp_path, capsys):
