@@ -197,8 +197,8 @@ def check_not_running(run, param: str = "resume_run_id") -> None:
     on this host: two processes would run the same patients into one run. A run of another host's
     process cannot be checked from here; that is said, and the resume goes on."""
     token = run.data.tags.get(PROCESS_TAG, "")
-    if run.info.status != "RUNNING" or not token or _pid(token) == str(os.getpid()):
-        return
+    if run.info.status != "RUNNING" or not token or token == lifetime.process_token():
+        return  # not running, from before the tag, or this very process
     alive = lifetime.process_alive(token)
     if alive:
         raise ValueError(f"{param} {run.info.run_id!r} is still running: process {_pid(token)} on this host "
