@@ -14,6 +14,7 @@ Modules, in the order data flows through them:
 - ``registry`` — model-registry entries per patient.
 - ``loso``     — the leave-one-subject-out experiment.
 - ``compare``  — transfer against no-transfer across patients.
+- ``classify`` — a logged model applied to a record's beats (reference or detected).
 - ``selection`` — the cross-fitted choice among option sets (``select``); ``nested`` makes the
   runs it needs, end to end.
 

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from ecg_mlflow import beats as beats_mod
 from ecg_mlflow.labels import PACED_RECORDS, get_scheme, LabelScheme, to_aami
 from ecg_mlflow.records import (
-    TARGET_FS, DataError, check_record, default_cache_dir, ensure_records, parse_records,
+    TARGET_FS, DataError, Record, check_record, default_cache_dir, ensure_records, parse_records,
     read_record, record_files, resolve_data_dir,
 )
 from ecg_mlflow.splits import FINETUNE, TEST, subject_of, time_split
@@ -275,20 +275,41 @@ def select_records(cfg: PrepareConfig, data_dir: Path) -> tuple[list[str], list[
 
 def _extract(args: tuple[str, str, int, str, float]) -> dict:
     data_dir, record, window, scheme_name, finetune_minutes = args
-    rec = read_record(Path(data_dir), record)
+    return record_part(read_record(Path(data_dir), record), window, scheme_name, finetune_minutes)
+
+
+def record_part(rec: Record, window: int, scheme_name: str, finetune_minutes: float) -> dict:
+    """The beats of one read record as ``prepare`` keeps them: those its label scheme maps, each with
+    its window, RR intervals, rhythm and part; a dict of ``(n,)`` arrays (``x``: ``(n, window, 2)``) and
+    the record's ``dropped`` counts and leads, as :func:`from_parts` takes it."""
     rb = beats_mod.extract_beats(rec, window)
     scheme = get_scheme(scheme_name)
     label = scheme.encode(rb.symbol)
     mapped = label >= 0
     time_s = rb.sample / rec.fs
     return {
-        "record": record, "x": rb.x[mapped], "label": label[mapped], "symbol": rb.symbol[mapped],
+        "record": rec.name, "x": rb.x[mapped], "label": label[mapped], "symbol": rb.symbol[mapped],
         "sample": rb.sample[mapped], "time_s": time_s[mapped], "rr_prev": rb.rr_prev[mapped],
         "rr_next": rb.rr_next[mapped], "rr_local": rb.rr_local[mapped], "rhythm": rb.rhythm[mapped],
         "part": time_split(time_s[mapped], finetune_minutes),
         "dropped": {**rb.dropped, "unmapped": int((~mapped).sum())},
         "leads": list(rec.lead_names), "has_primary_lead": rec.has_primary_lead,
     }
+
+
+def from_parts(parts: list[dict], meta: dict) -> BeatDataset:
+    """A :class:`BeatDataset` held in memory (no cache file) from the :func:`record_part` dicts of
+    one or more records; ``meta`` needs at least ``label_scheme``, ``classes``, ``window`` and
+    ``records``."""
+    cat = lambda key: np.concatenate([np.asarray(p[key]) for p in parts])  # noqa: E731
+    records = np.concatenate([np.full(len(p["label"]), p["record"], dtype=object) for p in parts])
+    return BeatDataset(
+        x=cat("x").astype(np.float32).reshape(-1, meta["window"], 2), label=cat("label").astype(np.int16),
+        record=records, subject=np.asarray([subject_of(r) for r in records.tolist()], dtype=object),
+        symbol=cat("symbol").astype(object), part=cat("part").astype(object), sample=cat("sample").astype(np.int64),
+        time_s=cat("time_s").astype(np.float64), rr_prev=cat("rr_prev"), rr_next=cat("rr_next"),
+        rr_local=cat("rr_local"), rhythm=cat("rhythm").astype(object), meta=meta,
+    )
 
 
 def _extract_parallel(jobs: list[tuple], workers: int) -> list[dict]:

@@ -43,7 +43,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def predictions_table(ds: BeatDataset, rows: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
     """The predictions of beats ``rows`` ``(n,)`` (indices into :class:`~ecg_mlflow.dataset.BeatDataset`
     ``ds``): ``probabilities`` ``(n, k)`` over ``ds.classes``, ``predicted`` ``(n,)`` class codes.
-    Returns a DataFrame with :data:`COLUMNS` and one ``p_<class>`` column per class."""
+    Returns a DataFrame with :data:`COLUMNS` and one ``p_<class>`` column per class; a beat without a
+    reference label (label code < 0: a detected beat that no reference beat matches) has label ``''``."""
     rows, probabilities, predicted = np.asarray(rows), np.asarray(probabilities), np.asarray(predicted)
     classes = np.asarray(ds.classes, dtype=object)
     if probabilities.shape != (len(rows), len(classes)):
@@ -51,9 +52,11 @@ def predictions_table(ds: BeatDataset, rows: np.ndarray, probabilities: np.ndarr
                          f"{list(classes)}, got {probabilities.shape}")
     if predicted.shape != (len(rows),):
         raise ValueError(f"predicted must be ({len(rows)},), got {predicted.shape}")
+    codes = ds.label[rows].astype(int)
     df = pd.DataFrame({
         "record": ds.record[rows], "sample": ds.sample[rows], "time_s": np.round(ds.time_s[rows], 3),
-        "rhythm": ds.rhythm[rows], "symbol": ds.symbol[rows], "label": classes[ds.label[rows].astype(int)],
+        "rhythm": ds.rhythm[rows], "symbol": ds.symbol[rows],
+        "label": np.where(codes >= 0, classes[np.maximum(codes, 0)], ""),
         "predicted": classes[predicted.astype(int)],
     })
     for i, c in enumerate(classes):

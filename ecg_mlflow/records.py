@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import wfdb
@@ -174,10 +175,13 @@ class RecordInfo:
         return self.n_samples / self.fs
 
 
-def check_record(data_dir: Path, record: str) -> RecordInfo:
+def check_record(data_dir: Path, record: str, annotations: bool = True) -> RecordInfo:
     """Validate a record's files without reading its signal: header parses, signal file size
-    matches the header, annotation file is non-empty. Raises :class:`DataError` naming the file."""
+    matches the header, annotation file is non-empty (unless ``annotations`` is False: a recording
+    without reference annotations). Raises :class:`DataError` naming the file."""
     files = record_files(data_dir, record)
+    if not annotations:
+        del files["atr"]
     for path in files.values():
         if not path.is_file():
             raise DataError(f"missing record file {path}")
@@ -203,7 +207,7 @@ def check_record(data_dir: Path, record: str) -> RecordInfo:
             f"signal file {files['dat']} does not match its header {files['hea']}: {actual} bytes, "
             f"expected {expected} for {header.n_sig} signals x {header.sig_len} samples"
         )
-    if files["atr"].stat().st_size < 2:
+    if annotations and files["atr"].stat().st_size < 2:
         raise DataError(f"annotation file {files['atr']} is empty")
     return RecordInfo(record, float(header.fs), int(header.sig_len), tuple(header.sig_name))
 
@@ -217,6 +221,7 @@ class Record:
     ann_symbol: str array, shape ``(n_ann,)``.
     ann_aux: str array, shape ``(n_ann,)``: each annotation's ``aux_note`` ('' where it has none);
     a rhythm change (symbol ``+``) names the new rhythm there, e.g. ``'(AFIB'``.
+    source_fs: the rate of the record's files (``fs`` is the rate after resampling).
     """
 
     name: str
@@ -227,6 +232,7 @@ class Record:
     ann_symbol: np.ndarray
     has_primary_lead: bool
     ann_aux: np.ndarray
+    source_fs: float | None = None
 
 
 def lead_order(lead_names: tuple[str, ...]) -> list[int]:
@@ -238,18 +244,21 @@ def lead_order(lead_names: tuple[str, ...]) -> list[int]:
     return idx[:2]
 
 
-def read_record(data_dir: Path, record: str, target_fs: int = TARGET_FS) -> Record:
-    """Read a record's first two leads (MLII first) in mV and its reference annotations,
-    resampled to ``target_fs``. Raises :class:`DataError` naming the file on a read failure."""
+def read_record(data_dir: Path, record: str, target_fs: int = TARGET_FS, annotations: bool = True) -> Record:
+    """Read a record's first two leads (MLII first) in mV and its reference annotations (none, with
+    ``annotations`` False), resampled to ``target_fs``. Raises :class:`DataError` naming the file on
+    a read failure."""
     path = str(data_dir / record)
     try:
         sig = wfdb.rdrecord(path, physical=True, return_res=32)
     except Exception as exc:
         raise DataError(f"cannot read signal of record {record} in {data_dir}: {exc}") from exc
     try:
-        ann = wfdb.rdann(path, ANNOTATOR)
+        ann = wfdb.rdann(path, ANNOTATOR) if annotations else None
     except Exception as exc:
         raise DataError(f"cannot read annotations {data_dir / (record + '.' + ANNOTATOR)}: {exc}") from exc
+    if ann is None:
+        ann = SimpleNamespace(sample=np.zeros(0, dtype=np.int64), symbol=[], aux_note=[])
     if sig.p_signal is None or sig.p_signal.shape[1] < 2:
         raise DataError(f"record {record} in {data_dir} has fewer than two signals")
     order = lead_order(tuple(sig.sig_name))
@@ -271,6 +280,7 @@ def read_record(data_dir: Path, record: str, target_fs: int = TARGET_FS) -> Reco
         ann_symbol=np.asarray(ann.symbol, dtype=object),
         has_primary_lead=PRIMARY_LEAD in sig.sig_name,
         ann_aux=np.asarray([a or "" for a in (ann.aux_note or [""] * len(samples))], dtype=object),
+        source_fs=float(sig.fs),
     )
 
 

@@ -1,0 +1,80 @@
+"""Beats from a QRS detector against the reference beats: every transfer model of a LOSO run
+classifies its record twice with ``classify`` (``beats=annotations``, then ``beats=detect``), and the
+pooled figures of both are printed side by side.
+
+Each record is classified from the LOSO run's fine-tune minutes on (``start_minute=auto``), so the
+``annotations`` row repeats the LOSO run's transfer figures; the ``detect`` row says what a user
+without reference annotations gets. EC57 gross statistics over the detected beats that a reference
+beat matches (within 150 ms), plus how many reference beats were found (detection Se) and how many
+detections were beats (detection +P). Asserts nothing. The classify runs go to the experiment
+``--experiment`` (made if missing) of the store in ``MLFLOW_TRACKING_URI``.
+
+    python bench/classify.py --loso-run <run id> [--data-dir DIR] [--experiment classify-bench]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script without installing the package
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import mlflow  # noqa: E402
+
+from ecg_mlflow.classify import ClassifyConfig, classify  # noqa: E402
+from ecg_mlflow.metrics import confusion, ec57_counts  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--loso-run", required=True, help="a finished LOSO run whose transfer models to use")
+    p.add_argument("--data-dir", default=os.environ.get("ECG_DATA_DIR", ""), help="MIT-BIH records (default $ECG_DATA_DIR)")
+    p.add_argument("--experiment", default="classify-bench", help="where the classify runs are logged")
+    args = p.parse_args()
+    client = mlflow.MlflowClient()
+    loso = client.get_run(args.loso_run)
+    variants = client.search_runs([loso.info.experiment_id],
+                                  f"tags.loso_run_id = '{args.loso_run}' and tags.variant = 'transfer'")
+    models = {}
+    for run in variants:
+        (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        models[run.data.tags["patient"]] = f"models:/{version.name}/{version.version}"
+    if not models:
+        print(f"bench/classify: LOSO run {args.loso_run} has no registered transfer model", file=sys.stderr)
+        return 1
+    mlflow.set_experiment(args.experiment)
+
+    cms, found, reference, detected, seconds = {}, 0, 0, 0, {}
+    for record in sorted(models):
+        for beats in ("annotations", "detect"):
+            t0 = time.perf_counter()
+            done = classify(ClassifyConfig(record=record, model_uri=models[record], data_dir=args.data_dir or None,
+                                           beats=beats))
+            seconds[beats] = seconds.get(beats, 0.0) + time.perf_counter() - t0
+            rows = done.rows[done.beats.label[done.rows] >= 0]
+            pred = done.predicted[done.beats.label[done.rows] >= 0]
+            cm = confusion(done.beats.label[rows].astype(int), pred, len(done.beats.classes))
+            cms[beats] = cms.get(beats, 0) + cm
+            if beats == "detect":
+                found += int(done.metrics["n_matched"])
+                reference += int(done.metrics["n_reference"])
+                detected += int(done.metrics["n_classified"])
+        classes = done.beats.classes
+
+    print(f"classify, {len(models)} records of LOSO run {args.loso_run}, transfer models, EC57 gross, %")
+    print(f"{'beats':<12} {'VEB Se':>7} {'VEB +P':>7} {'SVEB Se':>8} {'SVEB +P':>8} {'beats scored':>13} {'s/record':>9}")
+    for beats, cm in cms.items():
+        c = ec57_counts(cm, classes)
+        stat = lambda tp, other: 100 * tp / (tp + other) if tp + other else float("nan")  # noqa: E731
+        print(f"{beats:<12} {stat(c['veb_tp'], c['veb_fn']):7.2f} {stat(c['veb_tp'], c['veb_fp']):7.2f} "
+              f"{stat(c['sveb_tp'], c['sveb_fn']):8.2f} {stat(c['sveb_tp'], c['sveb_fp']):8.2f} {int(cm.sum()):13,d} "
+              f"{seconds[beats] / len(models):9.1f}")
+    print(f"detection: {found:,} of {reference:,} reference beats found (Se {100 * found / reference:.2f}), "
+          f"{detected - found:,} of {detected:,} detections not a reference beat (+P {100 * found / detected:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

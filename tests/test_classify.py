@@ -1,0 +1,214 @@
+"""``classify``: a registered model applied to a record's beats, from its reference annotations or
+from a QRS detector, read back from a real store. The models come from a real (tiny) LOSO run whose
+models read every input classify makes (beat, RR, five-minute RR, irregularity, recent beats) and
+carry both saved-in rules (``sveb_gate``, ``early_sveb``)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import wfdb
+
+import mlflow
+from mlflow import MlflowClient
+
+from conftest import REPO, entry_env, run_script_in_process
+from ecg_mlflow.classify import ANNOTATOR_OUT, ClassifyConfig, ClassifyError, classify, match_beats
+from ecg_mlflow.dataset import PrepareConfig
+from ecg_mlflow.labels import BEAT_SYMBOLS
+from ecg_mlflow.predictions import read_predictions
+from ecg_mlflow.records import DataError, read_record
+from wfdb_records import write_record
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+
+RECORDS = ["100", "103", "208"]
+FINETUNE_MINUTES = 5.0
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, mitdb_dir, cache_root):
+    """A LOSO run over RECORDS in a fresh store, in this process; yields (uri, LOSO run id, client)."""
+    from ecg_mlflow.experiment import LosoConfig
+    from ecg_mlflow.loso import run_loso
+    from ecg_mlflow.training import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("classify")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(k, raising=False)
+        mlflow.set_tracking_uri(uri)
+        mp.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient(uri).create_experiment("classify-test"))
+        cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
+                                               finetune_minutes=FINETUNE_MINUTES, cache_dir=str(cache_root / "beats")),
+                         train=TrainConfig(model="recent_cnn", rr_features="irregular", recent_reference="ontime",
+                                           sveb_gate=0.99, early_sveb=0.002, epochs=1, finetune_epochs=1, seed=3))
+        loso_run = run_loso(cfg)
+        mp.delenv("MLFLOW_EXPERIMENT_ID")
+        yield uri, loso_run, MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+def _variant(client, loso_run: str, record: str, variant: str):
+    (run,) = [r for r in client.search_runs([client.get_run(loso_run).info.experiment_id],
+                                            f"tags.loso_run_id = '{loso_run}' and tags.patient = '{record}'")
+              if r.data.tags.get("variant") == variant]
+    return run
+
+
+def _runs(client) -> int:
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
+@pytest.mark.parametrize("record", ["103", "208"])
+def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record):
+    """On the beats LOSO scored, the registered transfer model (and the base model) called through
+    classify give the LOSO run's calls and probabilities to the last digit: every input is made as
+    LOSO made it, from the record alone."""
+    _, loso_run, client = store
+    for uri, variant in ((f"models:/ecg-transfer-{record}@newest", "transfer"),
+                         (f"models:/ecg-base-{record}@newest", "no_transfer")):
+        done = classify(ClassifyConfig(record=record, model_uri=uri, data_dir=str(mitdb_dir)))
+        run = client.get_run(done.run_id)
+        assert run.data.params["beats"] == "annotations"
+        assert float(run.data.params["start_minute"]) == FINETUNE_MINUTES  # auto: the minutes it was tuned on
+        ours, theirs = read_predictions(done.run_id), read_predictions(_variant(client, loso_run, record, variant).info.run_id)
+        assert len(ours) == len(theirs) > 1000
+        for column in ("sample", "symbol", "label", "rhythm", "predicted"):
+            assert ours[column].tolist() == theirs[column].tolist(), (variant, column)
+        probabilities = [c for c in theirs.columns if c.startswith("p_")]
+        np.testing.assert_allclose(ours[probabilities].to_numpy(), theirs[probabilities].to_numpy(), atol=2e-5)
+        loso_metrics = _variant(client, loso_run, record, variant).data.metrics
+        for name in ("test_veb_se", "test_veb_ppv", "test_sveb_fpr", "test_accuracy"):
+            assert run.data.metrics[name] == pytest.approx(loso_metrics[name], nan_ok=True), (variant, name)
+        assert run.data.tags["ecg.role"] == "classify"
+        assert run.data.tags["model_run_id"] == client.get_model_version_by_alias(uri[8:].split("@")[0], "newest").run_id
+
+
+def test_detected_beats_are_matched_to_the_reference_and_written_as_annotations(store, mitdb_dir, tmp_path):
+    _, _, client = store
+    done = classify(ClassifyConfig(record="208", model_uri="models:/ecg-transfer-208@newest",
+                                   data_dir=str(mitdb_dir), beats="detect", start_minute=0))
+    m = client.get_run(done.run_id).data.metrics
+    ref = read_record(mitdb_dir, "208")
+    n_ref = int(np.isin(ref.ann_symbol, list(BEAT_SYMBOLS)).sum())
+    assert abs(m["n_reference"] - n_ref) <= 5  # the reference beats whose window fits the record
+    assert m["detect_se"] == pytest.approx(m["n_matched"] / m["n_reference"])
+    assert m["detect_ppv"] == pytest.approx(m["n_matched"] / m["n_classified"])
+    assert m["detect_se"] > 0.9 and m["detect_ppv"] > 0.99
+    assert m["test_n_beats"] == m["n_matched"]  # class statistics over the matched beats only
+
+    table = read_predictions(done.run_id)
+    matched = table[table["label"] != ""]
+    # each matched beat carries the symbol of a reference beat within 150 ms (54 samples)
+    ref_beats = np.isin(ref.ann_symbol, list(BEAT_SYMBOLS))
+    ref_sample, ref_symbol = ref.ann_sample[ref_beats], ref.ann_symbol[ref_beats]
+    j = np.abs(ref_sample[None, :] - matched["sample"].to_numpy()[:, None]).argmin(axis=1)
+    assert (np.abs(ref_sample[j] - matched["sample"].to_numpy()) <= 54).all()
+    assert (ref_symbol[j] == matched["symbol"].to_numpy()).mean() > 0.999
+    assert (table.loc[table["label"] == "", "symbol"] == "").all()
+
+    path = mlflow.artifacts.download_artifacts(f"runs:/{done.run_id}/208.{ANNOTATOR_OUT}", dst_path=str(tmp_path))
+    ann = wfdb.rdann(path[: -len(ANNOTATOR_OUT) - 1], ANNOTATOR_OUT)
+    assert ann.sample.tolist() == table["sample"].tolist()  # 208 is stored at 360 Hz
+    assert ann.symbol == table["predicted"].tolist()
+
+
+def test_a_recording_without_annotations_at_another_rate(store, mitdb_dir, tmp_path):
+    """Record 103's first eight minutes stored at 250 Hz without annotations: its beats are found,
+    classified from minute 5 (auto: the model's fine-tune minutes, the record being 103), and the
+    calls are written at the recording's own rate, where 103's reference beats are."""
+    from scipy.signal import resample_poly
+
+    rec = read_record(mitdb_dir, "103")
+    n360 = 8 * 60 * 360
+    signal = resample_poly(rec.signal[:n360], 25, 36, axis=0)
+    write_record(tmp_path, "103", fs=250, seconds=len(signal) / 250, signal=signal, lead_names=rec.lead_names)
+    assert not (tmp_path / "103.atr").exists()
+    done = classify(ClassifyConfig(record="103", model_uri="models:/ecg-transfer-103@newest", data_dir=str(tmp_path)))
+    run = MlflowClient().get_run(done.run_id)
+    assert run.data.params["beats"] == "detect" and float(run.data.params["start_minute"]) == FINETUNE_MINUTES
+    assert set(run.data.metrics) == {"n_classified"}  # no reference, no statistics
+
+    path = mlflow.artifacts.download_artifacts(f"runs:/{done.run_id}/103.{ANNOTATOR_OUT}", dst_path=str(tmp_path / "out"))
+    ann = wfdb.rdann(path[: -len(ANNOTATOR_OUT) - 1], ANNOTATOR_OUT)
+    assert ann.fs == 250 and len(ann.sample) == run.data.metrics["n_classified"]
+    beats = np.isin(rec.ann_symbol, list(BEAT_SYMBOLS))
+    truth = rec.ann_sample[beats] * 250 / 360
+    truth = truth[(truth >= 5 * 60 * 250) & (truth < len(signal) - 60)]
+    nearest = np.abs(truth[None, :] - ann.sample[:, None]).min(axis=1)
+    assert (nearest <= 3).mean() > 0.99  # within 12 ms of 103's reference beats
+    assert abs(len(ann.sample) - len(truth)) <= 3
+
+
+def test_match_beats_pairs_the_closest_first_and_each_beat_once():
+    reference = np.array([100, 200, 300, 1000])
+    detected = np.array([95, 104, 260, 290, 700])
+    # 104 and 95 both reach 100: 104 is closer; 260 and 290 both reach 300 (and 260 reaches 200, 60 away,
+    # beyond the tolerance of 54): 290 wins; 700 reaches nothing.
+    assert match_beats(detected, reference, 54).tolist() == [-1, 0, -1, 2, -1]
+    assert match_beats(detected, reference, 60).tolist() == [-1, 0, 1, 2, -1]
+    assert match_beats(np.array([], dtype=np.int64), reference, 54).tolist() == []
+    assert match_beats(detected, np.array([], dtype=np.int64), 54).tolist() == [-1] * 5
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD = [
+    (["--record", "999"], "999.hea"),
+    (["--record", "../103"], "record"),
+    (["--model-uri", "models:/ecg-transfer-999@newest"], "models:/ecg-transfer-999@newest"),
+    (["--model-uri", "ecg-transfer-103"], "model_uri"),
+    (["--beats", "guess"], "beats"),
+    (["--start-minute", "-1"], "start_minute"),
+    (["--start-minute", "31"], "start_minute=31"),
+]
+
+
+@pytest.mark.parametrize("args, culprit", BAD)
+def test_bad_input_is_named_before_any_run(store, mitdb_dir, cache_root, monkeypatch, capsys, args, culprit):
+    uri, _, client = store
+    before = _runs(client)
+    argv = {"--record": "103", "--model-uri": "models:/ecg-transfer-103@newest", "--data-dir": str(mitdb_dir)}
+    argv.update(dict(zip(args[::2], args[1::2])))
+    code, err = run_script_in_process(REPO / "entrypoints" / "classify.py", [x for kv in argv.items() for x in kv],
+                                      monkeypatch, capsys, MLFLOW_TRACKING_URI=uri, ECG_CACHE_DIR=str(cache_root))
+    assert code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "error:" in last and culprit in last, last
+    assert "Traceback" not in err
+    assert _runs(client) == before
+
+
+def test_a_record_without_annotations_refuses_beats_annotations(store, mitdb_dir, tmp_path):
+    rec = read_record(mitdb_dir, "103")
+    write_record(tmp_path, "103", seconds=60, signal=rec.signal[:60 * 360], lead_names=rec.lead_names)
+    _, _, client = store
+    before = _runs(client)
+    with pytest.raises(DataError, match=r"103\.atr"):
+        classify(ClassifyConfig(record="103", model_uri="models:/ecg-transfer-103@newest", data_dir=str(tmp_path),
+                                beats="annotations"))
+    with pytest.raises(ClassifyError, match="start_minute=5 leaves no beat"):  # auto: 5, the record lasts 1
+        classify(ClassifyConfig(record="103", model_uri="models:/ecg-transfer-103@newest", data_dir=str(tmp_path)))
+    assert _runs(client) == before
+
+
+def test_unreachable_tracking_server_is_named(tmp_path, mitdb_dir, cache_root):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "classify.py"), "--record", "103",
+                           "--model-uri", "models:/ecg-transfer-103@newest"],
+                          env=entry_env(uri, mitdb_dir, cache_root), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert uri in proc.stderr.strip().splitlines()[-1] and "unreachable" in proc.stderr
