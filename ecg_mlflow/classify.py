@@ -98,6 +98,7 @@ class LoadedModel:
     run_id: str
     inputs: tuple[str, ...]
     window: int
+    label_scheme: str
     classes: list[str]
     recent_reference: str
     subject: str | None  # the subject its base model held out (its patient's subject)
@@ -148,17 +149,20 @@ def load_model(model_uri: str) -> LoadedModel:
     window, leads = int(beat.shape[1]), int(beat.shape[2])
     if leads != 2:
         raise ClassifyError(f"model {model_uri} reads {leads} leads; classify reads two")
-    scheme = get_scheme(_lineage(run_id, "label_scheme", "params") or "aami")
+    try:
+        scheme = get_scheme(_lineage(run_id, "label_scheme", "params") or "aami")
+        minutes = _lineage(run_id, "finetune_minutes", "params")
+        context = {"recent_reference": _lineage(run_id, "recent_reference", "params") or "all",
+                   "subject": _lineage(run_id, "subject", "tags"), "patient": _lineage(run_id, "patient", "tags")}
+    except MlflowException as exc:  # the model's run (or a run above it) deleted or unreadable
+        raise ClassifyError(f"model {model_uri}: its run {run_id} cannot be read: {str(exc).splitlines()[0]}") from None
     width = int(model.output.shape[-1])
     if width != scheme.n_classes:
         raise ClassifyError(f"model {model_uri} answers {width} classes, its run's label scheme {scheme.name!r} "
                             f"has {scheme.n_classes}")
-    minutes = _lineage(run_id, "finetune_minutes", "params")
     return LoadedModel(model=model, uri=model_uri, run_id=run_id, inputs=inputs, window=window,
-                       classes=list(scheme.classes),
-                       recent_reference=_lineage(run_id, "recent_reference", "params") or "all",
-                       subject=_lineage(run_id, "subject", "tags"), patient=_lineage(run_id, "patient", "tags"),
-                       finetune_minutes=float(minutes) if minutes else None)
+                       label_scheme=scheme.name, classes=list(scheme.classes),
+                       finetune_minutes=float(minutes) if minutes else None, **context)
 
 
 def detect_beats(signal: np.ndarray, fs: float) -> np.ndarray:
@@ -265,7 +269,7 @@ def classify(cfg: ClassifyConfig) -> Classified:
                             f"{info.duration_s / 60:.2f} minutes")
 
     rec = read_record(data_dir, cfg.record, annotations=has_reference)
-    scheme = get_scheme(_lineage(loaded.run_id, "label_scheme", "params") or "aami")
+    scheme = get_scheme(loaded.label_scheme)
     reference = record_part(rec, loaded.window, scheme.name, max(start, 1e-9)) if has_reference else None
     if how == "annotations":
         part = reference

@@ -5,7 +5,6 @@ carry both saved-in rules (``sveb_gate``, ``early_sveb``)."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from ecg_mlflow.dataset import PrepareConfig
 from ecg_mlflow.labels import BEAT_SYMBOLS
 from ecg_mlflow.predictions import read_predictions
 from ecg_mlflow.records import DataError, read_record
+from ecg_mlflow.server import free_port
 from wfdb_records import write_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -159,12 +159,6 @@ def test_match_beats_pairs_the_closest_first_and_each_beat_once():
     assert match_beats(detected, np.array([], dtype=np.int64), 54).tolist() == [-1] * 5
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 BAD = [
     (["--record", "999"], "999.hea"),
     (["--record", "../103"], "record"),
@@ -205,7 +199,7 @@ def test_a_record_without_annotations_refuses_beats_annotations(store, mitdb_dir
 
 
 def test_unreachable_tracking_server_is_named(tmp_path, mitdb_dir, cache_root):
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "classify.py"), "--record", "103",
                            "--model-uri", "models:/ecg-transfer-103@newest"],
                           env=entry_env(uri, mitdb_dir, cache_root), cwd=tmp_path, capture_output=True, text=True,
