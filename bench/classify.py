@@ -53,9 +53,9 @@ def main() -> int:
             done = classify(ClassifyConfig(record=record, model_uri=models[record], data_dir=args.data_dir or None,
                                            beats=beats))
             seconds[beats] = seconds.get(beats, 0.0) + time.perf_counter() - t0
-            rows = done.rows[done.beats.label[done.rows] >= 0]
-            pred = done.predicted[done.beats.label[done.rows] >= 0]
-            cm = confusion(done.beats.label[rows].astype(int), pred, len(done.beats.classes))
+            labelled = done.beats.label[done.rows] >= 0  # detected beats that no reference beat matches have none
+            cm = confusion(done.beats.label[done.rows[labelled]].astype(int), done.predicted[labelled],
+                           len(done.beats.classes))
             cms[beats] = cms.get(beats, 0) + cm
             if beats == "detect":
                 found += int(done.metrics["n_matched"])

@@ -81,12 +81,9 @@ def start_minute_from_param(text: str) -> float | None:
     if text in ("", "auto"):
         return None
     try:
-        value = float(text)
+        return float(text)  # its range is checked with the other parameters (ClassifyConfig.validated)
     except ValueError:
         raise ClassifyError(f"start_minute must be a number >= 0 or auto, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ClassifyError(f"start_minute must be a number >= 0 or auto, got {text!r}")
-    return value
 
 
 @dataclasses.dataclass
@@ -94,31 +91,14 @@ class LoadedModel:
     """A logged Keras model and what its run says about how it reads beats."""
 
     model: object
-    uri: str
     run_id: str
-    inputs: tuple[str, ...]
+    experiment_id: str
     window: int
     label_scheme: str
-    classes: list[str]
     recent_reference: str
     subject: str | None  # the subject its base model held out (its patient's subject)
     patient: str | None  # the record it was fine-tuned on (transfer models)
     finetune_minutes: float | None
-
-
-def _lineage(run_id: str, name: str, kind: str) -> str | None:
-    """A param (``kind="params"``) or tag of run ``run_id``, else of the nearest run above it that has it:
-    a variant run logs few params of its own; its LOSO (or ``transfer``) run logs them all."""
-    client = mlflow.MlflowClient()
-    for _ in range(4):
-        run = client.get_run(run_id)
-        values = run.data.params if kind == "params" else run.data.tags
-        if name in values:
-            return tracking.logged_value(values[name])
-        run_id = run.data.tags.get("mlflow.parentRunId")
-        if not run_id:
-            return None
-    return None
 
 
 def load_model(model_uri: str) -> LoadedModel:
@@ -140,8 +120,7 @@ def load_model(model_uri: str) -> LoadedModel:
     except Exception as exc:  # a missing artifact, not a Keras model, an unreadable file
         raise ClassifyError(f"model_uri {model_uri!r} cannot be loaded as a Keras model: "
                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    inputs = model_input_names(model)
-    unknown = [n for n in inputs if n not in INPUTS]
+    unknown = [n for n in model_input_names(model) if n not in INPUTS]
     if unknown:
         raise ClassifyError(f"model {model_uri} reads {unknown}, which classify cannot make (patient_cnn's template "
                             f"comes from the labelled fine-tune minutes of its LOSO run); it makes {list(INPUTS)}")
@@ -150,20 +129,20 @@ def load_model(model_uri: str) -> LoadedModel:
     if leads != 2:
         raise ClassifyError(f"model {model_uri} reads {leads} leads; classify reads two")
     try:
-        scheme = get_scheme(_lineage(run_id, "label_scheme", "params") or "aami")
-        minutes = _lineage(run_id, "finetune_minutes", "params")
-        context = {"recent_reference": _lineage(run_id, "recent_reference", "params") or "all",
-                   "subject": _lineage(run_id, "subject", "tags"), "patient": _lineage(run_id, "patient", "tags")}
-    except MlflowException as exc:  # the model's run (or a run above it) deleted or unreadable
+        run = mlflow.get_run(run_id)
+        params = {k: tracking.logged_value(v) for k, v in tracking.params_with_parent(run).items()}
+    except MlflowException as exc:  # the model's run (or its parent) deleted or unreadable
         raise ClassifyError(f"model {model_uri}: its run {run_id} cannot be read: {str(exc).splitlines()[0]}") from None
+    scheme = get_scheme(params.get("label_scheme") or "aami")
     width = int(model.output.shape[-1])
     if width != scheme.n_classes:
         raise ClassifyError(f"model {model_uri} answers {width} classes, its run's label scheme {scheme.name!r} "
                             f"has {scheme.n_classes}")
-    return LoadedModel(model=model, uri=model_uri, run_id=run_id, inputs=inputs, window=window,
-                       label_scheme=scheme.name, classes=list(scheme.classes),
-                       finetune_minutes=float(minutes) if minutes else None, **context)
-
+    minutes = params.get("finetune_minutes")
+    return LoadedModel(model=model, run_id=run_id, experiment_id=run.info.experiment_id, window=window,
+                       label_scheme=scheme.name, recent_reference=params.get("recent_reference") or "all",
+                       subject=run.data.tags.get("subject"), patient=run.data.tags.get("patient"),
+                       finetune_minutes=float(minutes) if minutes else None)
 
 def detect_beats(signal: np.ndarray, fs: float) -> np.ndarray:
     """R-peak positions, int64 ``(n,)`` sorted and unique, in one lead ``signal`` ``(n_samples,)`` mV at
@@ -270,6 +249,7 @@ def classify(cfg: ClassifyConfig) -> Classified:
 
     rec = read_record(data_dir, cfg.record, annotations=has_reference)
     scheme = get_scheme(loaded.label_scheme)
+    # record_part's own split needs minutes > 0; the part of every beat is set below, for both beat sources.
     reference = record_part(rec, loaded.window, scheme.name, max(start, 1e-9)) if has_reference else None
     if how == "annotations":
         part = reference
@@ -289,8 +269,7 @@ def classify(cfg: ClassifyConfig) -> Classified:
 
     logits = predict_logits(loaded.model, BeatSource.from_dataset(ds, loaded.recent_reference), rows)
     predicted = np.argmax(logits, axis=1).astype(np.int64)
-    experiment_id = mlflow.MlflowClient().get_run(loaded.run_id).info.experiment_id
-    with tracking.run_to_log_into(experiment_id, f"{cfg.record}-classify") as run:
+    with tracking.run_to_log_into(loaded.experiment_id, f"{cfg.record}-classify") as run:
         mlflow.set_tags({tracking.ROLE_TAG: CLASSIFY_ROLE, "record": cfg.record, "model_uri": cfg.model_uri,
                          "model_run_id": loaded.run_id, "model_patient": loaded.patient or "",
                          "model_subject": loaded.subject or ""})

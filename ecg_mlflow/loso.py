@@ -572,11 +572,7 @@ def load_base(model_uri: str, *patients: str) -> BaseModel:
 def base_training_param(run_id: str, name: str, default: str) -> str:
     """A training parameter of the run that trained a base model: its own (``train_base``) or its
     LOSO parent's (a LOSO base run logs none of its own); ``default`` for runs from before it existed."""
-    run = mlflow.get_run(run_id)
-    if name in run.data.params:
-        return run.data.params[name]
-    parent = run.data.tags.get("mlflow.parentRunId")
-    return mlflow.get_run(parent).data.params.get(name, default) if parent else default
+    return tracking.params_with_parent(mlflow.get_run(run_id)).get(name, default)
 
 
 def run_transfer(cfg: LosoConfig, base_model_uri: str, patient: str) -> list[PatientResult]:

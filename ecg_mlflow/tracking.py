@@ -69,6 +69,13 @@ def logged_value(text: str) -> str:
     return parts[0] if len(parts) == 1 else text
 
 
+def params_with_parent(run) -> dict[str, str]:
+    """The parameters MLflow run ``run`` ran with: its own over its parent's. A LOSO base or variant run
+    logs few of its own; its LOSO (or ``transfer``) parent logs them all."""
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return {**(mlflow.get_run(parent).data.params if parent else {}), **run.data.params}
+
+
 def run_to_log_into(default_experiment_id: str, run_name: str):
     """The run a summary entry point (``compare``, ``blend``) logs into: the active one, the one
     `mlflow run` created (MLFLOW_RUN_ID), a new one in the active experiment
