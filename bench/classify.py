@@ -1,6 +1,9 @@
 """Beats from a QRS detector against the reference beats: every transfer model of a LOSO run
 classifies its record twice with ``classify`` (``beats=annotations``, then ``beats=detect``), and the
-pooled figures of both are printed side by side.
+pooled figures of both are printed side by side, with two rows between them that take apart what
+the detected beats lose: the reference beats each moved to the point of the detection that matches it
+(where the windows sit), and the detected beats each moved to the point of the reference beat it
+matches (which beats there are, hence the RR intervals).
 
 Each record is classified from the LOSO run's fine-tune minutes on (``start_minute=auto``), so the
 ``annotations`` row repeats the LOSO run's transfer figures; the ``detect`` row says what a user
@@ -22,9 +25,39 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 
-from ecg_mlflow.classify import ClassifyConfig, classify  # noqa: E402
+from ecg_mlflow.classify import (MATCH_S, ClassifyConfig, beat_dataset, beats_at, classify, load_model,  # noqa: E402
+                                 match_beats)
+from ecg_mlflow.dataset import record_part  # noqa: E402
 from ecg_mlflow.metrics import confusion, ec57_counts  # noqa: E402
+from ecg_mlflow.records import read_record, resolve_data_dir  # noqa: E402
+from ecg_mlflow.splits import TEST  # noqa: E402
+from ecg_mlflow.training import BeatSource, predict_logits  # noqa: E402
+
+MOVED = ("reference beats at detected points", "detected beats at reference points")
+
+
+def moved_beats(record: str, model_uri: str, data_dir: str | None, detected: np.ndarray) -> dict[str, np.ndarray]:
+    """The confusion matrices of ``record``'s test beats under the two :data:`MOVED` beat lists, each
+    classified as ``classify`` would; ``detected``: the detections' samples at 360 Hz."""
+    loaded = load_model(model_uri)
+    rec = read_record(resolve_data_dir(data_dir), record)
+    start = loaded.finetune_minutes or 0.0
+    reference = record_part(rec, loaded.window, loaded.label_scheme, start)
+    matched = match_beats(detected, reference["sample"], int(round(MATCH_S * rec.fs)))
+    hit = matched >= 0
+    at_detected, at_reference = reference["sample"].copy(), detected.copy()
+    at_detected[matched[hit]], at_reference[hit] = detected[hit], reference["sample"][matched[hit]]
+    out = {}
+    for name, peaks in zip(MOVED, (at_detected, at_reference)):
+        ds = beat_dataset(beats_at(rec, np.unique(peaks), loaded.window, reference), start, loaded.label_scheme,
+                          loaded.window)
+        rows = np.flatnonzero((ds.part == TEST) & (ds.label >= 0))
+        logits = predict_logits(loaded.model, BeatSource.from_dataset(ds, loaded.recent_reference), rows)
+        predicted = np.argmax(logits, axis=1)
+        out[name] = confusion(ds.label[rows].astype(int), predicted, len(ds.classes))
+    return out
 
 
 def main() -> int:
@@ -61,16 +94,21 @@ def main() -> int:
                 found += int(done.metrics["n_matched"])
                 reference += int(done.metrics["n_reference"])
                 detected += int(done.metrics["n_classified"])
+                for name, moved in moved_beats(record, models[record], args.data_dir or None,
+                                               done.beats.sample).items():
+                    cms[name] = cms.get(name, 0) + moved
         classes = done.beats.classes
 
     print(f"classify, {len(models)} records of LOSO run {args.loso_run}, transfer models, EC57 gross, %")
-    print(f"{'beats':<12} {'VEB Se':>7} {'VEB +P':>7} {'SVEB Se':>8} {'SVEB +P':>8} {'beats scored':>13} {'s/record':>9}")
-    for beats, cm in cms.items():
+    print(f"{'beats':<36} {'VEB Se':>7} {'VEB +P':>7} {'SVEB Se':>8} {'SVEB +P':>8} {'beats scored':>13} "
+          f"{'s/record':>9}")
+    for beats in ("annotations", *MOVED, "detect"):
+        cm = cms[beats]
         c = ec57_counts(cm, classes)
         stat = lambda tp, other: 100 * tp / (tp + other) if tp + other else float("nan")  # noqa: E731
-        print(f"{beats:<12} {stat(c['veb_tp'], c['veb_fn']):7.2f} {stat(c['veb_tp'], c['veb_fp']):7.2f} "
+        print(f"{beats:<36} {stat(c['veb_tp'], c['veb_fn']):7.2f} {stat(c['veb_tp'], c['veb_fp']):7.2f} "
               f"{stat(c['sveb_tp'], c['sveb_fn']):8.2f} {stat(c['sveb_tp'], c['sveb_fp']):8.2f} {int(cm.sum()):13,d} "
-              f"{seconds[beats] / len(models):9.1f}")
+              + (f"{seconds[beats] / len(models):9.1f}" if beats in seconds else ""))
     print(f"detection: {found:,} of {reference:,} reference beats found (Se {100 * found / reference:.2f}), "
           f"{detected - found:,} of {detected:,} detections not a reference beat (+P {100 * found / detected:.2f})")
     return 0

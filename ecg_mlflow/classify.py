@@ -186,10 +186,11 @@ def match_beats(detected: np.ndarray, reference: np.ndarray, tolerance: int) -> 
     return out
 
 
-def _beats_detected(rec: Record, peaks: np.ndarray, window: int, reference: dict | None) -> dict:
-    """The :func:`ecg_mlflow.dataset.record_part` dict of the beats at ``peaks``: windows and RR
-    intervals of the detections; symbol and label of the ``reference`` beat each one matches (``''`` and
-    ``-1`` where none, or without a reference); the reference rhythm in force (``''`` without one)."""
+def beats_at(rec: Record, peaks: np.ndarray, window: int, reference: dict | None) -> dict:
+    """The :func:`ecg_mlflow.dataset.record_part` dict of the beats at ``peaks`` (samples, sorted), such
+    as a detector's: windows and RR intervals of those beats; symbol and label of the ``reference``
+    beat each one matches (``''`` and ``-1`` where none, or without a reference); the reference rhythm
+    in force (``''`` without one)."""
     det = dataclasses.replace(rec, ann_sample=peaks, ann_symbol=np.full(len(peaks), "N", dtype=object),
                               ann_aux=np.full(len(peaks), "", dtype=object))
     rb = extract_beats(det, window)
@@ -202,6 +203,16 @@ def _beats_detected(rec: Record, peaks: np.ndarray, window: int, reference: dict
     return {"record": rec.name, "x": rb.x, "label": label, "symbol": symbol, "sample": rb.sample,
             "time_s": rb.sample / rec.fs, "rr_prev": rb.rr_prev, "rr_next": rb.rr_next, "rr_local": rb.rr_local,
             "rhythm": rhythm_at(rec.ann_sample, rec.ann_symbol, rec.ann_aux, rb.sample), "part": None}
+
+
+def beat_dataset(part: dict, start_minute: float, label_scheme: str, window: int) -> BeatDataset:
+    """The one-record :class:`ecg_mlflow.dataset.BeatDataset` of a :func:`beats_at` or
+    :func:`ecg_mlflow.dataset.record_part` dict, its beats before ``start_minute`` the context part
+    (``FINETUNE``) and the rest the part to classify (``TEST``)."""
+    scheme = get_scheme(label_scheme)
+    part = dict(part, part=np.where(part["time_s"] < start_minute * 60.0, FINETUNE, TEST).astype(object))
+    return from_parts([part], {"label_scheme": scheme.name, "classes": list(scheme.classes), "window": window,
+                               "records": [part["record"]], "fs": TARGET_FS})
 
 
 @dataclasses.dataclass
@@ -254,11 +265,8 @@ def classify(cfg: ClassifyConfig) -> Classified:
     if how == "annotations":
         part = reference
     else:
-        part = _beats_detected(rec, detect_beats(rec.signal[:, 0], rec.fs), loaded.window, reference)
-    part["part"] = np.where(part["time_s"] < start * 60.0, FINETUNE, TEST).astype(object)
-    meta = {"label_scheme": scheme.name, "classes": list(scheme.classes), "window": loaded.window,
-            "records": [cfg.record], "fs": TARGET_FS}
-    ds = from_parts([part], meta)
+        part = beats_at(rec, detect_beats(rec.signal[:, 0], rec.fs), loaded.window, reference)
+    ds = beat_dataset(part, start, scheme.name, loaded.window)
     rows = np.flatnonzero(ds.part == TEST)
     if len(rows) == 0:
         raise ClassifyError(f"record {cfg.record} has no beat from minute {start:g} on to classify")
@@ -306,4 +314,5 @@ def _log_annotations(rec: Record, sample: np.ndarray, symbols: list[str]) -> Non
 
 
 __all__ = ["ANNOTATOR_OUT", "BEATS", "ClassifyConfig", "ClassifyError", "Classified", "INPUTS", "MATCH_S",
-           "classify", "detect_beats", "load_model", "match_beats", "start_minute_from_param"]
+           "beat_dataset", "beats_at", "classify", "detect_beats", "load_model", "match_beats",
+           "start_minute_from_param"]
