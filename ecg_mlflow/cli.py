@@ -115,6 +115,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="base models per fold (seeds seed, seed + 1, ...), each fine-tuned; their logits averaged")
     p.add_argument("--augment", type=number("augment"), default=d.augment,
                    help="strength of random gain, baseline shift and noise on training beats (0 = none)")
+    p.add_argument("--augment-shift", type=whole_number("augment_shift"), default=d.augment_shift,
+                   help="most samples (360 Hz) a training beat's window moves off its R peak, afresh every epoch "
+                        "(0 = none); for beats from a QRS detector")
     p.add_argument("--sveb-gate", type=number("sveb_gate"), default=d.sveb_gate,
                    help="0 = off; q in (0, 1): transfer calls S only for beats that come earlier than q of "
                         "the training subjects' S beats (previous RR over local or five-minute mean RR)")
@@ -148,7 +151,7 @@ def train_config(a: argparse.Namespace):
                        finetune_replay=a.finetune_replay, finetune_replay_early=a.finetune_replay_early,
                        rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
-                       finetune_blend=a.finetune_blend, augment=a.augment,
+                       finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,
                        sveb_gate=a.sveb_gate, early_sveb=a.early_sveb,
                        recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size)
 

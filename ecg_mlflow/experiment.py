@@ -42,6 +42,9 @@ class LosoConfig:
         self.train.validated()
         self.execution.validated()
         check_kernel_size(self.train.kernel_size, self.prepare.window)
+        if self.train.augment_shift > self.prepare.window // 4:
+            raise ValueError(f"augment_shift must be at most a quarter of the window ({self.prepare.window // 4} "
+                             f"samples for window {self.prepare.window}), got {self.train.augment_shift!r}")
         if isinstance(self.base_folds, bool) or not isinstance(self.base_folds, int) or self.base_folds < 0 \
                 or self.base_folds == 1:
             raise ValueError(f"base_folds must be 0 (one base model per subject) or a whole number >= 2, "

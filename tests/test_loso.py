@@ -237,6 +237,7 @@ BAD_PARAMETERS = [
     (["--finetune-layers", "conv"], "finetune_layers"),
     (["--rr-features", "heart"], "rr_features"),
     (["--augment", "2"], "augment"),
+    (["--augment-shift", "41"], "augment_shift"),  # more than a quarter of the 160-sample window
     (["--sveb-gate", "1"], "sveb_gate"),
     (["--recent-reference", "normal"], "recent_reference"),
     (["--recent-reference", "ontime"], "recent_reference"),  # acts only on recent_cnn; the default is rr_cnn

@@ -196,9 +196,32 @@ def test_augmented_batches_scale_a_beat_with_its_reference_and_shift_the_beat_al
         np.testing.assert_array_equal(z["beat"].numpy(), p["beat"].numpy())
 
 
+def test_shifted_batches_move_each_beat_alone_by_its_own_offset_within_the_bound():
+    x, y, rr = toy_beats(200)
+    x = x + np.random.default_rng(6).normal(0, 1, x.shape).astype(np.float32)  # every window tells its offset
+    recent = np.random.default_rng(5).normal(0, 1, x.shape).astype(np.float32)
+    src, idx, most = BeatSource(x, y, rr, recent=recent), np.arange(10, 190), 4
+    names = ("beat", "rr", "recent")
+    plain = list(src.dataset(idx, 32, seed=3, names=names))
+    ds = src.dataset(idx, 32, seed=3, names=names, shift=most)
+    epoch1, epoch2, again = list(ds), list(ds), list(src.dataset(idx, 32, seed=3, names=names, shift=most))
+    at = np.arange(WINDOW)
+    offsets = []
+    for (p, yp), (a, ya), (b, _) in zip(plain, epoch1, again):
+        np.testing.assert_array_equal(ya.numpy(), yp.numpy())  # the same rows in the same order
+        np.testing.assert_array_equal(a["rr"].numpy(), p["rr"].numpy())
+        np.testing.assert_array_equal(a["recent"].numpy(), p["recent"].numpy())  # references stay put
+        np.testing.assert_array_equal(a["beat"].numpy(), b["beat"].numpy())  # a seed repeats its draws
+        for moved, beat in zip(a["beat"].numpy(), p["beat"].numpy()):
+            (s,) = [s for s in range(-most, most + 1) if np.array_equal(moved, beat[np.clip(at + s, 0, WINDOW - 1)])]
+            offsets.append(s)
+    assert set(offsets) == set(range(-most, most + 1))  # uniform over the 9 offsets: 180 draws hit each
+    assert not np.array_equal(epoch1[0][0]["beat"].numpy(), epoch2[0][0]["beat"].numpy())  # fresh every epoch
+
+
 def test_training_with_augmentation_repeats_with_its_seed_and_still_learns():
     x, y, rr = toy_beats()
-    cfg = TrainConfig(**{**FAST.__dict__, "augment": 0.1})
+    cfg = TrainConfig(**{**FAST.__dict__, "augment": 0.1, "augment_shift": 2})
     m1, h1 = train_base(x[:500], y[:500], 3, cfg)
     m2, h2 = train_base(x[:500], y[:500], 3, cfg)
     _, h0 = train_base(x[:500], y[:500], 3, FAST)
@@ -594,6 +617,8 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"), ("ensemble", 0, "ensemble"), ("ensemble", 1.5, "ensemble"),
     ("finetune_blend", 0, "finetune_blend"), ("finetune_blend", 1.5, "finetune_blend"),
     ("augment", -0.1, "augment"), ("augment", 2, "augment"), ("augment", True, "augment"),
+    ("augment_shift", -1, "augment_shift"), ("augment_shift", 2.5, "augment_shift"),
+    ("augment_shift", True, "augment_shift"),
     ("sveb_gate", 1, "sveb_gate"), ("sveb_gate", -0.5, "sveb_gate"), ("sveb_gate", "on", "sveb_gate"),
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
