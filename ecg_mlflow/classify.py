@@ -144,6 +144,7 @@ def load_model(model_uri: str) -> LoadedModel:
                        subject=run.data.tags.get("subject"), patient=run.data.tags.get("patient"),
                        finetune_minutes=float(minutes) if minutes else None)
 
+
 def detect_beats(signal: np.ndarray, fs: float) -> np.ndarray:
     """R-peak positions, int64 ``(n,)`` sorted and unique, in one lead ``signal`` ``(n_samples,)`` mV at
     ``fs`` Hz: wfdb's XQRS detector, each detection then moved to the largest deflection within 100 ms

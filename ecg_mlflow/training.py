@@ -270,7 +270,7 @@ class BeatSource:
             if draw is not None:
                 if augment > 0:
                     feats = augment_waveforms(feats, augment, tf.stack([draw, seed]))
-                if shift > 0:
+                if shift > 0:  # seed + 3: augment_waveforms draws with seed .. seed + 2
                     feats["beat"] = shift_beats(feats["beat"], shift, tf.stack([draw, seed + 3]))
             return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], i)
 
