@@ -130,6 +130,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "that came on time (ontime: previous RR at least 0.9 of the five-minute average)")
     p.add_argument("--kernel-size", type=whole_number("kernel_size"), default=d.kernel_size,
                    help="the convolutions' kernel in samples (360 Hz); 3 = the seed notebook's")
+    p.add_argument("--width", type=whole_number("width"), default=d.width,
+                   help="multiplies the convolutions' filters; 1 = the seed notebook's 16/32/64")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -153,7 +155,8 @@ def train_config(a: argparse.Namespace):
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,
                        sveb_gate=a.sveb_gate, early_sveb=a.early_sveb,
-                       recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size)
+                       recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size,
+                       width=a.width)
 
 
 def loso_parser(description: str | None = None, parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:

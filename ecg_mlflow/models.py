@@ -41,9 +41,9 @@ def lead_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template=None, dropout: float = 0.0,
-              kernel_size: int = 3):
+              kernel_size: int = 3, width: int = 1):
     """Normalisation (float32), then Conv1D 16/32/64 (``kernel_size``, ReLU) with max-pool 2 after
-    each, flattened. The last convolution sees ``7 * (kernel_size - 1) + 1`` samples: 15 (42 ms at
+    each, flattened; ``width`` multiplies the filters (2: 32/64/128). The last convolution sees ``7 * (kernel_size - 1) + 1`` samples: 15 (42 ms at
     360 Hz) at kernel 3, 43 (120 ms, about a P wave) at kernel 7.
     With a ``template`` the convolutions also see the beat minus its patient's normal beat, in the
     same scale, as extra channels. ``dropout`` > 0 adds a ``feature_dropout`` layer on the flattened
@@ -54,7 +54,7 @@ def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template
         diff = layers.Subtract(name="minus_template")([beat, template])
         diff = layers.Normalization(axis=-1, mean=np.zeros_like(mean), variance=variance, name="normalize_diff")(diff)
         x = layers.Concatenate(name="beat_and_diff")([x, diff])
-    for i, filters in enumerate((16, 32, 64), start=1):
+    for i, filters in enumerate((16 * width, 32 * width, 64 * width), start=1):
         x = layers.Conv1D(filters, kernel_size, activation="relu", name=f"conv{i}", dtype=dtype)(x)
         x = layers.MaxPool1D(2, name=f"pool{i}", dtype=dtype)(x)
     x = layers.Flatten(name="flatten", dtype=dtype)(x)
@@ -93,14 +93,14 @@ def _rhythm(inputs: dict, parts: list, rr_long: bool, rr_irregular: bool):
 
 
 def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
-                   dtype: str = "float32", dropout: float = 0.0, kernel_size: int = 3) -> keras.Model:
-    """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, or ``kernel_size``; ReLU), max-pool 2 after each,
+                   dtype: str = "float32", dropout: float = 0.0, kernel_size: int = 3, width: int = 1) -> keras.Model:
+    """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, or ``kernel_size``; ReLU; filters times ``width``), max-pool 2 after each,
     Flatten, Dense 32 ReLU, Dense ``n_classes`` — the last layer gives logits (no ReLU).
 
     ``dtype``: the compute policy of the hidden layers (``mixed_float16`` on a GPU); the logits
     are always float32 so the loss is computed at full precision."""
     inputs = keras.Input(shape=(window, n_leads), name="beat")
-    x = _features(inputs, mean, variance, dtype, dropout=dropout, kernel_size=kernel_size)
+    x = _features(inputs, mean, variance, dtype, dropout=dropout, kernel_size=kernel_size, width=width)
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
     logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name="seed_cnn")
@@ -109,7 +109,8 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                  rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
                  rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False,
-                 recent: bool = False, rr_irregular: bool = False, kernel_size: int = 3) -> keras.Model:
+                 recent: bool = False, rr_irregular: bool = False, kernel_size: int = 3,
+                 width: int = 1) -> keras.Model:
     """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
     input, and with ``rr_long`` the ``(2,)`` input ``rr_long``) join the flattened beat features
     before the head, so premature beats (short previous RR) are visible to the classifier.
@@ -124,7 +125,7 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
     if recent:
         inputs["recent"] = keras.Input(shape=(window, n_leads), name="recent")
     x = _features(beat, mean, variance, dtype, template=inputs.get("recent"), dropout=dropout,
-                  kernel_size=kernel_size)
+                  kernel_size=kernel_size, width=width)
     r = _rhythm(inputs, [_rr_input(rr, rr_keep)], rr_long, rr_irregular)
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
@@ -136,7 +137,7 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
 def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                       rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
                       rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False,
-                      rr_irregular: bool = False, kernel_size: int = 3) -> keras.Model:
+                      rr_irregular: bool = False, kernel_size: int = 3, width: int = 1) -> keras.Model:
     """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
     the beat minus the patient's median normal beat (``template``), and the head sees the RR
     features both over the local mean RR (``rr``) and over the patient's normal RR
@@ -148,7 +149,8 @@ def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarra
     rr = keras.Input(shape=(3,), name="rr")
     rr_patient = keras.Input(shape=(3,), name="rr_patient")
     inputs = {"beat": beat, "rr": rr, "template": template, "rr_patient": rr_patient}
-    x = _features(beat, mean, variance, dtype, template=template, dropout=dropout, kernel_size=kernel_size)
+    x = _features(beat, mean, variance, dtype, template=template, dropout=dropout, kernel_size=kernel_size,
+                  width=width)
     r = _rhythm(inputs, [_rr_input(rr, rr_keep), rr_patient], rr_long, rr_irregular)
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
@@ -175,11 +177,23 @@ def check_kernel_size(kernel_size: int, window: int) -> None:
                          f"got {kernel_size!r}")
 
 
+# Wider than this the convolutions hold 64 times the seed's weights in their last layer and train
+# many times slower on a CPU; nothing measured asks for more.
+MAX_WIDTH = 8
+
+
+def check_width(width: int) -> None:
+    """``ValueError`` naming ``width`` unless it is a whole number from 1 to :data:`MAX_WIDTH`."""
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"width must be a whole number from 1 to {MAX_WIDTH}, got {width!r}")
+
+
 def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
                 train_rr: np.ndarray | None = None, dtype: str = "float32",
                 train_rr_patient: np.ndarray | None = None, rr_features: str = "all",
                 dropout: float = 0.0, train_rr_long: np.ndarray | None = None,
-                train_rr_irregular: np.ndarray | None = None, kernel_size: int = 3) -> keras.Model:
+                train_rr_irregular: np.ndarray | None = None, kernel_size: int = 3,
+                width: int = 1) -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
     ``(n, window, n_leads)`` (and, for ``rr_cnn`` and ``patient_cnn``, training RR features
     ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``; with
@@ -188,17 +202,19 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
     ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``);
     ``rr_features`` which RR inputs the rr models read (:data:`RR_COLUMNS`, :data:`RR_LONG`);
     ``dropout`` the rate of the ``feature_dropout`` layer (none at 0); ``kernel_size`` the
-    convolutions' kernel (:func:`check_kernel_size`)."""
+    convolutions' kernel (:func:`check_kernel_size`); ``width`` (1 to :data:`MAX_WIDTH`) multiplies
+    their filters."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
     if rr_features not in RR_COLUMNS:
         raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
     check_kernel_size(kernel_size, window)
+    check_width(width)
     keep, long = RR_COLUMNS[rr_features], rr_features in RR_LONG and name != "seed_cnn"
     irregular = rr_features in RR_IRREGULAR and name != "seed_cnn"
     mean, variance = lead_stats(train_x)
     if name == "seed_cnn":
-        return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout, kernel_size)
+        return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout, kernel_size, width)
     if train_rr is None or (name == "patient_cnn" and train_rr_patient is None):
         raise ValueError(f"model {name} needs the training RR features rr"
                          f"{' and rr_patient' if name == 'patient_cnn' else ''}, each (n, 3)")
@@ -211,9 +227,9 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
     rr_mean, rr_var = lead_stats(np.concatenate(rhythm, axis=1)[:, None, :])
     if name == "patient_cnn":
         return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long,
-                                 irregular, kernel_size)
+                                 irregular, kernel_size, width)
     return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long,
-                        recent=name == "recent_cnn", rr_irregular=irregular, kernel_size=kernel_size)
+                        recent=name == "recent_cnn", rr_irregular=irregular, kernel_size=kernel_size, width=width)
 
 
 ENSEMBLE_NAME = "ensemble"

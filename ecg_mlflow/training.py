@@ -17,8 +17,8 @@ import keras
 import tensorflow as tf
 
 from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
-from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, ensemble_members, model_input_names,
-                               transfer_copy)
+from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, check_width, ensemble_members,
+                               model_input_names, transfer_copy)
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "all")
@@ -59,6 +59,7 @@ class TrainConfig:
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
+    width: int = 1  # multiplies the convolutions' filters (1: the seed notebook's 16/32/64)
     finetune_replay_early: int = 0  # N beats that came early, from the base-training subjects, added to the
     # replay: they show the head short-RR beats that are not S (atrial fibrillation, sinus arrhythmia)
 
@@ -78,6 +79,7 @@ class TrainConfig:
         whole("ensemble", 1)
         whole("kernel_size", 1)
         whole("augment_shift", 0)
+        check_width(self.width)
         if isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not 0 <= self.augment <= 1:
             raise ValueError(f"augment must be a number in [0, 1], got {self.augment!r}")
         for name in ("learning_rate", "finetune_learning_rate"):
@@ -494,7 +496,8 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
                         dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx),
-                        train_rr_irregular=source._array("rr_irregular", idx), kernel_size=cfg.kernel_size)
+                        train_rr_irregular=source._array("rr_irregular", idx), kernel_size=cfg.kernel_size,
+                        width=cfg.width)
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile)
     batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift)

@@ -246,6 +246,7 @@ BAD_PARAMETERS = [
     (["--label-scheme", "raw", "--early-sveb", "0.01"], "early_sveb"),
     (["--kernel-size", "0"], "kernel_size"),
     (["--kernel-size", "23"], "kernel_size"),  # three convolutions of 23 leave nothing of a 160-sample window
+    (["--width", "9"], "width"),
     (["--finetune-replay-early", "-5"], "finetune_replay_early"),
 ]
 

@@ -138,6 +138,23 @@ def test_kernel_size_sets_every_convolution_and_is_checked_against_the_window():
         build_model("seed_cnn", WINDOW, 2, 3, x, kernel_size=5)
 
 
+def test_width_multiplies_every_convolutions_filters_and_transfer_keeps_them():
+    x, y, rr = toy_beats()
+    source = BeatSource(x, y, rr)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "width": 2})
+    base, _ = train_base(source, np.arange(500), 3, cfg)
+    assert [base.get_layer(f"conv{i}").filters for i in (1, 2, 3)] == [32, 64, 128]
+    assert (predict_classes(base, source, np.arange(500, 600)) == y[500:]).mean() > 0.9
+    plain = build_model("rr_cnn", WINDOW, 2, 3, x, rr)
+    assert [plain.get_layer(f"conv{i}").filters for i in (1, 2, 3)] == [16, 32, 64]
+    # A patient's model is the base model with its head re-trained: the wide convolutions come along.
+    tuned, _ = fine_tune(base, source, np.arange(500, 560), cfg)
+    assert [tuned.get_layer(f"conv{i}").filters for i in (1, 2, 3)] == [32, 64, 128]
+    for bad in (0, 9, 1.5, True):
+        with pytest.raises(ValueError, match=r"width must be a whole number from 1 to 8"):
+            build_model("seed_cnn", WINDOW, 2, 3, x, width=bad)
+
+
 def test_beat_source_batches_hold_the_selected_rows():
     x, y, rr = toy_beats(50)
     src = BeatSource(x, y, rr)
@@ -623,6 +640,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
+    ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
