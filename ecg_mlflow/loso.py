@@ -49,15 +49,16 @@ from ecg_mlflow.beats import REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import BeatDataset, log_to_mlflow, prepare
 from ecg_mlflow.executors import FoldOutcome, FoldTask
 from ecg_mlflow.experiment import HEADLINE, VARIANTS, BaseModel, LosoConfig, PatientResult
-from ecg_mlflow.models import gate_premature, promote_early
+from ecg_mlflow.models import gate_irregular, gate_premature, promote_early
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, check_not_running,
                                claim, config_for_resume, end_orphaned_runs, end_stale_children, loso_run,
                                parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
-from ecg_mlflow.training import (BeatSource, early_normal_rows, early_threshold, fine_tune, model_input_names,
-                                 predict_logits, premature_threshold, replay_rows, train_base, visible_gpus)
+from ecg_mlflow.training import (BeatSource, early_normal_rows, early_threshold, fine_tune, irregular_threshold,
+                                 model_input_names, predict_logits, premature_threshold, replay_rows, train_base,
+                                 visible_gpus)
 
 
 def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
@@ -211,6 +212,17 @@ def gate_sveb(ds: BeatDataset, fold: Fold, model, share: float):
     return gate_premature(model, threshold, code)
 
 
+def gate_irregular_sveb(ds: BeatDataset, fold: Fold, model, share: float):
+    """``model`` behind :func:`ecg_mlflow.models.gate_irregular` (no S calls where the rhythm before a
+    beat is irregular), its threshold the ``share`` quantile of the irregularity before the fold's
+    training S beats (other subjects only); the threshold is logged to the active run as
+    ``sveb_regular_threshold``."""
+    code = ds.classes.index("S")
+    threshold = irregular_threshold(ds.rr_irregular()[:, 0], ds.label, np.flatnonzero(fold.train), code, share)
+    mlflow.log_param("sveb_regular_threshold", round(threshold, 4))
+    return gate_irregular(model, threshold, code)
+
+
 def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float):
     """``model`` behind :func:`ecg_mlflow.models.promote_early` (N calls become S for beats early in a
     regular rhythm), its threshold the ``share`` quantile of the earliness of the fold's training N
@@ -223,12 +235,14 @@ def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float):
 
 
 def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
-    """``sveb_gate`` and ``early_sveb`` act on the AAMI scheme's S class and set their thresholds from
-    each fold's training S beats (``sveb_gate``) or N beats in regular rhythm (``early_sveb``): refuse
+    """``sveb_gate``, ``sveb_regular`` and ``early_sveb`` act on the AAMI scheme's S class and set their
+    thresholds from each fold's training S beats (``sveb_gate``, ``sveb_regular``) or N beats in regular
+    rhythm (``early_sveb``): refuse
     them (``ValueError`` naming the parameter) before any training when the scheme is another or a
     fold's training subjects have no such beat."""
     irregular = ds.rr_irregular()[:, 0] if cfg.train.early_sveb > 0 else None
-    for name, share, cls in (("sveb_gate", cfg.train.sveb_gate, "S"), ("early_sveb", cfg.train.early_sveb, "N")):
+    for name, share, cls in (("sveb_gate", cfg.train.sveb_gate, "S"), ("sveb_regular", cfg.train.sveb_regular, "S"),
+                             ("early_sveb", cfg.train.early_sveb, "N")):
         if share <= 0:
             continue
         if ds.meta["label_scheme"] != "aami":
@@ -265,6 +279,8 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
                          on_epoch=tracking.log_epoch_metrics)
     if cfg.train.sveb_gate > 0:
         model = gate_sveb(ds, fold, model, cfg.train.sveb_gate)
+    if cfg.train.sveb_regular > 0:
+        model = gate_irregular_sveb(ds, fold, model, cfg.train.sveb_regular)
     if cfg.train.early_sveb > 0:
         model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb)
     m, cm = _evaluate(ds, fold.test[record], model, src, f"{record} transfer")

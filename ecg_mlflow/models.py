@@ -318,6 +318,34 @@ def gate_premature(model: keras.Model, threshold: float, class_index: int) -> ke
     return keras.Model(inputs, out, name=GATED_NAME)
 
 
+IRREGULAR_GATED_NAME = "irregular_gate"
+
+
+def gate_irregular(model: keras.Model, threshold: float, class_index: int) -> keras.Model:
+    """``model`` with class ``class_index`` (SVEB) ruled out for every beat whose rhythm before is
+    more irregular than ``threshold`` (``rr_irregular`` above it): that class's logit is lowered by
+    1e4, so the beat takes the best of the other classes. In atrial fibrillation and flutter a short
+    RR is ordinary and the annotators call the beats N; this is where most false S calls of the
+    transfer models are (README, "errors by rhythm").
+
+    The returned model reads ``model``'s inputs plus ``rr_irregular`` ``(1,)`` and gives logits
+    ``(batch, n_classes)``; built from built-in layers with fixed weights, it saves, loads and serves
+    as any other model."""
+    n_classes = int(model.output.shape[-1])
+    if not 0 <= class_index < n_classes:
+        raise ValueError(f"class_index must be in [0, {n_classes}), got {class_index}")
+    inputs, logits = _wrapped(model, {"rr_irregular": 1})
+    # 0 while irregularity <= threshold, 1 once it is 1e-4 above: a step made of Dense + capped ReLU.
+    irregular = _fixed_dense(1, np.full((1, 1), _STEP, np.float32), np.array([-threshold * _STEP], np.float32),
+                             "irregular_step")(inputs["rr_irregular"])
+    irregular = layers.ReLU(max_value=1.0, name="irregular_gate_on", dtype="float32")(irregular)
+    penalty = np.zeros((1, n_classes), np.float32)
+    penalty[0, class_index] = -_STEP
+    out = layers.Add(name="irregular_gated_logits", dtype="float32")(
+        [logits, _fixed_dense(n_classes, penalty, None, "irregular_penalty")(irregular)])
+    return keras.Model(inputs, out, name=IRREGULAR_GATED_NAME)
+
+
 PROMOTED_NAME = "early_promotion"
 
 

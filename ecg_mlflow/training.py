@@ -54,6 +54,8 @@ class TrainConfig:
     augment_shift: int = 0  # most samples a training beat's window moves off its R peak, afresh every epoch
     # (0: none): a QRS detector does not place a beat where the annotators did (classify beats=detect)
     sveb_gate: float = 0.0  # > 0: transfer calls S only for beats earlier than this share of training S beats
+    sveb_regular: float = 0.0  # > 0: transfer calls S only for beats whose rhythm before is no more irregular
+    # than this share of the training subjects' S beats (no S calls in atrial fibrillation or flutter)
     early_sveb: float = 0.0  # > 0: transfer calls S instead of N for beats in regular rhythm earlier than all but
     # this share of the training subjects' N beats in regular rhythm
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
@@ -104,6 +106,9 @@ class TrainConfig:
         if isinstance(self.sveb_gate, bool) or not isinstance(self.sveb_gate, (int, float)) \
                 or not 0 <= self.sveb_gate < 1:
             raise ValueError(f"sveb_gate must be 0 (off) or a share in (0, 1), got {self.sveb_gate!r}")
+        if isinstance(self.sveb_regular, bool) or not isinstance(self.sveb_regular, (int, float)) \
+                or not 0 <= self.sveb_regular < 1:
+            raise ValueError(f"sveb_regular must be 0 (off) or a share in (0, 1), got {self.sveb_regular!r}")
         if isinstance(self.early_sveb, bool) or not isinstance(self.early_sveb, (int, float)) \
                 or not 0 <= self.early_sveb < 1:
             raise ValueError(f"early_sveb must be 0 (off) or a share in (0, 1), got {self.early_sveb!r}")
@@ -124,7 +129,7 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "early_sveb", "finetune_replay_early")
+                                    "sveb_regular", "early_sveb", "finetune_replay_early")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -361,6 +366,21 @@ def premature_threshold(rr: np.ndarray, rr_long: np.ndarray, labels: np.ndarray,
     if len(rows) == 0:
         raise ValueError(f"no training beats of class {class_code} to set the premature gate from")
     return float(np.quantile(np.minimum(rr[rows, 0], rr_long[rows, 0]), share))
+
+
+def irregular_threshold(irregular: np.ndarray, labels: np.ndarray, rows: np.ndarray, class_code: int,
+                        share: float) -> float:
+    """The ``share`` quantile of the rhythm's irregularity before each beat (``irregular`` ``(n,)``,
+    :meth:`ecg_mlflow.dataset.BeatDataset.rr_irregular`) over the beats of class ``class_code``
+    among ``rows`` (training rows only); ``labels`` ``(n,)``. So about ``share`` of those beats come
+    in a rhythm no more irregular than the threshold."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share!r}")
+    rows = np.asarray(rows)
+    rows = rows[labels[rows] == class_code]
+    if len(rows) == 0:
+        raise ValueError(f"no training beats of class {class_code} to set the irregularity gate from")
+    return float(np.quantile(irregular[rows], share))
 
 
 def early_threshold(rr_long: np.ndarray, irregular: np.ndarray, labels: np.ndarray, rows: np.ndarray,

@@ -242,6 +242,8 @@ BAD_PARAMETERS = [
     (["--recent-reference", "normal"], "recent_reference"),
     (["--recent-reference", "ontime"], "recent_reference"),  # acts only on recent_cnn; the default is rr_cnn
     (["--label-scheme", "raw", "--sveb-gate", "0.99"], "sveb_gate"),  # raw labels have no S class to gate
+    (["--sveb-regular", "1"], "sveb_regular"),
+    (["--label-scheme", "raw", "--sveb-regular", "0.99"], "sveb_regular"),
     (["--early-sveb", "1"], "early_sveb"),
     (["--label-scheme", "raw", "--early-sveb", "0.01"], "early_sveb"),
     (["--kernel-size", "0"], "kernel_size"),

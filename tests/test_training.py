@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_kernel_size, ensemble_members,
-                               gate_premature, lead_stats, model_input_names, promote_early, transfer_copy)
+                               gate_irregular, gate_premature, lead_stats, model_input_names, promote_early, transfer_copy)
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_normal_rows,
-                                 early_threshold, fine_tune, predict_classes, premature_threshold, replay_rows,
+                                 early_threshold, fine_tune, irregular_threshold, predict_classes, premature_threshold, replay_rows,
                                  train_base)
 
 WINDOW = 32
@@ -484,6 +484,45 @@ def test_premature_gate_rules_out_s_only_for_beats_that_are_not_early(model_name
         gate_premature(plain, 0.9, class_index=3)
 
 
+@pytest.mark.parametrize("model_name, members", [("seed_cnn", 1), ("rr_cnn", 2)])
+def test_irregular_gate_rules_out_s_only_for_beats_after_an_irregular_rhythm(model_name, members, tmp_path):
+    import keras
+
+    x, y, rr = toy_beats(200)
+    irregular = np.random.default_rng(4).uniform(0.0, 0.3, (len(x), 1)).astype(np.float32)
+    plain = build_ensemble([build_model(model_name, WINDOW, 2, 3, x, rr, dropout=0.1 * i) for i in range(members)])
+    gated = gate_irregular(plain, 0.1, class_index=1)
+    assert set(model_input_names(gated)) == set(model_input_names(plain)) | {"rr_irregular"}
+    src = BeatSource(x, y, rr, rr_irregular=irregular)
+    want = plain.predict(src.inputs(np.arange(len(x)), model_input_names(plain)), verbose=0)
+    got = gated.predict(src.inputs(np.arange(len(x)), model_input_names(gated)), verbose=0)
+    regular = irregular[:, 0] <= 0.1
+    assert 0 < regular.sum() < len(x)
+    np.testing.assert_allclose(got[regular], want[regular], rtol=1e-6)  # regular rhythm: untouched
+    np.testing.assert_allclose(got[~regular][:, [0, 2]], want[~regular][:, [0, 2]], rtol=1e-6)
+    assert (got[~regular, 1] < want[~regular, 1] - 1000).all()  # irregular rhythm: never class 1
+    pred = predict_classes(gated, src, np.arange(len(x)))
+    assert not (pred[~regular] == 1).any()
+    path = tmp_path / "gated.keras"
+    gated.save(path)
+    np.testing.assert_array_equal(predict_classes(keras.models.load_model(path), src, np.arange(len(x))), pred)
+    with pytest.raises(ValueError, match="class_index"):
+        gate_irregular(plain, 0.1, class_index=3)
+
+
+def test_irregular_threshold_is_a_quantile_over_the_given_rows_of_the_class_only():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 1000)
+    irregular = rng.uniform(0.0, 0.3, 1000)
+    rows = np.arange(800)
+    got = irregular_threshold(irregular, labels, rows, 1, 0.9)
+    assert got == pytest.approx(np.quantile(irregular[rows][labels[rows] == 1], 0.9))
+    irregular[800:], labels[800:] = 5.0, 1  # a held-out subject's rows change nothing
+    assert irregular_threshold(irregular, labels, rows, 1, 0.9) == got
+    with pytest.raises(ValueError, match="no training beats of class 1"):
+        irregular_threshold(irregular, np.zeros(1000, int), rows, 1, 0.9)
+
+
 def test_premature_threshold_is_a_quantile_over_the_given_rows_of_the_class_only():
     rng = np.random.default_rng(0)
     n = 1000
@@ -637,6 +676,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("augment_shift", -1, "augment_shift"), ("augment_shift", 2.5, "augment_shift"),
     ("augment_shift", True, "augment_shift"),
     ("sveb_gate", 1, "sveb_gate"), ("sveb_gate", -0.5, "sveb_gate"), ("sveb_gate", "on", "sveb_gate"),
+    ("sveb_regular", 1, "sveb_regular"), ("sveb_regular", -0.1, "sveb_regular"), ("sveb_regular", True, "sveb_regular"),
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
