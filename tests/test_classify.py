@@ -1,7 +1,7 @@
 """``classify``: a registered model applied to a record's beats, from its reference annotations or
 from a QRS detector, read back from a real store. The models come from a real (tiny) LOSO run whose
 models read every input classify makes (beat, RR, five-minute RR, irregularity, recent beats) and
-carry both saved-in rules (``sveb_gate``, ``early_sveb``); they were trained on windows moved off the
+carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb``); they were trained on windows moved off the
 R peak (``augment_shift``), which acts on training alone."""
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
         cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
                                                finetune_minutes=FINETUNE_MINUTES, cache_dir=str(cache_root / "beats")),
                          train=TrainConfig(model="recent_cnn", rr_features="irregular", recent_reference="ontime",
-                                           sveb_gate=0.99, early_sveb=0.002, augment_shift=8, epochs=1,
-                                           finetune_epochs=1, seed=3))
+                                           sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, augment_shift=8,
+                                           epochs=1, finetune_epochs=1, seed=3))
         loso_run = run_loso(cfg)
         mp.delenv("MLFLOW_EXPERIMENT_ID")
         yield uri, loso_run, MlflowClient(uri)
@@ -76,6 +76,7 @@ def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record)
     LOSO made it, from the record alone."""
     _, loso_run, client = store
     assert client.get_run(loso_run).data.params["augment_shift"] == "8"
+    assert "sveb_regular_threshold" in _variant(client, loso_run, record, "transfer").data.params
     for uri, variant in ((f"models:/ecg-transfer-{record}@newest", "transfer"),
                          (f"models:/ecg-base-{record}@newest", "no_transfer")):
         done = classify(ClassifyConfig(record=record, model_uri=uri, data_dir=str(mitdb_dir)))
