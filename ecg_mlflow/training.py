@@ -352,6 +352,18 @@ def class_weights(y: np.ndarray, n_classes: int, how: str) -> dict[int, float] |
     return {int(c): float(w[c]) for c in range(n_classes)}
 
 
+def _rows_of_class(labels: np.ndarray, rows: np.ndarray, class_code: int, share: float, gate: str) -> np.ndarray:
+    """Those of ``rows`` labelled ``class_code``, after checking ``share`` is in (0, 1) and that there
+    is at least one (``gate`` names what the rows set, for the error)."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share!r}")
+    rows = np.asarray(rows)
+    rows = rows[labels[rows] == class_code]
+    if len(rows) == 0:
+        raise ValueError(f"no training beats of class {class_code} to set the {gate} from")
+    return rows
+
+
 def premature_threshold(rr: np.ndarray, rr_long: np.ndarray, labels: np.ndarray, rows: np.ndarray,
                         class_code: int, share: float) -> float:
     """The earliness a beat needs to be called class ``class_code`` (SVEB) under
@@ -359,12 +371,7 @@ def premature_threshold(rr: np.ndarray, rr_long: np.ndarray, labels: np.ndarray,
     among ``rows`` (training rows: never the held-out subject's), of the smaller of previous RR over
     local mean RR (``rr[:, 0]``) and previous RR over the five-minute average (``rr_long[:, 0]``).
     ``rr`` ``(n, 3)``, ``rr_long`` ``(n, 2)``, ``labels`` ``(n,)`` cover the whole table."""
-    if not 0 < share < 1:
-        raise ValueError(f"share must be in (0, 1), got {share!r}")
-    rows = np.asarray(rows)
-    rows = rows[labels[rows] == class_code]
-    if len(rows) == 0:
-        raise ValueError(f"no training beats of class {class_code} to set the premature gate from")
+    rows = _rows_of_class(labels, rows, class_code, share, "premature gate")
     return float(np.quantile(np.minimum(rr[rows, 0], rr_long[rows, 0]), share))
 
 
@@ -374,12 +381,7 @@ def irregular_threshold(irregular: np.ndarray, labels: np.ndarray, rows: np.ndar
     :meth:`ecg_mlflow.dataset.BeatDataset.rr_irregular`) over the beats of class ``class_code``
     among ``rows`` (training rows only); ``labels`` ``(n,)``. So about ``share`` of those beats come
     in a rhythm no more irregular than the threshold."""
-    if not 0 < share < 1:
-        raise ValueError(f"share must be in (0, 1), got {share!r}")
-    rows = np.asarray(rows)
-    rows = rows[labels[rows] == class_code]
-    if len(rows) == 0:
-        raise ValueError(f"no training beats of class {class_code} to set the irregularity gate from")
+    rows = _rows_of_class(labels, rows, class_code, share, "irregularity gate")
     return float(np.quantile(irregular[rows], share))
 
 
