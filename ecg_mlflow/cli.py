@@ -102,6 +102,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    default=d.finetune_replay_early,
                    help="N beats that came early (previous RR under 0.9 of the local or five-minute mean), "
                         "from the base-training subjects, added to each fine-tune set (0 = none)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule,
+                   help="constant, or cosine: each training's rate decays from its learning rate to 0 over its epochs")
     p.add_argument("--precision", default=d.precision, help="auto (mixed on a GPU), float32 or mixed")
     p.add_argument("--rr-features", default=d.rr_features,
                    help="all; relative: without the local mean RR in seconds (the heart rate); "
@@ -153,6 +155,7 @@ def train_config(a: argparse.Namespace):
                        finetune_learning_rate=a.finetune_learning_rate, seed=a.seed,
                        class_weight=a.class_weight, jit_compile=a.jit_compile,
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
+                       lr_schedule=a.lr_schedule.strip().lower(),
                        finetune_replay=a.finetune_replay, finetune_replay_early=a.finetune_replay_early,
                        rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,

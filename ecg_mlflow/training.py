@@ -23,6 +23,7 @@ from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "all")
 PRECISIONS = ("auto", "float32", "mixed")
+LR_SCHEDULES = ("constant", "cosine")
 RR_FEATURES = tuple(RR_COLUMNS)
 
 
@@ -62,6 +63,8 @@ class TrainConfig:
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
     width: int = 1  # multiplies the convolutions' filters (1: the seed notebook's 16/32/64)
+    lr_schedule: str = "constant"  # constant | cosine: each training's rate decays from its learning rate to 0
+    # over its epochs (cosine), base training and fine-tuning alike
     finetune_replay_early: int = 0  # N beats that came early, from the base-training subjects, added to the
     # replay: they show the head short-RR beats that are not S (atrial fibrillation, sinus arrhythmia)
 
@@ -94,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"class_weight must be one of {list(CLASS_WEIGHTS)}, got {self.class_weight!r}")
         if self.finetune_layers not in FINETUNE_LAYERS:
             raise ValueError(f"finetune_layers must be one of {list(FINETUNE_LAYERS)}, got {self.finetune_layers!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.rr_features not in RR_FEATURES:
@@ -464,7 +469,13 @@ class _EpochHook(keras.callbacks.Callback):
 STEPS_PER_EXECUTION = 16
 
 
-def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
+def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedule: str = "constant",
+             steps: int = 0) -> None:
+    """Adam at ``learning_rate``; with ``schedule="cosine"`` the rate decays along half a cosine to 0
+    over ``steps`` optimizer steps (all of the training's epochs). Built-in schedule: a saved model
+    loads without custom objects."""
+    if schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(steps), 1))
     optimizer = keras.optimizers.Adam(learning_rate)
     if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients would underflow
@@ -521,7 +532,7 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         train_rr_irregular=source._array("rr_irregular", idx), kernel_size=cfg.kernel_size,
                         width=cfg.width)
     names = model_input_names(model)
-    _compile(model, cfg.learning_rate, cfg.jit_compile)
+    _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule, cfg.epochs * -(-len(idx) // cfg.batch_size))
     batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift)
     hist = model.fit(batches, epochs=cfg.epochs, verbose=0, shuffle=False,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
@@ -549,7 +560,8 @@ def _fine_tune_one(base: keras.Model, source: "BeatSource", idx: np.ndarray, cfg
     names = model_input_names(base)
     seed_everything(seed, deterministic_ops=not cfg.jit_compile)
     model = transfer_copy(base, cfg.finetune_layers)
-    _compile(model, cfg.finetune_learning_rate, cfg.jit_compile)
+    _compile(model, cfg.finetune_learning_rate, cfg.jit_compile, cfg.lr_schedule,
+             cfg.finetune_epochs * -(-len(idx) // cfg.finetune_batch_size))
     n_classes = int(model.output.shape[-1])
     batches = source.dataset(idx, cfg.finetune_batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift)
     hist = model.fit(batches, epochs=cfg.finetune_epochs, shuffle=False, verbose=0,

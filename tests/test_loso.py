@@ -249,6 +249,7 @@ BAD_PARAMETERS = [
     (["--kernel-size", "0"], "kernel_size"),
     (["--kernel-size", "23"], "kernel_size"),  # three convolutions of 23 leave nothing of a 160-sample window
     (["--width", "9"], "width"),
+    (["--lr-schedule", "linear"], "lr_schedule"),
     (["--finetune-replay-early", "-5"], "finetune_replay_early"),
 ]
 

@@ -138,6 +138,31 @@ def test_kernel_size_sets_every_convolution_and_is_checked_against_the_window():
         build_model("seed_cnn", WINDOW, 2, 3, x, kernel_size=5)
 
 
+def test_cosine_schedule_takes_each_trainings_rate_to_zero_over_its_epochs(tmp_path):
+    import keras
+
+    x, y, rr = toy_beats()
+    source = BeatSource(x, y, rr)
+    cosine = TrainConfig(**{**FAST.__dict__, "lr_schedule": "cosine"})
+    base, _ = train_base(source, np.arange(500), 3, cosine)
+    steps = cosine.epochs * -(-500 // cosine.batch_size)
+    assert int(base.optimizer.iterations) == steps
+    assert float(base.optimizer.learning_rate) < 1e-9  # decayed to 0 at the last step
+    schedule = base.optimizer.get_config()["learning_rate"]["config"]  # what a saved model keeps
+    assert schedule["initial_learning_rate"] == cosine.learning_rate and schedule["decay_steps"] == steps
+    assert (predict_classes(base, source, np.arange(500, 600)) == y[500:]).mean() > 0.9
+    base.save(tmp_path / "cosine.keras")  # a built-in schedule: loads without custom objects
+    np.testing.assert_array_equal(predict_classes(keras.models.load_model(tmp_path / "cosine.keras"), source,
+                                                  np.arange(500, 600)), predict_classes(base, source, np.arange(500, 600)))
+    tuned, _ = fine_tune(base, source, np.arange(500, 560), cosine)
+    assert int(tuned.optimizer.iterations) == cosine.finetune_epochs * -(-60 // cosine.finetune_batch_size)
+    assert float(tuned.optimizer.learning_rate) < 1e-9
+    plain, _ = train_base(source, np.arange(500), 3, FAST)
+    assert float(plain.optimizer.learning_rate) == pytest.approx(FAST.learning_rate)
+    # the same seed, another schedule: other weights
+    assert not np.allclose(plain.get_layer("conv3").kernel.numpy(), base.get_layer("conv3").kernel.numpy())
+
+
 def test_width_multiplies_every_convolutions_filters_and_transfer_keeps_them():
     x, y, rr = toy_beats()
     source = BeatSource(x, y, rr)
@@ -680,7 +705,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
-    ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
+    ("lr_schedule", "step", "lr_schedule"), ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
