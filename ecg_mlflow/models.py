@@ -43,8 +43,9 @@ def lead_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template=None, dropout: float = 0.0,
               kernel_size: int = 3, width: int = 1):
     """Normalisation (float32), then Conv1D 16/32/64 (``kernel_size``, ReLU) with max-pool 2 after
-    each, flattened; ``width`` multiplies the filters (2: 32/64/128). The last convolution sees ``7 * (kernel_size - 1) + 1`` samples: 15 (42 ms at
-    360 Hz) at kernel 3, 43 (120 ms, about a P wave) at kernel 7.
+    each, flattened; ``width`` multiplies the filters (2: 32/64/128). The last convolution sees
+    ``7 * (kernel_size - 1) + 1`` samples: 15 (42 ms at 360 Hz) at kernel 3, 43 (120 ms, about a P
+    wave) at kernel 7.
     With a ``template`` the convolutions also see the beat minus its patient's normal beat, in the
     same scale, as extra channels. ``dropout`` > 0 adds a ``feature_dropout`` layer on the flattened
     features (active in training only), so a head re-trained on a few minutes cannot lean on a
@@ -93,9 +94,11 @@ def _rhythm(inputs: dict, parts: list, rr_long: bool, rr_irregular: bool):
 
 
 def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
-                   dtype: str = "float32", dropout: float = 0.0, kernel_size: int = 3, width: int = 1) -> keras.Model:
-    """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, or ``kernel_size``; ReLU; filters times ``width``), max-pool 2 after each,
-    Flatten, Dense 32 ReLU, Dense ``n_classes`` — the last layer gives logits (no ReLU).
+                   dtype: str = "float32", dropout: float = 0.0, kernel_size: int = 3,
+                   width: int = 1) -> keras.Model:
+    """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, or ``kernel_size``; ReLU; the filters
+    times ``width``), max-pool 2 after each, Flatten, Dense 32 ReLU, Dense ``n_classes`` — the last
+    layer gives logits (no ReLU).
 
     ``dtype``: the compute policy of the hidden layers (``mixed_float16`` on a GPU); the logits
     are always float32 so the loss is computed at full precision."""

@@ -1,8 +1,8 @@
 """``classify``: a registered model applied to a record's beats, from its reference annotations or
 from a QRS detector, read back from a real store. The models come from a real (tiny) LOSO run whose
 models read every input classify makes (beat, RR, five-minute RR, irregularity, recent beats) and
-carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb``); they were trained on windows moved off the
-R peak (``augment_shift``), which acts on training alone."""
+carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb``); they were trained
+on windows moved off the R peak (``augment_shift``), which acts on training alone."""
 
 from __future__ import annotations
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_kernel_size, ensemble_members,
-                               gate_irregular, gate_premature, lead_stats, model_input_names, promote_early, transfer_copy)
+                               gate_irregular, gate_premature, lead_stats, model_input_names, promote_early,
+                               transfer_copy)
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_normal_rows,
-                                 early_threshold, fine_tune, irregular_threshold, predict_classes, premature_threshold, replay_rows,
-                                 train_base)
+                                 early_threshold, fine_tune, irregular_threshold, predict_classes,
+                                 premature_threshold, replay_rows, train_base)
 
 WINDOW = 32
 
@@ -152,8 +153,9 @@ def test_cosine_schedule_takes_each_trainings_rate_to_zero_over_its_epochs(tmp_p
     assert schedule["initial_learning_rate"] == cosine.learning_rate and schedule["decay_steps"] == steps
     assert (predict_classes(base, source, np.arange(500, 600)) == y[500:]).mean() > 0.9
     base.save(tmp_path / "cosine.keras")  # a built-in schedule: loads without custom objects
-    np.testing.assert_array_equal(predict_classes(keras.models.load_model(tmp_path / "cosine.keras"), source,
-                                                  np.arange(500, 600)), predict_classes(base, source, np.arange(500, 600)))
+    loaded = keras.models.load_model(tmp_path / "cosine.keras")
+    np.testing.assert_array_equal(predict_classes(loaded, source, np.arange(500, 600)),
+                                  predict_classes(base, source, np.arange(500, 600)))
     tuned, _ = fine_tune(base, source, np.arange(500, 560), cosine)
     assert int(tuned.optimizer.iterations) == cosine.finetune_epochs * -(-60 // cosine.finetune_batch_size)
     assert float(tuned.optimizer.learning_rate) < 1e-9
@@ -705,7 +707,8 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
-    ("lr_schedule", "step", "lr_schedule"), ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
+    ("lr_schedule", "step", "lr_schedule"),
+    ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
