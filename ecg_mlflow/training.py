@@ -108,15 +108,10 @@ class TrainConfig:
         if isinstance(self.finetune_blend, bool) or not isinstance(self.finetune_blend, (int, float)) \
                 or not 0 < self.finetune_blend <= 1:
             raise ValueError(f"finetune_blend must be a number in (0, 1], got {self.finetune_blend!r}")
-        if isinstance(self.sveb_gate, bool) or not isinstance(self.sveb_gate, (int, float)) \
-                or not 0 <= self.sveb_gate < 1:
-            raise ValueError(f"sveb_gate must be 0 (off) or a share in (0, 1), got {self.sveb_gate!r}")
-        if isinstance(self.sveb_regular, bool) or not isinstance(self.sveb_regular, (int, float)) \
-                or not 0 <= self.sveb_regular < 1:
-            raise ValueError(f"sveb_regular must be 0 (off) or a share in (0, 1), got {self.sveb_regular!r}")
-        if isinstance(self.early_sveb, bool) or not isinstance(self.early_sveb, (int, float)) \
-                or not 0 <= self.early_sveb < 1:
-            raise ValueError(f"early_sveb must be 0 (off) or a share in (0, 1), got {self.early_sveb!r}")
+        for name in ("sveb_gate", "sveb_regular", "early_sveb"):  # the transfer rules: off, or a share
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{name} must be 0 (off) or a share in (0, 1), got {v!r}")
         if self.recent_reference not in RECENT_REFERENCES:
             raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, "
                              f"got {self.recent_reference!r}")
