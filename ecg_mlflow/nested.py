@@ -25,6 +25,10 @@ fine-tune options only (``sveb_gate``, ``finetune_epochs``, ...: :data:`ecg_mlfl
 share base models: the first trains them, the others take them (``base_run_id``), as a seed would
 train the same ones again.
 
+With ``seeds`` (``'42,7,123'``) the whole plan runs once per seed, and the choice takes each
+candidate's runs under the seeds as replicas: a candidate replaces the first only if it scores
+higher under each seed (:func:`ecg_mlflow.selection.choose`).
+
 A run is reused (``reuse``: ``experiment``, the default, looks in this run's experiment; ``all`` in
 every experiment; ``none`` trains everything) when it is a FINISHED LOSO run whose logged
 parameters, read back as a :class:`~ecg_mlflow.loso.LosoConfig`, equal the planned run's (the
@@ -125,6 +129,25 @@ def parse_candidates(text: str) -> list[dict[str, str]]:
     return sets
 
 
+def parse_seeds(text: str, candidates: list[dict[str, str]], common: dict[str, str]) -> list[str]:
+    """``'42,7,123'`` -> ``['42', '7', '123']``: the seeds every candidate runs under ('' = none, each
+    run takes the ``seed`` of its options). Distinct whole numbers; then no candidate nor ``common``
+    may set ``seed`` itself."""
+    if not str(text).strip():
+        return []
+    seeds = [t.strip() for t in str(text).split(",")]
+    bad = [t for t in seeds if not t.isdigit()]
+    if bad:
+        raise NestedError(f"seeds: expected whole numbers >= 0 separated by commas, got {bad} in {text!r}")
+    seeds = [str(int(t)) for t in seeds]
+    if len(set(seeds)) < len(seeds):
+        raise NestedError(f"seeds: {text!r} lists a seed more than once")
+    setting = ["common"] * ("seed" in common) + [f"candidate {i}" for i, c in enumerate(candidates) if "seed" in c]
+    if setting:
+        raise NestedError(f"seeds={text} runs every candidate under each seed, so seed may not be set in {setting[0]}")
+    return seeds
+
+
 def _label(options: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in options.items()) or "(defaults)"
 
@@ -143,6 +166,7 @@ class PlannedRun:
     role: str
     fold: str
     options: dict[str, str]  # the loso parameters it runs with
+    seed: str = ""  # one of nested's ``seeds`` ('' without them)
     config: LosoConfig | None = None  # filled in by the checks
     digest: str = ""
     records: list[str] = field(default_factory=list)
@@ -151,7 +175,8 @@ class PlannedRun:
 
     @property
     def what(self) -> str:
-        return f"candidate {self.candidate} {self.role}" + (f" without {self.fold}" if self.fold else "")
+        return (f"candidate {self.candidate} {self.role}" + (f" without {self.fold}" if self.fold else "")
+                + (f" seed {self.seed}" if self.seed else ""))
 
 
 def comparable(cfg: LosoConfig, threads: int | None = None) -> dict[str, object]:
@@ -176,11 +201,22 @@ def base_source(client: MlflowClient, run_id: str) -> str:
 
 
 def make_plan(candidates: list[dict[str, str]], common: dict[str, str], data_dir: str, records: str, folds: str,
-              scoring_base_folds: int) -> tuple[list[PlannedRun], dict[str, list[str]]]:
-    """Every LOSO run of the plan (scoring runs fold by fold, then the figures runs) and the folds.
+              scoring_base_folds: int, seeds: list[str] | None = None) -> tuple[list[PlannedRun], dict[str, list[str]]]:
+    """Every LOSO run of the plan (scoring runs fold by fold, then the figures runs; with ``seeds``
+    (:func:`parse_seeds`) all of them once per seed, seed by seed) and the folds.
     Each planned run passes the checks a LOSO run makes before it trains (parameters, record files,
     subjects, thresholds; :func:`ecg_mlflow.loso.preflight`), and its dataset is prepared (cached
     for the run), before anything is trained or logged. :class:`NestedError` names the culprit."""
+    if seeds:
+        plans = [_plan(candidates, {**common, "seed": sd}, data_dir, records, folds, scoring_base_folds, sd)
+                 for sd in seeds]
+        return [r for runs, _ in plans for r in runs], plans[0][1]
+    return _plan(candidates, common, data_dir, records, folds, scoring_base_folds, "")
+
+
+def _plan(candidates: list[dict[str, str]], common: dict[str, str], data_dir: str, records: str, folds: str,
+          scoring_base_folds: int, seed: str) -> tuple[list[PlannedRun], dict[str, list[str]]]:
+    """:func:`make_plan` under one seed (``''``: the options' own)."""
     if str(folds).strip() == "subject":
         raise NestedError(f"folds=subject would need a scoring run per subject and candidate; use halves or a "
                           f"number of groups from 2 to {FEW_FOLDS}")
@@ -191,7 +227,8 @@ def make_plan(candidates: list[dict[str, str]], common: dict[str, str], data_dir
         raise NestedError(f"scoring_base_folds must be 0 (a base model per subject) or a whole number >= 2, "
                           f"got {scoring_base_folds!r}")
     place = {"data_dir": data_dir} if data_dir else {}
-    runs = [PlannedRun(i, "figures", "", {**common, **c, **place, "records": records}) for i, c in enumerate(candidates)]
+    runs = [PlannedRun(i, "figures", "", {**common, **c, **place, "records": records}, seed)
+            for i, c in enumerate(candidates)]
     for r in runs:
         _check(r)
     for r in runs:
@@ -216,7 +253,7 @@ def make_plan(candidates: list[dict[str, str]], common: dict[str, str], data_dir
         for r in runs:
             opts = {**r.options, "records": ",".join(recs), "base_folds": str(scoring_base_folds),
                     "registry_prefix": r.config.registry_prefix + "-scoring"}
-            scoring.append(_check(PlannedRun(r.candidate, "scoring", fold, opts)))
+            scoring.append(_check(PlannedRun(r.candidate, "scoring", fold, opts, seed)))
     return scoring + runs, plan_folds
 
 
@@ -296,22 +333,27 @@ def _end_if_running(client: MlflowClient, run_id: str) -> None:
 
 
 def plan_table(runs: list[PlannedRun], candidates: list[dict[str, str]]) -> pd.DataFrame:
-    return pd.DataFrame([{"candidate": r.candidate, "options": _label(candidates[r.candidate]), "role": r.role,
-                          "fold": r.fold, "records": r.options["records"], "base_folds": r.config.base_folds,
+    return pd.DataFrame([{"candidate": r.candidate, "options": _label(candidates[r.candidate]), "seed": r.seed,
+                          "role": r.role, "fold": r.fold, "records": r.options["records"],
+                          "base_folds": r.config.base_folds,
                           "run_id": r.run_id or "", "reused": r.reused,
                           "base_models_of": r.options.get("base_run_id", "")} for r in runs])
 
 
 def nested(candidates: str, common: str = "", data_dir: str = "", records: str = "all", folds: str = "4",
-           scoring_base_folds: int = 4, reuse: str = "experiment", n_boot: int = 10_000, seed: int = 0) -> SelectResult:
-    """Plan, reuse or run, and choose (see the module docstring). Bad input raises
-    :class:`NestedError` before any run is written; returns the ``select`` result, logged in the
-    active run (the one ``mlflow run`` made) or a new one."""
+           scoring_base_folds: int = 4, reuse: str = "experiment", n_boot: int = 10_000, seed: int = 0,
+           seeds: str = "") -> SelectResult:
+    """Plan, reuse or run, and choose (see the module docstring). ``seed`` seeds the bootstrap;
+    ``seeds`` (e.g. ``'42,7,123'``) runs the whole plan under each seed, and a candidate then
+    replaces the first only if it scores higher under each (:func:`ecg_mlflow.selection.choose`).
+    Bad input raises :class:`NestedError` before any run is written; returns the ``select``
+    result, logged in the active run (the one ``mlflow run`` made) or a new one."""
     if reuse not in REUSE:
         raise NestedError(f"reuse must be one of {list(REUSE)}, got {reuse!r}")
     sets = parse_candidates(candidates)
     shared = parse_options(common, "common")
-    runs, plan_folds = make_plan(sets, shared, data_dir, records, folds, scoring_base_folds)
+    run_seeds = parse_seeds(seeds, sets, shared)
+    runs, plan_folds = make_plan(sets, shared, data_dir, records, folds, scoring_base_folds, run_seeds)
     tracking.check_tracking_server()
     for r in runs:
         executors.check_store_for_executor(mlflow.get_tracking_uri(), r.config.execution)
@@ -320,7 +362,7 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
         parent_id, experiment_id = active.info.run_id, active.info.experiment_id
         logged = client.get_run(parent_id).data.params
         params = {"candidates": candidates, "common": common, "data_dir": data_dir, "records": records,
-                  "folds": folds, "scoring_base_folds": scoring_base_folds, "reuse": reuse}
+                  "folds": folds, "scoring_base_folds": scoring_base_folds, "reuse": reuse, "seeds": seeds}
         mlflow.log_params({k: v for k, v in params.items() if k not in logged})
         mlflow.set_tag(NESTED_TAG, "true")
         claim(parent_id)
@@ -332,7 +374,8 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
             r.run_id = find_finished(found, r)
             r.reused = r.run_id is not None
         todo = [r for r in runs if not r.reused]
-        print(f"nested: {len(sets)} candidates x {len(plan_folds)} folds ({', '.join(plan_folds)}): "
+        print(f"nested: {len(sets)} candidates x {len(plan_folds)} folds ({', '.join(plan_folds)})"
+              + (f" x {len(run_seeds)} seeds ({', '.join(run_seeds)})" if run_seeds else "") + ": "
               f"{len(runs)} LOSO runs, {len(runs) - len(todo)} reused, {len(todo)} to run; nested run {parent_id}",
               flush=True)
         for r in runs:
@@ -346,9 +389,13 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
                 r.options["base_run_id"] = source
             r.run_id = launch(r, parent_id, experiment_id)
             bases.setdefault(base_key(r), source or r.run_id)
-        figures = [r.run_id for r in runs if r.role == "figures"]
-        scoring = ["+".join(r.run_id for r in runs if r.role == "scoring" and r.candidate == i)
-                   for i in range(len(sets))]
+        # Per candidate its replicas, one per seed, separated by "/" (select's form).
+        order = list(dict.fromkeys(r.seed for r in runs))
+        figures = ["/".join(r.run_id for sd in order for r in runs if r.role == "figures" and r.candidate == i
+                            and r.seed == sd) for i in range(len(sets))]
+        scoring = ["/".join("+".join(r.run_id for r in runs
+                                     if r.role == "scoring" and r.candidate == i and r.seed == sd)
+                            for sd in order) for i in range(len(sets))]
         result = select(",".join(figures), folds=folds, n_boot=n_boot, seed=seed, scored_on=",".join(scoring))
         mlflow.log_text(plan_table(runs, sets).to_csv(index=False), "nested_plan.csv")
     return result

@@ -41,6 +41,12 @@ take that choice's counts, so the interval holds the spread of the choice as wel
 subjects. How often each fold's choice stands in the resamples is reported (``kept``). The
 difference from the first candidate is paired on the same resamples.
 
+Seeds: a candidate may be given as its runs under several seeds (``a/b/c``, replica ``k`` of every
+candidate under one seed; :func:`check_replicas`). One run is one draw of the seed, and the best of
+many candidates under one seed carries that draw's luck; so a candidate then replaces candidate 0
+in a fold only if it scores higher under each seed (:func:`choose`). Counts are pooled over the
+seeds, and the estimate is also reported per seed.
+
 The choice is guarded, not the candidates: an option set that was itself tuned on some subjects'
 test figures carries that into any estimate it enters.
 """
@@ -128,22 +134,33 @@ class Selection:
     and ``scored_without_fold`` (``yes`` / ``no`` / ``unknown``: whether every base model behind
     those scores was trained without the fold's subjects; :func:`fold_counts`).
     per_subject: index ``subject``: ``fold``, ``chosen`` and the chosen candidate's EC57 counts.
-    counts: the candidates' counts per subject, ``(n_candidates, n_subjects, 8)``, subjects in the
-    order of ``per_subject``.
-    scoring: per fold, the counts each candidate was scored on, per subject,
-    ``(n_folds, n_candidates, n_subjects, 8)`` (zero for the fold's own subjects), folds in the
-    order of ``folds``; what :func:`choice_bootstrap` makes the choice again on.
+    counts: the candidates' counts per subject, summed over their replicas, ``(n_candidates,
+    n_subjects, 8)``, subjects in the order of ``per_subject``.
+    scoring: per fold, the counts each candidate's replicas were scored on, per subject,
+    ``(n_folds, n_candidates, n_replicas, n_subjects, 8)`` (zero for the fold's own subjects), folds
+    in the order of ``folds``; what :func:`choice_bootstrap` makes the choice again on.
+    replica_counts: ``(n_candidates, n_replicas, n_subjects, 8)``, each replica's own counts.
     """
 
     folds: pd.DataFrame
     per_subject: pd.DataFrame
     counts: np.ndarray
     scoring: np.ndarray
+    replica_counts: np.ndarray
 
     @property
     def pooled(self) -> np.ndarray:
-        """The estimate's counts per subject ``(n_subjects, 8)``."""
+        """The estimate's counts per subject ``(n_subjects, 8)`` (summed over the replicas)."""
         return self.per_subject[list(EC57_COUNTS)].to_numpy(np.int64)
+
+    @property
+    def n_replicas(self) -> int:
+        return self.replica_counts.shape[1]
+
+    def replica_pooled(self, k: int) -> np.ndarray:
+        """The estimate's counts per subject ``(n_subjects, 8)`` under replica ``k`` alone: each
+        subject takes its chosen candidate's replica ``k`` (the estimate under that seed)."""
+        return self.replica_counts[self.per_subject.chosen.to_numpy(), k, np.arange(len(self.per_subject))]
 
 
 def _check_subjects(tables: list[pd.DataFrame], subjects: list[str], what: str) -> None:
@@ -194,54 +211,90 @@ def fold_rows(runs: list[ScoringRun], outside: list[str], fold: set[str], what: 
     return rows, verdict
 
 
-def cross_fitted_choice(tables: list[pd.DataFrame], folds: dict[str, list[str]],
-                        scored: list[list[ScoringRun]] | None = None) -> Selection:
+def choose(scores: np.ndarray) -> np.ndarray:
+    """The rule applied to candidates' scores ``(n_candidates, n_replicas, ...)`` (any trailing axes,
+    e.g. resamples): a candidate replaces candidate 0 (the incumbent) only if it scores higher under
+    every replica (each seed); of those that do, the largest mean score wins, the first of equals.
+    Undefined scores (NaN, ``-inf``) never score higher. With one replica this is the plain largest
+    score, ties to the first listed. Returns the chosen index per trailing position ``(...)``."""
+    scores = np.where(np.isfinite(scores), scores, -np.inf)
+    higher = np.all(scores[1:] > scores[:1], axis=1)  # (n_candidates - 1, ...)
+    mean = np.where(higher, scores[1:].mean(axis=1), -np.inf)
+    best = np.argmax(mean, axis=0) + 1  # the first of equals
+    return np.where(higher.any(axis=0), best, 0)
+
+
+def _replicas(x: list) -> list[list]:
+    """Per candidate, its replicas: a bare table (or list of scoring runs) is one replica."""
+    return [[c] if isinstance(c, pd.DataFrame) or (c and isinstance(c[0], ScoringRun)) else list(c) for c in x]
+
+
+def cross_fitted_choice(tables: list, folds: dict[str, list[str]], scored: list | None = None) -> Selection:
     """Choose a candidate per fold on the subjects outside it and pool the choices' counts.
 
     tables: per candidate, EC57 counts by subject (index ``subject``, columns
-    :data:`~ecg_mlflow.metrics.EC57_COUNTS`), all on the same subjects; folds: a partition of
-    those subjects (:func:`subject_folds`). scored: per candidate, the runs a choice is scored on
+    :data:`~ecg_mlflow.metrics.EC57_COUNTS`), all on the same subjects; or per candidate a list of
+    such tables, its replicas (the same options under other seeds, replica ``k`` of every candidate
+    under one seed), all candidates with as many. folds: a partition of those subjects
+    (:func:`subject_folds`). scored: per candidate (and replica), the runs a choice is scored on
     (:func:`fold_counts`); default: ``tables`` themselves, base-model training not known.
+    The choice per fold is :func:`choose`; a fold's subjects take the chosen candidate's counts,
+    summed over its replicas.
     """
     if len(tables) < 2:
         raise SelectError(f"a choice needs at least two candidates, got {len(tables)}")
-    subjects = sorted(tables[0].index, key=patient_key)
-    _check_subjects(tables, subjects, "candidate")
+    tables = _replicas(tables)
+    n_rep = len(tables[0])
+    if n_rep < 1 or any(len(t) != n_rep for t in tables):
+        raise SelectError(f"every candidate must have the same number of replicas, got {[len(t) for t in tables]}")
+    subjects = sorted(tables[0][0].index, key=patient_key)
+    _check_subjects([reps[0] for reps in tables], subjects, "candidate")
+    for k in range(1, n_rep):
+        _check_subjects([reps[k] for reps in tables], subjects, f"replica {k} of candidate")
     if scored is None:
-        scored = [[ScoringRun(t, dict.fromkeys(t.index))] for t in tables]
+        scored = [[[ScoringRun(t, dict.fromkeys(t.index))] for t in reps] for reps in tables]
     if len(scored) != len(tables):
         raise SelectError(f"scored_on must give one entry per candidate: {len(tables)} candidates, "
                           f"{len(scored)} entries")
+    scored = _replicas(scored)
+    if any(len(s) != n_rep for s in scored):
+        raise SelectError(f"scored_on must give each candidate's {n_rep} replica(s), got {[len(s) for s in scored]}")
     in_folds = [s for members in folds.values() for s in members]
     if sorted(in_folds) != sorted(subjects):
         raise SelectError("folds must hold each of the candidates' subjects exactly once")
-    counts = np.stack([t.reindex(subjects)[list(EC57_COUNTS)].to_numpy(np.int64) for t in tables])
+    replica_counts = np.stack([np.stack([t.reindex(subjects)[list(EC57_COUNTS)].to_numpy(np.int64) for t in reps])
+                               for reps in tables])  # (n_cand, n_rep, n_subj, 8)
+    counts = replica_counts.sum(axis=1)
     pos = {s: i for i, s in enumerate(subjects)}
     rows_of_folds, chosen_of = [], {}
-    scoring = np.zeros((len(folds), len(tables), len(subjects), len(EC57_COUNTS)), np.int64)
+    scoring = np.zeros((len(folds), len(tables), n_rep, len(subjects), len(EC57_COUNTS)), np.int64)
     for f, (name, members) in enumerate(folds.items()):
         outside = [s for s in subjects if s not in set(members)]
         at = [pos[s] for s in outside]
-        scores, verdicts = [], []
-        for i, runs in enumerate(scored):
-            rows, verdict = fold_rows(runs, outside, set(members), f"scored_on entry {i}")
-            scoring[f, i, at] = rows
-            scores.append(score(rows.sum(axis=0)))
-            verdicts.append(verdict)
-        if all(s == -math.inf for s in scores):
+        scores, verdicts = np.full((len(tables), n_rep), -math.inf), []
+        for i, reps in enumerate(scored):
+            for k, runs in enumerate(reps):
+                what = f"scored_on entry {i}" + (f" replica {k}" if n_rep > 1 else "")
+                rows, verdict = fold_rows(runs, outside, set(members), what)
+                scoring[f, i, k, at] = rows
+                scores[i, k] = score(rows.sum(axis=0))
+                verdicts.append(verdict)
+        if not np.isfinite(scores).all(axis=1).any():
             raise SelectError(f"fold {name}: no candidate has all four statistics defined on the subjects "
-                              "outside it, so none can be chosen")
-        best = int(np.argmax(scores))  # the first of equals: the candidate listed first wins ties
+                              "outside it" + (" under every replica" if n_rep > 1 else "") + ", so none can be chosen")
+        best = int(choose(scores))
+        per_replica = {f"score_{i}_{k}": scores[i, k] for i in range(len(tables)) for k in range(n_rep)} \
+            if n_rep > 1 else {}
         rows_of_folds.append({"fold": name, "subjects": " ".join(members), "chosen": best,
-                          **{f"score_{i}": s for i, s in enumerate(scores)},
-                          "scored_without_fold": max(verdicts, key=_WORSE.get)})
+                              **{f"score_{i}": float(np.mean(scores[i])) for i in range(len(tables))},
+                              **per_replica, "scored_without_fold": max(verdicts, key=_WORSE.get)})
         chosen_of.update({s: (name, best) for s in members})
     per_subject = pd.DataFrame(
         [{"subject": s, "fold": chosen_of[s][0], "chosen": chosen_of[s][1],
           **dict(zip(EC57_COUNTS, counts[chosen_of[s][1], pos[s]].tolist()))} for s in subjects]
     ).set_index("subject")
     return Selection(folds=pd.DataFrame(rows_of_folds).set_index("fold"), per_subject=per_subject, counts=counts,
-                     scoring=scoring)
+                     scoring=scoring, replica_counts=replica_counts)
 
 
 @dataclass
@@ -264,18 +317,18 @@ def choice_bootstrap(sel: Selection, weights: np.ndarray) -> ChoiceBootstrap:
     """The whole procedure on each resample of subjects: ``weights`` ``(n_boot, n_subjects)``
     (:func:`ecg_mlflow.uncertainty.resample_weights`, subjects in the order of ``per_subject``).
 
-    In a resample every candidate is scored again on the fold's outside subjects as drawn (a subject
-    drawn twice counts twice, one not drawn not at all); the first of the best wins, as on the data
-    (candidate 0 where none has all four statistics defined); the fold's subjects as drawn then take
-    the winner's counts.
+    In a resample every candidate (each replica) is scored again on the fold's outside subjects as
+    drawn (a subject drawn twice counts twice, one not drawn not at all); :func:`choose` picks, as on
+    the data (candidate 0 where none scores higher); the fold's subjects as drawn then take the
+    winner's counts.
     """
     n_boot = weights.shape[0]
     counts = np.zeros((n_boot, len(EC57_COUNTS)), np.int64)
     chosen = np.zeros((n_boot, len(sel.folds)), np.int64)
     fold_of = sel.per_subject.fold.to_numpy()
     for f, name in enumerate(sel.folds.index):
-        scores = uncertainty.rates(np.einsum("bs,csk->cbk", weights, sel.scoring[f]))[RULE]  # (n_cand, n_boot)
-        best = np.argmax(np.where(np.isfinite(scores), scores, -np.inf), axis=0)  # first of equals
+        scores = uncertainty.rates(np.einsum("bs,crsk->crbk", weights, sel.scoring[f]))[RULE]  # (n_cand, n_rep, n_boot)
+        best = choose(scores)
         chosen[:, f] = best
         members = fold_of == name
         for i in np.unique(best):
@@ -337,11 +390,27 @@ def _pct(x: float) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
 
-def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict[str, list[str]] | None = None) -> str:
+def rule_text(seeds: list[str]) -> str:
+    """The rule :func:`choose` applies, in words, for these replicas' seeds."""
+    text = f"largest {RULE} of the four gross {VARIANT} statistics"
+    if len(seeds) > 1:
+        text += (", and a candidate replaces candidate [0] only if it is higher under each of seeds "
+                 f"{', '.join(seeds)} (then the largest mean over the seeds wins)")
+    return text
+
+
+def replica_rates(sel: Selection, k: int) -> dict[str, float]:
+    """The estimate's four gross rates and their smallest under replica ``k`` alone (fractions)."""
+    return {key: float(v) for key, v in uncertainty.rates(sel.replica_pooled(k).sum(axis=0)).items()}
+
+
+def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict[str, list[str]] | None = None,
+                 seeds: list[str] | None = None) -> str:
     """The terminal summary: candidates and the cross-fitted estimate (%), then the choice per fold.
-    ``blind_to`` (:func:`blind_records`) is listed where a fold was not scored blind to its subjects."""
-    lines = [f"=== Cross-fitted choice over {len(sel.folds)} folds ({folds}), rule: largest smallest of the "
-             "four gross transfer statistics ===",
+    ``blind_to`` (:func:`blind_records`) is listed where a fold was not scored blind to its subjects;
+    with several replicas (``seeds``) the figures are pooled over them and the estimate is also given per seed."""
+    seeds = seeds or [""]
+    lines = [f"=== Cross-fitted choice over {len(sel.folds)} folds ({folds}), rule: {rule_text(seeds)} ===",
              f"{'':3} {'VEB Se':>14} {'VEB +P':>14} {'SVEB Se':>14} {'SVEB +P':>14} {'smallest':>14}  folds  candidate"]
     for i, r in table.iterrows():
         cells = [f"{_pct(r[k])} ({_pct(r[k + '_ci_low'])}–{_pct(r[k + '_ci_high'])})" for k in uncertainty.STATISTICS]
@@ -351,6 +420,10 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict
     lines += ["", "cross-fitted choice − candidate [0] (paired subject bootstrap): "
               + ", ".join(f"{k} {100 * last[k + '_vs_0']:+.1f} ({100 * last[k + '_vs_0_ci_low']:+.1f} to "
                           f"{100 * last[k + '_vs_0_ci_high']:+.1f})" for k in uncertainty.STATISTICS), ""]
+    if len(seeds) > 1:
+        lines[2:2] = [f"(figures pooled over the {len(seeds)} seeds' runs: each beat counted once per seed)"]
+        lines[-1:-1] = [f"cross-fitted choice under seed {sd} alone: " + ", ".join(
+            f"{k} {_pct(v)}" for k, v in replica_rates(sel, i).items()) for i, sd in enumerate(seeds)]
     blind = sel.folds.scored_without_fold.value_counts()
     lines.append("scored without the fold's subjects: " + ", ".join(f"{k} in {n} fold(s)" for k, n in blind.items())
                  + ("" if set(blind.index) == {"yes"} else
@@ -414,11 +487,64 @@ def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
             for rid, v in zip(ids, value)]
 
 
+REPLICA = "/"  # separates a candidate's replicas (the same options under other seeds) in loso_runs / scored_on
+
+
+def _split_replicas(entries: list[str], what: str) -> list[list[str]]:
+    """``['a+b/c+d', ...]`` -> ``[['a+b', 'c+d'], ...]``; every entry with as many replicas, no run twice."""
+    reps = [[p.strip() for p in e.split(REPLICA)] for e in entries]
+    if any(not p for r in reps for p in r):
+        raise SelectError(f"{what}: an empty replica around a {REPLICA!r} in {entries}")
+    try:  # no run pooled twice, no analysis listed twice, replicas included
+        parse_run_ids(",".join(p for r in reps for p in r))
+    except CompareError as exc:
+        raise SelectError(f"{what}: {exc}") from None
+    if len({len(r) for r in reps}) > 1:
+        raise SelectError(f"{what}: every candidate needs the same number of replicas (one per seed, separated by "
+                          f"{REPLICA!r}), got {[len(r) for r in reps]}")
+    return reps
+
+
+def _seed(run: LosoRun) -> str:
+    """The seed a (pooled) LOSO run ran with, one spelling; '' where it did not log one."""
+    return " | ".join(sorted({_option_value("seed", v) for v in run.params.get("seed", "").split(" | ")}))
+
+
+def check_replicas(ids: list[list[str]], runs: list[list[LosoRun]], what: str) -> list[str]:
+    """Replicas must be the same options under other seeds, replica ``k`` of every candidate under
+    one seed (the rule compares seed by seed). Returns the seeds in replica order; refuses, naming
+    the culprit, a replica whose seed is missing, repeated or not the other candidates', or whose
+    options differ from its candidate's first replica in anything but the seed."""
+    seeds = [_seed(r) for r in runs[0]]
+    if len(seeds) == 1:
+        return seeds
+    for i, (cand, reps) in enumerate(zip(ids, runs)):
+        got = [_seed(r) for r in reps]
+        for rid, sd in zip(cand, got):
+            if not sd or "|" in sd:
+                raise SelectError(f"{what} {i}: replica {rid!r} has no single seed (logged {sd!r}); replicas are "
+                                  f"runs of the same options under other seeds")
+        if len(set(got)) < len(got):
+            raise SelectError(f"{what} {i}: replicas {cand} repeat a seed ({got}); each replica needs its own")
+        if got != seeds:
+            raise SelectError(f"{what} {i}: replicas {cand} ran with seeds {got}, candidate 0's with {seeds}; replica "
+                              f"k of every candidate must run under the same seed")
+        keys = sorted({k for r in reps for k in r.params if not k.startswith("data.")} - _NOT_OPTIONS - {"seed"})
+        for rid, r in zip(cand[1:], reps[1:]):
+            for k in keys:
+                a, b = (_option_value(k, x.params.get(k, "")) for x in (reps[0], r))
+                if a != b:
+                    raise SelectError(f"{what} {i}: replica {rid!r} has {k}={b}, replica {cand[0]!r} {k}={a}; "
+                                      "replicas differ in the seed only")
+    return seeds
+
+
 def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: int = 0, scored_on: str = "",
            echo: bool = True) -> SelectResult:
-    """Cross-fitted choice among candidate LOSO runs (comma-separated, ``a+b`` pools); ``scored_on``:
-    the runs each candidate is scored on, one ``+``-joined entry per candidate in the same order (they
-    may overlap in patients; see :func:`fold_counts`; '' = the candidates' own runs).
+    """Cross-fitted choice among candidate LOSO runs (comma-separated, ``a+b`` pools, ``a/b/c``
+    replicas: the candidate's options under other seeds, see :func:`choose`); ``scored_on``: the
+    runs each candidate is scored on, one entry per candidate in the same order and form (its
+    ``+``-joined runs may overlap in patients, see :func:`fold_counts`; '' = the candidates' own runs).
     Logs a ``select`` run (tag ``ecg.role=select``) with ``choices.csv``, ``per_subject.csv``,
     ``estimate.csv``, ``estimate.json`` and ``summary.txt``. Everything is validated before the run
     is written."""
@@ -433,6 +559,9 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     if len(score_ids) != len(ids):
         raise SelectError(f"scored_on must give one entry per candidate: {len(ids)} candidates, "
                           f"{len(score_ids)} entries")
+    reps, score_reps = _split_replicas(ids, "loso_runs"), _split_replicas(score_ids, "scored_on")
+    if len(score_reps[0]) != len(reps[0]):
+        raise SelectError(f"scored_on must give each candidate's {len(reps[0])} replica(s), got {len(score_reps[0])}")
     client = MlflowClient()
     loaded: dict[str, LosoRun] = {}
 
@@ -442,26 +571,38 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
                 loaded[p] = load_loso_run(client, p, with_predictions=False)
         return [loaded[p] for p in entry.split("+")]
 
-    runs = [pool(parts(rid)) for rid in ids]
-    scoring: list[list[ScoringRun]] = []
-    for entry in score_ids:  # an entry's runs may overlap in patients: not pooled, each kept whole
-        for p in parts(entry):
-            if p.labels != runs[0].labels:
-                raise SelectError(f"scored_on: {p.run_id!r} has labels {p.labels}, {ids[0]!r} has {runs[0].labels}")
-        scoring.append([ScoringRun(subject_count_table(p, VARIANT), base_training_subjects(client, p))
-                        for p in parts(entry)])
-    for rid, r in zip(ids, runs):
-        if r.labels != runs[0].labels:
-            raise SelectError(f"loso_runs: {rid!r} has labels {r.labels}, {ids[0]!r} has {runs[0].labels}")
-    tables = [subject_count_table(r, VARIANT) for r in runs]
-    plan = subject_folds(list(tables[0].index), folds)
+    runs_of = [[pool(parts(e)) for e in cand] for cand in reps]
+    first = runs_of[0][0]
+    scoring: list[list[list[ScoringRun]]] = []
+    for cand in score_reps:  # an entry's runs may overlap in patients: not pooled, each kept whole
+        scoring.append([])
+        for entry in cand:
+            for p in parts(entry):
+                if p.labels != first.labels:
+                    raise SelectError(f"scored_on: {p.run_id!r} has labels {p.labels}, {ids[0]!r} has {first.labels}")
+            scoring[-1].append([ScoringRun(subject_count_table(p, VARIANT), base_training_subjects(client, p))
+                                for p in parts(entry)])
+    for rid, cand in zip(ids, runs_of):
+        for r in cand:
+            if r.labels != first.labels:
+                raise SelectError(f"loso_runs: {rid!r} has labels {r.labels}, {ids[0]!r} has {first.labels}")
+    seeds = check_replicas(reps, runs_of, "loso_runs candidate")
+    for i, cand in enumerate(score_reps if len(seeds) > 1 else []):
+        for k, entry in enumerate(cand):
+            for p in parts(entry):
+                if _seed(p) != seeds[k]:
+                    raise SelectError(f"scored_on entry {i}: run {p.run_id!r} (replica {k}) ran with seed "
+                                      f"{_seed(p)!r}, replica {k} of the candidates with {seeds[k]!r}")
+    runs = [cand[0] for cand in runs_of]  # the first replica names each candidate
+    tables = [[subject_count_table(r, VARIANT) for r in cand] for cand in runs_of]
+    plan = subject_folds(list(tables[0][0].index), folds)
     sel = cross_fitted_choice(tables, plan, scoring)
     labels = candidate_labels(ids, runs)
     table, boot = estimate_table(sel, labels, n_boot, seed)
     sel.folds["kept"] = boot.kept(sel)
     # The scoring runs that would make each fold blind to its subjects; listed where the folds are few
     # enough to run them (not one per subject).
-    blind_to = blind_records(list(runs[0].children.patient.unique()), plan) if len(plan) <= FEW_FOLDS else None
+    blind_to = blind_records(list(first.children.patient.unique()), plan) if len(plan) <= FEW_FOLDS else None
 
     with tracking.run_to_log_into(runs[0].experiment_id, "select") as active, tempfile.TemporaryDirectory() as tmp:
         run_id = active.info.run_id
@@ -481,15 +622,17 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
         sel.folds.to_csv(out / "choices.csv")
         sel.per_subject.to_csv(out / "per_subject.csv")
         table.to_csv(out / "estimate.csv", index=False)
-        doc = {"folds": folds, "rule": f"largest {RULE} of the four gross {VARIANT} statistics",
+        doc = {"folds": folds, "rule": rule_text(seeds), "seeds": seeds if len(seeds) > 1 else None,
                "candidates": labels, "scored_on": score_ids,
                "scored_without_fold": sel.folds.scored_without_fold.to_dict(),
                "choice_kept_in_resamples": sel.folds.kept.round(4).to_dict(),
                "records_without_fold": blind_to,
                "estimate": {k: _finite(last[k]) for k in uncertainty.STATISTICS},
-               "counts": dict(zip(EC57_COUNTS, sel.pooled.sum(axis=0).tolist()))}
+               "counts": dict(zip(EC57_COUNTS, sel.pooled.sum(axis=0).tolist())),
+               "estimate_per_seed": {sd: {k: _finite(v) for k, v in replica_rates(sel, k).items()}
+                                     for k, sd in enumerate(seeds)} if len(seeds) > 1 else None}
         (out / "estimate.json").write_text(json.dumps(doc, indent=1))
-        text = summary_text(table, sel, folds, blind_to)
+        text = summary_text(table, sel, folds, blind_to, seeds)
         (out / "summary.txt").write_text(text + "\n")
         mlflow.log_artifacts(tmp)
     if echo:

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=cli.whole_number("bootstrap", minimum=1), default=N_BOOT,
                    help="bootstrap resamples for the confidence intervals")
     p.add_argument("--seed", type=cli.whole_number("seed", minimum=0), default=0, help="seed of the bootstrap")
+    p.add_argument("--seeds", default="",
+                   help="LOSO seeds, comma-separated (e.g. 42,7,123): every run of the plan once per seed, and a "
+                        "candidate replaces the first only if it scores higher under each; '' = the options' seed")
     return p.parse_args(argv)
 
 
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.stop_on_sigterm()
     try:
         nested(a.candidates, common=a.common, data_dir=a.data_dir, records=a.records, folds=a.folds,
-               scoring_base_folds=a.scoring_base_folds, reuse=a.reuse.strip().lower(), n_boot=a.bootstrap, seed=a.seed)
+               scoring_base_folds=a.scoring_base_folds, reuse=a.reuse.strip().lower(), n_boot=a.bootstrap, seed=a.seed,
+               seeds=a.seeds)
     except PlanRunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,8 +2,9 @@
 
 The plan and its refusals are checked on real records without training; the whole command runs on
 six real subjects with tiny models: one of its LOSO runs killed, then nested itself stopped with
-SIGTERM, then killed with SIGKILL (its LOSO run stops by itself), then run to the end (the finished run reused, the rest made), and once more through
-`mlflow run` (everything reused, nothing trained).
+SIGTERM, then killed with SIGKILL (its LOSO run stops by itself), then run to the end (the finished
+run reused, the rest made), once more through `mlflow run` (everything reused, nothing trained), and
+then under two seeds (one seed's runs reused).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.entities import Param
@@ -28,7 +30,7 @@ from ecg_mlflow import nested as N
 from ecg_mlflow.executors import ExecConfig
 from ecg_mlflow.loso import LosoConfig
 from ecg_mlflow.resume import THREADS_TAG, ran_threads
-from ecg_mlflow.selection import SelectError, select
+from ecg_mlflow.selection import SelectError, choose, select
 from ecg_mlflow.splits import subject_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +89,20 @@ def test_candidates_need_two_sets():
         N.parse_candidates("epochs=3")
 
 
+def test_seeds_are_distinct_whole_numbers_and_the_plans_alone():
+    sets = N.parse_candidates(CANDIDATES)
+    assert N.parse_seeds(" 42, 7,0123", sets, {}) == ["42", "7", "123"]
+    assert N.parse_seeds("", sets, {"seed": "7"}) == []
+    for text, common, cands, culprit in [
+            ("42,x", {}, sets, "seeds: expected whole numbers >= 0 separated by commas, got ['x']"),
+            ("42,-1", {}, sets, "got ['-1']"),
+            ("7,07", {}, sets, "lists a seed more than once"),
+            ("7,8", {"seed": "7"}, sets, "seed may not be set in common"),
+            ("7,8", {}, N.parse_candidates("; seed=3"), "seed may not be set in candidate 1")]:
+        with pytest.raises(N.NestedError, match=re.escape(culprit)):
+            N.parse_seeds(text, cands, common)
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan on real records: nothing trained
 
@@ -125,6 +141,24 @@ def test_plan_scores_each_fold_on_runs_without_its_records(data_env):
     # a run's digest is the one its LOSO run will log: the same records give the same digest
     assert figures[0].digest == figures[1].digest != scoring[0].digest
     assert scoring[0].digest == scoring[1].digest
+
+
+@pytest_realdata
+def test_seeds_plan_every_run_once_per_seed(data_env):
+    sets, common = N.parse_candidates(CANDIDATES), N.parse_options(COMMON.replace(" seed=7", ""), "common")
+    runs, folds = N.make_plan(sets, common, "", RECORDS, "2", 2, ["7", "8"])
+    one, _ = N.make_plan(sets, N.parse_options(COMMON, "common"), "", RECORDS, "2", 2)
+    assert len(runs) == 2 * len(one) == 12
+    assert folds == {"group1of2": ["100", "103", "201"], "group2of2": ["101", "105"]}
+    assert [r.seed for r in runs] == ["7"] * 6 + ["8"] * 6
+    for r in runs:
+        assert r.config.train.seed == int(r.seed) and r.options["seed"] == r.seed
+        assert r.what.endswith(f" seed {r.seed}")
+    # under seed 7 the plan is the one that seed=7 in common makes, run for run
+    assert [(r.role, r.fold, r.candidate, r.options, r.digest) for r in runs[:6]] == \
+        [(r.role, r.fold, r.candidate, r.options, r.digest) for r in one]
+    assert [N.comparable(r.config) for r in runs[:6]] == [N.comparable(r.config) for r in one]
+    assert all(N.comparable(a.config) != N.comparable(b.config) for a, b in zip(runs[:6], runs[6:]))
 
 
 @pytest_realdata
@@ -374,3 +408,41 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     assert len(_loso_runs(client, exp)) == n_loso
     third = _nested_runs(client, exp)[4]
     assert _estimate(client, third.info.run_id) == estimate
+
+    # 4. under seeds 7 and 8: the seed-7 runs are the ones above (reused), the seed-8 ones are made
+    # (candidate 1 again on candidate 0's base models), and a candidate must score higher under both
+    unseeded = COMMON.replace(" seed=7", "")
+    args = ["--candidates", E2E_CANDIDATES, "--common", unseeded, "--records", E2E_RECORDS, "--folds", "2",
+            "--scoring-base-folds", "2", "--seeds", "7,8"]
+    env["MLFLOW_EXPERIMENT_NAME"] = "nested-test"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "x 2 seeds (7, 8): 12 LOSO runs, 6 reused, 6 to run" in proc.stdout
+    fourth = _nested_runs(client, exp)[5]
+    plan = pd.read_csv(client.download_artifacts(fourth.info.run_id, "nested_plan.csv"), dtype={"seed": str})
+    assert plan.seed.tolist() == ["7"] * 6 + ["8"] * 6 and plan.reused.tolist() == [True] * 6 + [False] * 6
+    for row in plan[(plan.seed == "8") & (plan.candidate == 1)].itertuples():
+        twin = plan[(plan.seed == "8") & (plan.candidate == 0) & (plan.role == row.role)
+                    & (plan.fold.fillna("") == ("" if pd.isna(row.fold) else row.fold))].run_id.item()
+        assert row.base_models_of == twin
+        assert client.get_run(row.run_id).data.params["seed"] == "8"
+    doc = _estimate(client, fourth.info.run_id)
+    assert doc["seeds"] == ["7", "8"] and set(doc["estimate_per_seed"]) == {"7", "8"}
+    choices = pd.read_csv(client.download_artifacts(fourth.info.run_id, "choices.csv"))
+    for c in choices.itertuples():
+        scores = np.array([[getattr(c, f"score_{i}_{k}") for k in (0, 1)] for i in (0, 1)])
+        assert c.chosen == int(choose(scores))
+
+    def replicas(role: str, i: int) -> str:
+        return "/".join("+".join(plan[(plan.role == role) & (plan.candidate == i) & (plan.seed == sd)].run_id)
+                        for sd in ("7", "8"))
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        again = select(f"{replicas('figures', 0)},{replicas('figures', 1)}", folds="2", n_boot=10_000, seed=0,
+                       scored_on=f"{replicas('scoring', 0)},{replicas('scoring', 1)}", echo=False)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert {k: _estimate(client, again.run_id)[k] for k in ("estimate", "counts", "estimate_per_seed")} == \
+        {k: doc[k] for k in ("estimate", "counts", "estimate_per_seed")}

@@ -199,6 +199,80 @@ def test_the_interval_of_the_choice_holds_its_spread():
     assert (last.smallest_ci_low, last.smallest_ci_high) != pytest.approx(fixed[1:])
 
 
+# --------------------------------------------------------------------------------------------
+# Replicas: each candidate under several seeds
+# --------------------------------------------------------------------------------------------
+
+def test_one_replica_is_the_plain_largest_score_ties_to_the_first():
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 4, (4, 1, 500)).astype(float)  # many ties
+    scores[rng.random(scores.shape) < 0.2] = -math.inf
+    scores[rng.random(scores.shape) < 0.1] = math.nan  # undefined, as rates give it
+    plain = np.argmax(np.where(np.isfinite(scores[:, 0]), scores[:, 0], -np.inf), axis=0)
+    assert S.choose(scores).tolist() == plain.tolist()
+    assert len(set(plain.tolist())) == 4  # every candidate wins somewhere: the comparison can fail
+
+
+def seeded(*smallest_sveb_se: float) -> list[pd.DataFrame]:
+    """A candidate's replicas, one per seed, on subjects a-d: every subject's SVEB Se is the given
+    value (the smallest of its four statistics), so that is the replica's score on any subjects."""
+    return [counts_table({s: row((95, 5, 1), (int(100 * v), 100 - int(100 * v), 1)) for s in "abcd"})
+            for v in smallest_sveb_se]
+
+
+def test_a_candidate_replaces_the_first_only_if_higher_under_every_seed():
+    plan = S.subject_folds(list("abcd"), "2")
+    incumbent = seeded(0.70, 0.85, 0.70)
+    lucky = seeded(0.95, 0.84, 0.90)  # far higher on the mean, lower under the second seed
+    steady = seeded(0.72, 0.86, 0.71)  # a little higher under each
+    sel = S.cross_fitted_choice([incumbent, lucky], plan)
+    assert sel.folds.chosen.tolist() == [0, 0]
+    assert sel.folds.score_1.tolist() == pytest.approx([(0.95 + 0.84 + 0.90) / 3] * 2)
+    assert sel.folds[["score_0_1", "score_1_1"]].iloc[0].tolist() == pytest.approx([0.85, 0.84])
+    # The same seed alone would take it: the rule is what keeps the incumbent.
+    assert S.cross_fitted_choice([incumbent[0], lucky[0]], plan).folds.chosen.tolist() == [1, 1]
+    sel = S.cross_fitted_choice([incumbent, lucky, steady], plan)
+    assert sel.folds.chosen.tolist() == [2, 2]
+    # A subject's figures are its chosen candidate's, summed over the seeds; each seed's alone too.
+    for s in "abcd":
+        assert sel.per_subject.loc[s, list(EC57_COUNTS)].tolist() == sum(t.loc[s] for t in steady).tolist()
+    for k in range(3):
+        assert sel.replica_pooled(k).tolist() == steady[k].to_numpy().tolist()
+    # Of several higher under every seed, the largest mean wins.
+    better = seeded(0.80, 0.90, 0.75)
+    assert S.cross_fitted_choice([incumbent, steady, better], plan).folds.chosen.tolist() == [2, 2]
+    with pytest.raises(S.SelectError, match=r"the same number of replicas, got \[3, 2\]"):
+        S.cross_fitted_choice([incumbent, steady[:2]], plan)
+    with pytest.raises(S.SelectError, match="scored_on must give each candidate's 3 replica"):
+        S.cross_fitted_choice([incumbent, steady], plan, [[[S.ScoringRun(t, {}) for t in incumbent[:2]]],
+                                                          [[S.ScoringRun(t, {}) for t in steady[:2]]]])
+
+
+def test_the_bootstrap_applies_the_seed_rule_on_each_resample():
+    rng = np.random.default_rng(8)
+    subjects = [str(100 + i) for i in range(9)]
+    tables = [[counts_table({s: row(tuple(rng.integers(1, 100, 3)), tuple(rng.integers(1, 100, 3)))
+                             for s in subjects}) for _ in range(3)] for _ in range(3)]
+    plan = S.subject_folds(subjects, "3")
+    sel = S.cross_fitted_choice(tables, plan)
+    once = S.choice_bootstrap(sel, np.ones((1, len(subjects)), np.int64))
+    assert once.chosen[0].tolist() == sel.folds.chosen.tolist()
+    assert once.counts[0].tolist() == sel.pooled.sum(axis=0).tolist()
+    weights = U.resample_weights(len(subjects), 40, seed=5)
+    boot = S.choice_bootstrap(sel, weights)
+    for b in range(len(weights)):
+        dup = [_duplicated(reps, plan, weights[b], subjects) for reps in tables]
+        dup_plan = {k: v for k, v in dup[0][1].items() if v}
+        if len(dup_plan) == 1:
+            continue
+        again = S.cross_fitted_choice([d[0] for d in dup], dup_plan)
+        assert boot.counts[b].tolist() == again.pooled.sum(axis=0).tolist()
+        for f, name in enumerate(sel.folds.index):
+            if name in dup_plan:
+                assert boot.chosen[b, f] == again.folds.loc[name, "chosen"]
+    assert len(set(boot.chosen.ravel().tolist())) > 1  # the resamples do not all choose alike
+
+
 def test_candidates_must_hold_the_same_subjects():
     good = row((90, 10, 5), (80, 20, 10))
     a, b = counts_table({"x": good, "y": good}), counts_table({"x": good, "z": good})
@@ -371,6 +445,74 @@ def test_runs_that_never_read_a_half_score_its_choice(tracking_uri, capsys):
     assert set(S.select(untold, n_boot=N_BOOT, echo=False).selection.folds.scored_without_fold) == {"unknown"}
     with pytest.raises(S.SelectError, match="one entry per candidate: 2 candidates, 1 entries"):
         S.select(",".join(applied), folds="halves", scored_on=scored[0])
+
+
+def test_select_over_seeds_applies_the_rule_and_reports_each_seed(tracking_uri, capsys):
+    """Each candidate as runs under seeds 42 and 7 (``a/b``): the choice is recomputed here from the
+    confusion matrices with the rule, and the estimate is given pooled and per seed."""
+    by_seed = {"42": _candidates(), "7": [patient_cms(11), patient_cms(0), patient_cms(7)]}
+    for p in ("105", "208"):
+        by_seed["7"][1][p]["transfer"][N, V] = 0
+
+    def logged(i: int, sd: str, **extra) -> str:
+        params = {"label_scheme": "aami", "model": "rr_cnn", "seed": sd, "sveb_gate": str(i), **extra}
+        return log_loso(by_seed.get(sd, by_seed["42"])[i], params=params)
+
+    ids = [[logged(i, sd) for sd in ("42", "7")] for i in range(3)]
+    res = S.select(",".join("/".join(r) for r in ids), folds="2", n_boot=N_BOOT, seed=1)
+    counts = {sd: [by_subject(c) for c in cands] for sd, cands in by_seed.items()}
+    subjects = sorted(counts["42"][0])
+    plan = S.subject_folds(subjects, "2")
+    expected, means = {}, {}
+    for name, members in plan.items():
+        scores = np.array([[S.score(sum(counts[sd][i][t] for t in subjects if t not in members))
+                            for sd in ("42", "7")] for i in range(3)])
+        expected[name] = int(S.choose(scores))
+        assert res.selection.folds.loc[name, "chosen"] == expected[name]
+        assert res.selection.folds.loc[name, ["score_1_0", "score_1_1"]].tolist() == pytest.approx(scores[1])
+        means[name] = int(np.argmax(scores.mean(axis=1)))
+    # One fold takes a candidate higher under both seeds; in the other the best mean is lower under
+    # seed 7, so the incumbent stays: the data exercise both sides of the rule.
+    assert expected == {"group1of2": 2, "group2of2": 0} and means == {"group1of2": 2, "group2of2": 2}
+    pick = {s: expected[f] for f, members in plan.items() for s in members}
+    pooled = sum(counts[sd][pick[s]][s] for sd in ("42", "7") for s in subjects)
+    last = res.table.iloc[-1]
+    assert last.smallest == pytest.approx(float(U.rates(pooled)["smallest"]))
+    # the candidates are labelled by their first replica's options, not by the seed they share
+    assert res.table.candidate.iloc[1] == f"{ids[1][0]}/{ids[1][1]} sveb_gate=1"
+    doc = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="estimate.json"))
+                     .read_text())
+    assert doc["seeds"] == ["42", "7"] and "higher under each of seeds 42, 7" in doc["rule"]
+    for sd in ("42", "7"):
+        alone = U.rates(sum(counts[sd][pick[s]][s] for s in subjects))
+        assert doc["estimate_per_seed"][sd]["smallest"] == pytest.approx(float(alone["smallest"]))
+    out = capsys.readouterr().out
+    assert "pooled over the 2 seeds' runs" in out and "cross-fitted choice under seed 7 alone: " in out
+
+    def selects() -> int:
+        return len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.`ecg.role` = 'select'"))
+
+    before = selects()
+    other = logged(1, "123")
+    for runs, culprit in [
+            (f"{ids[0][0]}/{ids[0][1]},{ids[1][0]}", r"the same number of replicas .* got \[2, 1\]"),
+            (f"{ids[0][0]}/{ids[0][1]},{ids[1][0]}/{other}", r"candidate 1: replicas .* ran with seeds \['42', "
+                                                             r"'123'\], candidate 0's with \['42', '7'\]"),
+            (f"{ids[0][0]}/{ids[0][1]},{ids[1][1]}/{ids[1][0]}", "replica k of every candidate must run under the "
+                                                                 "same seed"),
+            (f"{ids[0][0]}/{ids[0][1]},{ids[1][0]}/{ids[2][1]}", "has sveb_gate=2, replica .* sveb_gate=1; replicas "
+                                                                 "differ in the seed only"),
+            (f"{ids[0][0]}/{ids[0][0]},{ids[1][0]}/{ids[1][1]}", "more than once"),
+            (f"{ids[0][0]}/,{ids[1][0]}/{ids[1][1]}", "an empty replica")]:
+        with pytest.raises(S.SelectError, match=culprit):
+            S.select(runs, folds="2")
+    twice = logged(0, "42", executor="local")  # the same seed twice in one candidate
+    with pytest.raises(S.SelectError, match=r"repeat a seed \(\['42', '42'\]\)"):
+        S.select(f"{ids[0][0]}/{twice},{ids[1][0]}/{ids[1][1]}", folds="2")
+    with pytest.raises(S.SelectError, match=r"scored_on entry 1: run .* \(replica 1\) ran with seed '42'"):
+        S.select(",".join("/".join(r) for r in ids[:2]), folds="2",
+                 scored_on=f"{ids[0][0]}/{ids[0][1]},{ids[1][0]}/{ids[1][0]}+{ids[1][1]}")
+    assert selects() == before
 
 
 def test_bad_input_is_refused_before_anything_is_written(tracking_uri):
