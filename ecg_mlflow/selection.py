@@ -514,7 +514,8 @@ def check_replicas(ids: list[list[str]], runs: list[list[LosoRun]], what: str) -
     """Replicas must be the same options under other seeds, replica ``k`` of every candidate under
     one seed (the rule compares seed by seed). Returns the seeds in replica order; refuses, naming
     the culprit, a replica whose seed is missing, repeated or not the other candidates', or whose
-    options differ from its candidate's first replica in anything but the seed."""
+    options differ from its candidate's first replica in anything but the seed (of the options both
+    logged: a run made before an option existed did not log it)."""
     seeds = [_seed(r) for r in runs[0]]
     if len(seeds) == 1:
         return seeds
@@ -529,10 +530,12 @@ def check_replicas(ids: list[list[str]], runs: list[list[LosoRun]], what: str) -
         if got != seeds:
             raise SelectError(f"{what} {i}: replicas {cand} ran with seeds {got}, candidate 0's with {seeds}; replica "
                               f"k of every candidate must run under the same seed")
-        keys = sorted({k for r in reps for k in r.params if not k.startswith("data.")} - _NOT_OPTIONS - {"seed"})
         for rid, r in zip(cand[1:], reps[1:]):
+            # Options both runs logged: a run made before an option existed ran without it.
+            keys = sorted({k for k in set(reps[0].params) & set(r.params) if not k.startswith("data.")}
+                          - _NOT_OPTIONS - {"seed"})
             for k in keys:
-                a, b = (_option_value(k, x.params.get(k, "")) for x in (reps[0], r))
+                a, b = (_option_value(k, x.params[k]) for x in (reps[0], r))
                 if a != b:
                     raise SelectError(f"{what} {i}: replica {rid!r} has {k}={b}, replica {cand[0]!r} {k}={a}; "
                                       "replicas differ in the seed only")

@@ -513,6 +513,9 @@ def test_select_over_seeds_applies_the_rule_and_reports_each_seed(tracking_uri, 
         S.select(",".join("/".join(r) for r in ids[:2]), folds="2",
                  scored_on=f"{ids[0][0]}/{ids[0][1]},{ids[1][0]}/{ids[1][0]}+{ids[1][1]}")
     assert selects() == before
+    # A replica made before an option existed did not log it: only options both logged must agree.
+    older = log_loso(by_seed["7"][0], params={"label_scheme": "aami", "seed": "7", "sveb_gate": "0"})
+    S.select(f"{ids[0][0]}/{older},{ids[1][0]}/{ids[1][1]}", folds="2", n_boot=N_BOOT, echo=False)
 
 
 def test_bad_input_is_refused_before_anything_is_written(tracking_uri):
