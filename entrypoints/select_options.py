@@ -22,12 +22,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="select", description=__doc__.splitlines()[0])
     p.add_argument("--loso-runs", required=True,
                    help="candidate LOSO parent run ids, comma-separated, the incumbent first (it wins ties); "
-                        "a+b pools runs of different patients into one candidate")
+                        "a+b pools runs of different patients into one candidate; a/b/c gives a candidate's runs "
+                        "under several seeds (it must then be higher than the first under each)")
     p.add_argument("--folds", default="subject",
                    help="'subject' (each subject's choice made on all the others), 'halves' or a number of groups")
     p.add_argument("--scored-on", default="",
                    help="the runs each candidate is scored on, in the same form and order (e.g. runs inside each "
-                        "half, a+b); '' = the candidates' own runs")
+                        "half, a+b; seeds separated by /); '' = the candidates' own runs")
     p.add_argument("--bootstrap", type=whole_number("bootstrap", minimum=1), default=N_BOOT,
                    help="bootstrap resamples for the confidence intervals")
     p.add_argument("--seed", type=whole_number("seed", minimum=0), default=0, help="seed of the bootstrap")
