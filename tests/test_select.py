@@ -126,12 +126,14 @@ def _duplicated(tables: list[pd.DataFrame], plan: dict[str, list[str]], drawn: n
     return out, {name: [c for s in members for c in copies[s]] for name, members in plan.items()}
 
 
-@pytest.mark.parametrize("folds", ["subject", "2", "3"])
-def test_the_bootstrap_makes_the_choice_again_on_each_resample(folds):
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize("folds, seeds", [("subject", 1), ("2", 1), ("3", 1), ("3", 3)])
+def test_the_bootstrap_makes_the_choice_again_on_each_resample(folds, seeds):
+    """With ``seeds`` > 1 each candidate has that many replicas and the seed rule chooses."""
+    rng = np.random.default_rng(3 if seeds == 1 else 8)
     subjects = [str(100 + i) for i in range(9)]
-    tables = [counts_table({s: row(tuple(rng.integers(1, 100, 3)), tuple(rng.integers(1, 100, 3)))
-                            for s in subjects}) for _ in range(3)]
+    reps = [[counts_table({s: row(tuple(rng.integers(1, 100, 3)), tuple(rng.integers(1, 100, 3)))
+                           for s in subjects}) for _ in range(seeds)] for _ in range(3)]
+    tables = [r[0] for r in reps] if seeds == 1 else reps  # one replica: the plain tables
     plan = S.subject_folds(subjects, folds)
     sel = S.cross_fitted_choice(tables, plan)
     # Every subject drawn once is the data itself: the choices and counts made on the data.
@@ -142,17 +144,18 @@ def test_the_bootstrap_makes_the_choice_again_on_each_resample(folds):
     weights = U.resample_weights(len(subjects), 40, seed=5)
     boot = S.choice_bootstrap(sel, weights)
     for b in range(len(weights)):
-        dup_tables, dup_plan = _duplicated(tables, plan, weights[b], subjects)
-        dup_plan = {k: v for k, v in dup_plan.items() if v}  # a fold not drawn at all adds nothing
+        dup = [_duplicated(r, plan, weights[b], subjects) for r in reps]
+        dup_plan = {k: v for k, v in dup[0][1].items() if v}  # a fold not drawn at all adds nothing
         if len(dup_plan) == 1:  # nothing outside the one fold drawn to choose on: candidate 0, as for a tie
             assert boot.counts[b].tolist() == (weights[b] @ sel.counts[0]).tolist()
             continue
-        again = S.cross_fitted_choice(dup_tables, dup_plan)
+        again = S.cross_fitted_choice([d[0] for d in dup], dup_plan)
         assert boot.counts[b].tolist() == again.pooled.sum(axis=0).tolist()
         for f, name in enumerate(sel.folds.index):
             if name in dup_plan:
                 assert boot.chosen[b, f] == again.folds.loc[name, "chosen"]
     assert boot.kept(sel).shape == (len(plan),) and ((0 <= boot.kept(sel)) & (boot.kept(sel) <= 1)).all()
+    assert len(set(boot.chosen.ravel().tolist())) > 1  # the resamples do not all choose alike
 
 
 def test_the_bootstrap_scores_on_the_blind_runs():
@@ -246,31 +249,6 @@ def test_a_candidate_replaces_the_first_only_if_higher_under_every_seed():
     with pytest.raises(S.SelectError, match="scored_on must give each candidate's 3 replica"):
         S.cross_fitted_choice([incumbent, steady], plan, [[[S.ScoringRun(t, {}) for t in incumbent[:2]]],
                                                           [[S.ScoringRun(t, {}) for t in steady[:2]]]])
-
-
-def test_the_bootstrap_applies_the_seed_rule_on_each_resample():
-    rng = np.random.default_rng(8)
-    subjects = [str(100 + i) for i in range(9)]
-    tables = [[counts_table({s: row(tuple(rng.integers(1, 100, 3)), tuple(rng.integers(1, 100, 3)))
-                             for s in subjects}) for _ in range(3)] for _ in range(3)]
-    plan = S.subject_folds(subjects, "3")
-    sel = S.cross_fitted_choice(tables, plan)
-    once = S.choice_bootstrap(sel, np.ones((1, len(subjects)), np.int64))
-    assert once.chosen[0].tolist() == sel.folds.chosen.tolist()
-    assert once.counts[0].tolist() == sel.pooled.sum(axis=0).tolist()
-    weights = U.resample_weights(len(subjects), 40, seed=5)
-    boot = S.choice_bootstrap(sel, weights)
-    for b in range(len(weights)):
-        dup = [_duplicated(reps, plan, weights[b], subjects) for reps in tables]
-        dup_plan = {k: v for k, v in dup[0][1].items() if v}
-        if len(dup_plan) == 1:
-            continue
-        again = S.cross_fitted_choice([d[0] for d in dup], dup_plan)
-        assert boot.counts[b].tolist() == again.pooled.sum(axis=0).tolist()
-        for f, name in enumerate(sel.folds.index):
-            if name in dup_plan:
-                assert boot.chosen[b, f] == again.folds.loc[name, "chosen"]
-    assert len(set(boot.chosen.ravel().tolist())) > 1  # the resamples do not all choose alike
 
 
 def test_candidates_must_hold_the_same_subjects():
