@@ -153,10 +153,6 @@ class Selection:
         """The estimate's counts per subject ``(n_subjects, 8)`` (summed over the replicas)."""
         return self.per_subject[list(EC57_COUNTS)].to_numpy(np.int64)
 
-    @property
-    def n_replicas(self) -> int:
-        return self.replica_counts.shape[1]
-
     def replica_pooled(self, k: int) -> np.ndarray:
         """The estimate's counts per subject ``(n_subjects, 8)`` under replica ``k`` alone: each
         subject takes its chosen candidate's replica ``k`` (the estimate under that seed)."""
