@@ -389,13 +389,13 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
                 r.options["base_run_id"] = source
             r.run_id = launch(r, parent_id, experiment_id)
             bases.setdefault(base_key(r), source or r.run_id)
-        # Per candidate its replicas, one per seed, separated by "/" (select's form).
         order = list(dict.fromkeys(r.seed for r in runs))
-        figures = ["/".join(r.run_id for sd in order for r in runs if r.role == "figures" and r.candidate == i
-                            and r.seed == sd) for i in range(len(sets))]
-        scoring = ["/".join("+".join(r.run_id for r in runs
-                                     if r.role == "scoring" and r.candidate == i and r.seed == sd)
-                            for sd in order) for i in range(len(sets))]
-        result = select(",".join(figures), folds=folds, n_boot=n_boot, seed=seed, scored_on=",".join(scoring))
+
+        def entries(role: str) -> str:
+            """select's form: per candidate its runs of ``role`` joined by "+", one part per seed joined by "/"."""
+            return ",".join("/".join("+".join(r.run_id for r in runs if (r.role, r.candidate, r.seed) == (role, i, sd))
+                                     for sd in order) for i in range(len(sets)))
+
+        result = select(entries("figures"), folds=folds, n_boot=n_boot, seed=seed, scored_on=entries("scoring"))
         mlflow.log_text(plan_table(runs, sets).to_csv(index=False), "nested_plan.csv")
     return result

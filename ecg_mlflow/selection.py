@@ -472,11 +472,16 @@ def _option_value(key: str, text: str) -> str:
         return text
 
 
+def _option_keys(run: LosoRun) -> set[str]:
+    """The parameters of a run that say what it computed."""
+    # data.* params describe the prepared dataset (digest, window), which the options already name.
+    return {k for k in run.params if not k.startswith("data.")} - _NOT_OPTIONS
+
+
 def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
     """Each candidate's run id(s) and the options in which the candidates differ, e.g.
     ``'<id> sveb_gate=0.99'`` (``'<id> (same options)'`` when they differ in none)."""
-    # data.* params describe the prepared dataset (digest, window), which the options already name.
-    keys = sorted({k for r in runs for k in r.params if not k.startswith("data.")} - _NOT_OPTIONS)
+    keys = sorted(set().union(*map(_option_keys, runs)))
     value = [{k: _option_value(k, r.params.get(k, "")) for k in keys} for r in runs]
     differ = [k for k in keys if len({v[k] for v in value}) > 1]
     return [f"{rid} " + (", ".join(f"{k}={v[k]}" for k in differ) or "(same options)")
@@ -528,9 +533,7 @@ def check_replicas(ids: list[list[str]], runs: list[list[LosoRun]], what: str) -
                               f"k of every candidate must run under the same seed")
         for rid, r in zip(cand[1:], reps[1:]):
             # Options both runs logged: a run made before an option existed ran without it.
-            keys = sorted({k for k in set(reps[0].params) & set(r.params) if not k.startswith("data.")}
-                          - _NOT_OPTIONS - {"seed"})
-            for k in keys:
+            for k in sorted(_option_keys(reps[0]) & _option_keys(r) - {"seed"}):
                 a, b = (_option_value(k, x.params[k]) for x in (reps[0], r))
                 if a != b:
                     raise SelectError(f"{what} {i}: replica {rid!r} has {k}={b}, replica {cand[0]!r} {k}={a}; "
