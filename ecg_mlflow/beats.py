@@ -29,6 +29,7 @@ ONTIME_SHARE = 0.9
 RECENT_REFERENCES: tuple[str, ...] = ("all", "ontime")
 RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 take ±5 min; ours looks back only)
 RR_IRREGULAR_BEATS = 16  # rhythm irregularity over the successive RR differences of about the last 12 s
+RR_SEQUENCE_BEATS = 8  # rr_features="sequence": the previous RR of a beat and of the 7 beats before it
 # Below this irregularity (rr_irregularity) the rhythm before a beat counts as regular: sinus rhythm
 # reads about 0.01-0.05 there, atrial fibrillation 0.15-0.3 (early_sveb, models.promote_early).
 REGULAR_IRREGULARITY = 0.05
@@ -162,6 +163,22 @@ def rr_irregularity(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
         with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows at a record's start
             out[rows] = np.nanmedian(diffs, axis=1) / np.nanmean(intervals, axis=1)
+    return out
+
+
+def rr_sequence(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
+                beats: int = RR_SEQUENCE_BEATS) -> np.ndarray:
+    """The last ``beats`` RR intervals up to each beat, newest first, float64 ``(n, beats)``: column
+    ``j`` is the interval ending ``j`` beats before the beat (column 0 its own previous RR). One
+    early beat reads as one short interval after steady ones, a run of supraventricular tachycardia
+    as several short ones, atrial fibrillation as scattered ones. ``record``, ``sample``,
+    ``rr_prev``: ``(n,)`` per beat, rows in any order; NaN where a record has no such interval. It
+    never looks ahead, nor into another record."""
+    by_record = list(_rows_by_record(record, sample, rr_prev, "rr_prev", beats))  # checks the inputs first
+    out = np.full((len(record), beats), np.nan)
+    for rows in by_record:
+        v = np.concatenate([np.full(beats - 1, np.nan), rr_prev[rows].astype(np.float64)])
+        out[rows] = np.lib.stride_tricks.sliding_window_view(v, beats)[:, ::-1]
     return out
 
 

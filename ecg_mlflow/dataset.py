@@ -175,6 +175,17 @@ class BeatDataset:
         irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev)
         return np.nan_to_num(irregular, nan=0.0, posinf=0.0)[:, None].astype(np.float32)
 
+    def rr_sequence(self) -> np.ndarray:
+        """The last eight RR intervals up to each beat, newest first, each over the average RR of
+        the (up to) 300 beats before (about five minutes), float32 ``(n, 8)``
+        (:func:`ecg_mlflow.beats.rr_sequence`; column 0 is :meth:`rr_long`'s column 0); 1.0 where
+        a value is missing, at a record's first beats."""
+        average = beats_mod.rr_average(self.record, self.sample, self.rr_prev)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            feats = beats_mod.rr_sequence(self.record, self.sample, self.rr_prev) / average[:, None]
+        feats[~np.isfinite(feats)] = 1.0
+        return feats.astype(np.float32)
+
     def recent_template(self, reference: str = "all") -> np.ndarray:
         """Each beat's recent neighbours, float32 ``(n, window, leads)``: the sample-wise median of the
         windows of the 20 beats before it in its record (:func:`ecg_mlflow.beats.recent_median`).

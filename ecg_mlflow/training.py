@@ -46,7 +46,7 @@ class TrainConfig:
     finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
     rr_features: str = "all"  # all | relative: leave out the local mean RR in s (the heart rate) | long: add RR over ~5 min
-    # | irregular: long plus the rhythm's irregularity before the beat
+    # | irregular: long plus the rhythm's irregularity before the beat | sequence: long plus the last 8 RR intervals
     dropout: float = 0.5  # dropout rate on the flattened beat features while training (never on the RR features)
     # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
     finetune_blend: float = 1.0  # transfer weights = blend * fine-tuned + (1 - blend) * base (1: fine-tuned only)
@@ -171,7 +171,8 @@ class BeatSource:
     as :meth:`ecg_mlflow.dataset.BeatDataset.patient_context` gives (a row's template is gathered
     by its record, so no per-beat copy of the templates is made); rr_long: ``(n, 2)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None; rr_irregular: ``(n, 1)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_irregular`) or None; recent: ``(n, window, leads)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_irregular`) or None; rr_sequence: ``(n, k)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_sequence`) or None; recent: ``(n, window, leads)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`), a function that makes it on first
     use (only models that read ``recent`` pay for it), or None.
     """
@@ -180,10 +181,11 @@ class BeatSource:
                  patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  rr_long: np.ndarray | None = None,
                  recent: np.ndarray | Callable[[], np.ndarray] | None = None,
-                 rr_irregular: np.ndarray | None = None):
-        if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in (rr, rr_long, rr_irregular)):
+                 rr_irregular: np.ndarray | None = None, rr_sequence: np.ndarray | None = None):
+        rhythm = (rr, rr_long, rr_irregular, rr_sequence)
+        if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in rhythm):
             raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
-                             + ", ".join(str(None if a is None else len(a)) for a in (rr, rr_long, rr_irregular)))
+                             + ", ".join(str(None if a is None else len(a)) for a in rhythm))
         if patient is not None:
             templates, record_index, rr_patient = patient
             if len(record_index) != len(x) or len(rr_patient) != len(x) or templates.shape[1:] != x.shape[1:]:
@@ -191,6 +193,7 @@ class BeatSource:
                                  f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
         self.x_np, self.y_np, self.rr_np = x, np.asarray(y).astype(np.int32), rr
         self.patient, self.rr_long_np, self.rr_irregular_np = patient, rr_long, rr_irregular
+        self.rr_sequence_np = rr_sequence
         self._recent = recent
         self._tensors: dict[str, tf.Tensor] | None = None
 
@@ -208,7 +211,7 @@ class BeatSource:
         ``recent`` input is made of (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`, which
         checks it when a model first reads it)."""
         return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(),
-                   lambda: ds.recent_template(recent_reference), ds.rr_irregular())
+                   lambda: ds.recent_template(recent_reference), ds.rr_irregular(), ds.rr_sequence())
 
     def __len__(self) -> int:
         return len(self.y_np)
@@ -222,6 +225,8 @@ class BeatSource:
                 self._tensors["rr_long"] = tf.constant(self.rr_long_np)
             if self.rr_irregular_np is not None:
                 self._tensors["rr_irregular"] = tf.constant(self.rr_irregular_np)
+            if self.rr_sequence_np is not None:
+                self._tensors["rr_sequence"] = tf.constant(self.rr_sequence_np)
             if self.patient is not None:
                 templates, record_index, rr_patient = self.patient
                 self._tensors.update(templates=tf.constant(templates), record_index=tf.constant(record_index),
@@ -237,6 +242,8 @@ class BeatSource:
             return None if self.rr_long_np is None else self.rr_long_np[idx]
         if name == "rr_irregular":
             return None if self.rr_irregular_np is None else self.rr_irregular_np[idx]
+        if name == "rr_sequence":
+            return None if self.rr_sequence_np is None else self.rr_sequence_np[idx]
         if name == "recent":
             recent = self._recent_np()
             return None if recent is None else recent[idx]
@@ -525,7 +532,7 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
                         dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx),
                         train_rr_irregular=source._array("rr_irregular", idx), kernel_size=cfg.kernel_size,
-                        width=cfg.width)
+                        width=cfg.width, train_rr_sequence=source._array("rr_sequence", idx))
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule, cfg.epochs * -(-len(idx) // cfg.batch_size))
     batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift)

@@ -1,7 +1,7 @@
 """``classify``: a registered model applied to a record's beats, from its reference annotations or
 from a QRS detector, read back from a real store. The models come from a real (tiny) LOSO run whose
-models read every input classify makes (beat, RR, five-minute RR, irregularity, recent beats) and
-carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb``); they were trained
+models read every input classify makes (beat, RR, five-minute RR, the last RR intervals, recent beats,
+and through the rules the irregularity) and carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb``); they were trained
 on windows moved off the R peak (``augment_shift``), which acts on training alone."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import mlflow
 from mlflow import MlflowClient
 
 from conftest import REPO, entry_env, run_script_in_process
-from ecg_mlflow.classify import ANNOTATOR_OUT, ClassifyConfig, ClassifyError, classify, match_beats
+from ecg_mlflow.classify import ANNOTATOR_OUT, INPUTS, ClassifyConfig, ClassifyError, classify, load_model, match_beats
 from ecg_mlflow.dataset import PrepareConfig
 from ecg_mlflow.labels import BEAT_SYMBOLS
+from ecg_mlflow.models import model_input_names
 from ecg_mlflow.predictions import read_predictions
 from ecg_mlflow.records import DataError, read_record
 from ecg_mlflow.server import free_port
@@ -49,7 +50,7 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
         mp.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient(uri).create_experiment("classify-test"))
         cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
                                                finetune_minutes=FINETUNE_MINUTES, cache_dir=str(cache_root / "beats")),
-                         train=TrainConfig(model="recent_cnn", rr_features="irregular", recent_reference="ontime",
+                         train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
                                            sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, augment_shift=8,
                                            epochs=1, finetune_epochs=1, seed=3))
         loso_run = run_loso(cfg)
@@ -79,6 +80,8 @@ def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record)
     assert "sveb_regular_threshold" in _variant(client, loso_run, record, "transfer").data.params
     for uri, variant in ((f"models:/ecg-transfer-{record}@newest", "transfer"),
                          (f"models:/ecg-base-{record}@newest", "no_transfer")):
+        if variant == "transfer":  # the model reads every input classify makes
+            assert set(model_input_names(load_model(uri).model)) == set(INPUTS)
         done = classify(ClassifyConfig(record=record, model_uri=uri, data_dir=str(mitdb_dir)))
         run = client.get_run(done.run_id)
         assert run.data.params["beats"] == "annotations"

@@ -13,6 +13,7 @@ import wfdb.io.download
 
 from ecg_mlflow import dataset as dataset_mod
 from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rhythm_at, rr_average, rr_intervals,
+                              rr_sequence,
                               rr_irregularity)
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
@@ -169,6 +170,26 @@ def test_rr_irregularity_reads_the_intervals_before_the_beats_own_within_its_rec
         rr_irregularity(record, sample, rr_prev, beats=0)
     with pytest.raises(ValueError, match="length"):
         rr_irregularity(record, sample[:5], rr_prev)
+
+
+def test_rr_sequence_reads_the_intervals_up_to_the_beat_newest_first_within_its_record_in_any_row_order():
+    rng = np.random.default_rng(5)
+    record = np.array(["100"] * 20 + ["101"] * 6, dtype=object)
+    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 20)), np.cumsum(rng.integers(200, 400, 6))])
+    rr_prev = rng.uniform(0.5, 1.5, 26)
+    rr_prev[[0, 20]] = np.nan  # each record's first beat has no interval
+    order = rng.permutation(26)
+    got = rr_sequence(record[order], sample[order], rr_prev[order], beats=4)[np.argsort(order)]
+    assert got.shape == (26, 4)
+    for start, stop in ((0, 20), (20, 26)):
+        for i in range(start, stop):
+            for j in range(4):
+                want = rr_prev[i - j] if i - j >= start else np.nan  # never record 100's intervals
+                np.testing.assert_equal(got[i, j], want)
+    with pytest.raises(ValueError, match="beats"):
+        rr_sequence(record, sample, rr_prev, beats=0)
+    with pytest.raises(ValueError, match="length"):
+        rr_sequence(record, sample[:5], rr_prev)
 
 
 def test_recent_median_is_the_median_of_the_beats_before_within_the_record_in_any_row_order():
@@ -491,6 +512,15 @@ def test_early_marks_beats_short_against_the_local_mean_or_the_minutes_before(db
     assert steady.sum() >= 3 and early[steady].all() and not short_local[steady].any()
     assert not early[t < 4.5].any()  # the regular beats before it (and the first, with no RR)
     assert not ds.early(share=0.5).any()
+    # rr_sequence: the last eight intervals over the five-minute average, newest first; its first
+    # column is rr_long's, and the premature beat's short interval moves one column per beat.
+    seq = ds.rr_sequence()
+    assert seq.shape == (len(ds), 8) and seq.dtype == np.float32
+    np.testing.assert_allclose(seq[:, 0], ds.rr_long()[:, 0], rtol=1e-6)
+    i = int(np.argmin(np.abs(t - 4.9)))
+    for k in range(4):
+        np.testing.assert_array_equal(seq[i + k] < 0.9, np.arange(8) == k)
+    assert (seq[0] == 1.0).all()  # the first beat: no interval, so 1.0
 
 
 def test_record_sets_split_the_non_paced_records_by_subject(tmp_path):

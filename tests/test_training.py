@@ -391,6 +391,37 @@ def test_irregular_rr_features_add_the_irregularity_input_to_long(model):
         BeatSource(x, y, rr, rr_irregular=irregular[:10])
 
 
+@pytest.mark.parametrize("model", ["rr_cnn", "patient_cnn"])
+def test_sequence_rr_features_add_the_last_intervals_to_long(model):
+    # Two classes that differ only in the interval three beats before: beats, rr, rr_long alike.
+    rng = np.random.default_rng(6)
+    n = 600
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 0.05, (n, WINDOW, 2)).astype(np.float32)
+    rr, rr_long = np.ones((n, 3), np.float32), np.ones((n, 2), np.float32)
+    sequence = (1 + rng.normal(0, 0.03, (n, 8))).astype(np.float32)
+    sequence[:, 3] -= 0.4 * y
+    patient = (np.zeros((1, WINDOW, 2), np.float32), np.zeros(n, np.int32), np.ones((n, 3), np.float32))
+    src = BeatSource(x, y, rr, patient=patient, rr_long=rr_long, rr_sequence=sequence)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": model, "rr_features": "sequence"})
+    got, _ = train_base(src, np.arange(500), 2, cfg)
+    assert {"rr_long", "rr_sequence"} <= set(got.input) and "rr_irregular" not in got.input
+    assert tuple(got.input["rr_sequence"].shape) == (None, 8)
+    assert (predict_classes(got, src, np.arange(500, 600)) == y[500:]).mean() > 0.9
+    tuned, _ = fine_tune(got, src, np.arange(500, 550), cfg)
+    assert set(tuned.input) == set(got.input)
+    long, _ = train_base(src, np.arange(500), 2, TrainConfig(**{**cfg.__dict__, "rr_features": "long"}))
+    assert "rr_sequence" not in long.input
+    assert (predict_classes(long, src, np.arange(500, 600)) == y[500:]).mean() < 0.75
+    without = BeatSource(x, y, rr, patient=patient, rr_long=rr_long)
+    with pytest.raises(ValueError, match="rr_sequence"):
+        train_base(without, np.arange(500), 2, cfg)
+    with pytest.raises(ValueError, match="rr_sequence"):
+        predict_classes(got, without, np.arange(10))
+    with pytest.raises(ValueError, match="length"):
+        BeatSource(x, y, rr, rr_sequence=sequence[:10])
+
+
 def test_ensemble_members_are_the_single_models_of_their_seeds_and_the_logits_their_mean(tmp_path):
     import keras
 
