@@ -480,12 +480,18 @@ def _option_keys(run: LosoRun) -> set[str]:
 
 def candidate_labels(ids: list[str], runs: list[LosoRun]) -> list[str]:
     """Each candidate's run id(s) and the options in which the candidates differ, e.g.
-    ``'<id> sveb_gate=0.99'`` (``'<id> (same options)'`` when they differ in none)."""
+    ``'<id> sveb_gate=0.99'`` (``'<id> (same options)'`` when they differ in none). An option a run
+    did not log (it was made before the option existed) is left out of its label."""
     keys = sorted(set().union(*map(_option_keys, runs)))
-    value = [{k: _option_value(k, r.params.get(k, "")) for k in keys} for r in runs]
+    value = [{k: _option_value(k, r.params[k]) if k in r.params else None for k in keys} for r in runs]
     differ = [k for k in keys if len({v[k] for v in value}) > 1]
-    return [f"{rid} " + (", ".join(f"{k}={v[k]}" for k in differ) or "(same options)")
-            for rid, v in zip(ids, value)]
+
+    def label(v: dict) -> str:
+        if not differ:
+            return "(same options)"
+        return ", ".join(f"{k}={v[k]}" for k in differ if v[k] is not None) or f"(did not log {', '.join(differ)})"
+
+    return [f"{rid} {label(v)}" for rid, v in zip(ids, value)]
 
 
 REPLICA = "/"  # separates a candidate's replicas (the same options under other seeds) in loso_runs / scored_on

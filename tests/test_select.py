@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ecg_mlflow.analysis import LosoRun
 from ecg_mlflow import selection as S
 from ecg_mlflow import uncertainty as U
 from ecg_mlflow.metrics import EC57_COUNTS, ec57_counts
@@ -315,6 +316,11 @@ def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
     # Candidates are named by the options they differ in (not by where they ran, nor by spelling).
     assert res.table.candidate.iloc[:3].tolist() == [f"{ids[0]} sveb_gate=0", f"{ids[1]} sveb_gate=0.99",
                                                       f"{ids[2]} sveb_gate=0.99"]
+    # An option one run did not log (made before it existed) is left out of that run's label.
+    runs = [LosoRun(i, i, "0", {"model": "rr_cnn", **extra}, {}, pd.DataFrame(), [], {}) for i, extra in
+            (("a", {"lr_schedule": "cosine"}), ("b", {}), ("c", {"lr_schedule": "constant", "kernel_size": "11"}))]
+    assert S.candidate_labels(["a", "b", "c"], runs) == [
+        "a lr_schedule=cosine", "b (did not log kernel_size, lr_schedule)", "c kernel_size=11, lr_schedule=constant"]
     # The choices, recomputed straight from the confusion matrices.
     counts = [by_subject(c) for c in cands]
     subjects = sorted(counts[0])
