@@ -16,6 +16,7 @@ import keras
 from keras import layers
 
 HEAD_LAYERS: tuple[str, ...] = ("head_dense", "logits")
+LAST_CONV = "conv3"  # the feature extractor's last layer, which finetune_layers="last" re-trains with the head
 # Which inputs each model reads: "beat" ``(window, leads)`` mV; "rr" ``(3,)`` rhythm features
 # (previous and next RR over the local mean RR, local mean RR in s; see BeatDataset.rr_features);
 # "template" ``(window, leads)`` mV, the patient's median normal beat, and "rr_patient" ``(3,)``,
@@ -432,14 +433,17 @@ def ensemble_members(model: keras.Model) -> list[keras.Model]:
 
 def transfer_copy(base: keras.Model, layers_to_train: str = "head") -> keras.Model:
     """A copy of ``base`` with its weights, every layer frozen except the head (:data:`HEAD_LAYERS`);
-    ``layers_to_train="all"`` leaves every layer trainable (the normalisation stays fixed)."""
+    ``layers_to_train="last"`` also leaves the last convolution (:data:`LAST_CONV`) trainable, so the
+    beat features nearest the head can follow the patient; ``"all"`` leaves every layer trainable
+    (the normalisation stays fixed)."""
     model = keras.models.clone_model(base)
     model.set_weights(base.get_weights())
     names = {layer.name for layer in model.layers}
-    missing = [n for n in HEAD_LAYERS if n not in names]
+    trained = HEAD_LAYERS + ((LAST_CONV,) if layers_to_train == "last" else ())
+    missing = [n for n in trained if n not in names]
     if missing:
-        raise ValueError(f"base model has no head layer(s) {missing}; layers: {sorted(names)}")
+        raise ValueError(f"base model has no layer(s) {missing} to re-train; layers: {sorted(names)}")
     for layer in model.layers:
         # rr_select is a fixed column choice, not a weight to learn.
-        layer.trainable = (layer.name in HEAD_LAYERS or layers_to_train == "all") and layer.name != "rr_select"
+        layer.trainable = (layer.name in trained or layers_to_train == "all") and layer.name != "rr_select"
     return model

@@ -21,7 +21,7 @@ from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, 
                                model_input_names, transfer_copy)
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
-FINETUNE_LAYERS = ("head", "all")
+FINETUNE_LAYERS = ("head", "last", "all")
 PRECISIONS = ("auto", "float32", "mixed")
 LR_SCHEDULES = ("constant", "cosine")
 RR_FEATURES = tuple(RR_COLUMNS)
@@ -41,7 +41,8 @@ class TrainConfig:
     seed: int = 42
     class_weight: str = "sqrt"  # none | balanced | sqrt: loss weight per class from training counts
     jit_compile: bool = False  # XLA-compile the train step (slower on CPU; seeded repeats not bit-exact)
-    finetune_layers: str = "head"  # head: re-train only the head; all: every layer (at the fine-tune rate)
+    finetune_layers: str = "head"  # head: re-train only the head; last: the last convolution and the head;
+    # all: every layer (at the fine-tune rate)
     precision: str = "auto"  # float32 | mixed (float16 compute, float32 weights and logits) | auto: mixed on a GPU
     finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
