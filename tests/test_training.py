@@ -363,63 +363,39 @@ def test_long_rr_features_are_an_extra_input_the_model_reads():
 
 
 @pytest.mark.parametrize("model", ["rr_cnn", "patient_cnn"])
-def test_irregular_rr_features_add_the_irregularity_input_to_long(model):
-    # Two classes that differ only in the rhythm's irregularity before the beat: beats, rr, rr_long alike.
+@pytest.mark.parametrize("features, name", [("irregular", "rr_irregular"), ("sequence", "rr_sequence")])
+def test_irregular_and_sequence_rr_features_add_their_input_to_long(model, features, name):
+    # Two classes that differ only in that input (beats, rr, rr_long alike): the rhythm's irregularity
+    # before the beat (n, 1), or the interval three beats before in the last eight (n, 8).
     rng = np.random.default_rng(4)
     n = 600
     y = rng.integers(0, 2, n)
     x = rng.normal(0, 0.05, (n, WINDOW, 2)).astype(np.float32)
     rr, rr_long = np.ones((n, 3), np.float32), np.ones((n, 2), np.float32)
-    irregular = (0.02 + 0.2 * y + rng.normal(0, 0.02, n)).astype(np.float32)[:, None]
+    if features == "irregular":
+        extra = (0.02 + 0.2 * y + rng.normal(0, 0.02, n)).astype(np.float32)[:, None]
+    else:
+        extra = (1 + rng.normal(0, 0.03, (n, 8))).astype(np.float32)
+        extra[:, 3] -= 0.4 * y
     patient = (np.zeros((1, WINDOW, 2), np.float32), np.zeros(n, np.int32), np.ones((n, 3), np.float32))
-    src = BeatSource(x, y, rr, patient=patient, rr_long=rr_long, rr_irregular=irregular)
-    cfg = TrainConfig(**{**FAST.__dict__, "model": model, "rr_features": "irregular"})
+    src = BeatSource(x, y, rr, patient=patient, rr_long=rr_long, **{name: extra})
+    cfg = TrainConfig(**{**FAST.__dict__, "model": model, "rr_features": features})
     got, _ = train_base(src, np.arange(500), 2, cfg)
-    assert {"rr_long", "rr_irregular"} <= set(got.input)
+    assert "rr_long" in got.input and set(got.input) & {"rr_irregular", "rr_sequence"} == {name}
+    assert tuple(got.input[name].shape) == (None, extra.shape[1])
     assert (predict_classes(got, src, np.arange(500, 600)) == y[500:]).mean() > 0.9
     tuned, _ = fine_tune(got, src, np.arange(500, 550), cfg)
     assert set(tuned.input) == set(got.input)
     long, _ = train_base(src, np.arange(500), 2, TrainConfig(**{**cfg.__dict__, "rr_features": "long"}))
-    assert "rr_irregular" not in long.input
+    assert name not in long.input
     assert (predict_classes(long, src, np.arange(500, 600)) == y[500:]).mean() < 0.75
     without = BeatSource(x, y, rr, patient=patient, rr_long=rr_long)
-    with pytest.raises(ValueError, match="rr_irregular"):
+    with pytest.raises(ValueError, match=name):
         train_base(without, np.arange(500), 2, cfg)
-    with pytest.raises(ValueError, match="rr_irregular"):
+    with pytest.raises(ValueError, match=name):
         predict_classes(got, without, np.arange(10))
     with pytest.raises(ValueError, match="length"):
-        BeatSource(x, y, rr, rr_irregular=irregular[:10])
-
-
-@pytest.mark.parametrize("model", ["rr_cnn", "patient_cnn"])
-def test_sequence_rr_features_add_the_last_intervals_to_long(model):
-    # Two classes that differ only in the interval three beats before: beats, rr, rr_long alike.
-    rng = np.random.default_rng(6)
-    n = 600
-    y = rng.integers(0, 2, n)
-    x = rng.normal(0, 0.05, (n, WINDOW, 2)).astype(np.float32)
-    rr, rr_long = np.ones((n, 3), np.float32), np.ones((n, 2), np.float32)
-    sequence = (1 + rng.normal(0, 0.03, (n, 8))).astype(np.float32)
-    sequence[:, 3] -= 0.4 * y
-    patient = (np.zeros((1, WINDOW, 2), np.float32), np.zeros(n, np.int32), np.ones((n, 3), np.float32))
-    src = BeatSource(x, y, rr, patient=patient, rr_long=rr_long, rr_sequence=sequence)
-    cfg = TrainConfig(**{**FAST.__dict__, "model": model, "rr_features": "sequence"})
-    got, _ = train_base(src, np.arange(500), 2, cfg)
-    assert {"rr_long", "rr_sequence"} <= set(got.input) and "rr_irregular" not in got.input
-    assert tuple(got.input["rr_sequence"].shape) == (None, 8)
-    assert (predict_classes(got, src, np.arange(500, 600)) == y[500:]).mean() > 0.9
-    tuned, _ = fine_tune(got, src, np.arange(500, 550), cfg)
-    assert set(tuned.input) == set(got.input)
-    long, _ = train_base(src, np.arange(500), 2, TrainConfig(**{**cfg.__dict__, "rr_features": "long"}))
-    assert "rr_sequence" not in long.input
-    assert (predict_classes(long, src, np.arange(500, 600)) == y[500:]).mean() < 0.75
-    without = BeatSource(x, y, rr, patient=patient, rr_long=rr_long)
-    with pytest.raises(ValueError, match="rr_sequence"):
-        train_base(without, np.arange(500), 2, cfg)
-    with pytest.raises(ValueError, match="rr_sequence"):
-        predict_classes(got, without, np.arange(10))
-    with pytest.raises(ValueError, match="length"):
-        BeatSource(x, y, rr, rr_sequence=sequence[:10])
+        BeatSource(x, y, rr, **{name: extra[:10]})
 
 
 def test_ensemble_members_are_the_single_models_of_their_seeds_and_the_logits_their_mean(tmp_path):
