@@ -153,9 +153,14 @@ class BeatDataset:
         :func:`ecg_mlflow.beats.rr_average`); 1.0 where a value is missing. In a run of
         supraventricular tachycardia a beat's RR is close to the local mean, but short against
         the minutes before it."""
+        return self._over_average(np.stack([self.rr_prev, self.rr_local], axis=1))
+
+    def _over_average(self, intervals: np.ndarray) -> np.ndarray:
+        """RR intervals ``(n, k)`` (s) over each beat's five-minute average RR
+        (:func:`ecg_mlflow.beats.rr_average`), float32 ``(n, k)``; 1.0 where either is missing."""
         average = beats_mod.rr_average(self.record, self.sample, self.rr_prev)
         with np.errstate(invalid="ignore", divide="ignore"):
-            feats = np.stack([self.rr_prev, self.rr_local], axis=1) / average[:, None]
+            feats = intervals / average[:, None]
         feats[~np.isfinite(feats)] = 1.0
         return feats.astype(np.float32)
 
@@ -180,11 +185,7 @@ class BeatDataset:
         the (up to) 300 beats before (about five minutes), float32 ``(n, 8)``
         (:func:`ecg_mlflow.beats.rr_sequence`; column 0 is :meth:`rr_long`'s column 0); 1.0 where
         a value is missing, at a record's first beats."""
-        average = beats_mod.rr_average(self.record, self.sample, self.rr_prev)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            feats = beats_mod.rr_sequence(self.record, self.sample, self.rr_prev) / average[:, None]
-        feats[~np.isfinite(feats)] = 1.0
-        return feats.astype(np.float32)
+        return self._over_average(beats_mod.rr_sequence(self.record, self.sample, self.rr_prev))
 
     def recent_template(self, reference: str = "all") -> np.ndarray:
         """Each beat's recent neighbours, float32 ``(n, window, leads)``: the sample-wise median of the

@@ -192,9 +192,10 @@ class BeatSource:
             if len(record_index) != len(x) or len(rr_patient) != len(x) or templates.shape[1:] != x.shape[1:]:
                 raise ValueError(f"patient context does not fit {x.shape} beats: templates {templates.shape}, "
                                  f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
-        self.x_np, self.y_np, self.rr_np = x, np.asarray(y).astype(np.int32), rr
-        self.patient, self.rr_long_np, self.rr_irregular_np = patient, rr_long, rr_irregular
-        self.rr_sequence_np = rr_sequence
+        self.x_np, self.y_np, self.patient = x, np.asarray(y).astype(np.int32), patient
+        # The rhythm inputs given, by input name: each is gathered by row, as a tensor and as NumPy.
+        self.rhythm_np = {name: a for name, a in zip(("rr", "rr_long", "rr_irregular", "rr_sequence"), rhythm)
+                          if a is not None}
         self._recent = recent
         self._tensors: dict[str, tf.Tensor] | None = None
 
@@ -220,14 +221,7 @@ class BeatSource:
     def _t(self) -> dict[str, tf.Tensor]:
         if self._tensors is None:
             self._tensors = {"beat": tf.constant(self.x_np), "y": tf.constant(self.y_np)}
-            if self.rr_np is not None:
-                self._tensors["rr"] = tf.constant(self.rr_np)
-            if self.rr_long_np is not None:
-                self._tensors["rr_long"] = tf.constant(self.rr_long_np)
-            if self.rr_irregular_np is not None:
-                self._tensors["rr_irregular"] = tf.constant(self.rr_irregular_np)
-            if self.rr_sequence_np is not None:
-                self._tensors["rr_sequence"] = tf.constant(self.rr_sequence_np)
+            self._tensors.update({name: tf.constant(a) for name, a in self.rhythm_np.items()})
             if self.patient is not None:
                 templates, record_index, rr_patient = self.patient
                 self._tensors.update(templates=tf.constant(templates), record_index=tf.constant(record_index),
@@ -237,14 +231,8 @@ class BeatSource:
     def _array(self, name: str, idx: np.ndarray) -> np.ndarray | None:
         if name == "beat":
             return self.x_np[idx]
-        if name == "rr":
-            return None if self.rr_np is None else self.rr_np[idx]
-        if name == "rr_long":
-            return None if self.rr_long_np is None else self.rr_long_np[idx]
-        if name == "rr_irregular":
-            return None if self.rr_irregular_np is None else self.rr_irregular_np[idx]
-        if name == "rr_sequence":
-            return None if self.rr_sequence_np is None else self.rr_sequence_np[idx]
+        if name in self.rhythm_np:
+            return self.rhythm_np[name][idx]
         if name == "recent":
             recent = self._recent_np()
             return None if recent is None else recent[idx]
