@@ -30,6 +30,7 @@ RECENT_REFERENCES: tuple[str, ...] = ("all", "ontime")
 RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2004 take ±5 min; ours looks back only)
 RR_IRREGULAR_BEATS = 16  # rhythm irregularity over the successive RR differences of about the last 12 s
 RR_SEQUENCE_BEATS = 8  # rr_features="sequence": the previous RR of a beat and of the 7 beats before it
+FIBRILLATION_LAGS = (1, 2, 3)  # rr_features=lagged: changes over these lags; bigeminy and trigeminy repeat at 2 and 3
 # Below this irregularity (rr_irregularity) the rhythm before a beat counts as regular: sinus rhythm
 # reads about 0.01-0.05 there, atrial fibrillation 0.15-0.3 (early_sveb, models.promote_early).
 REGULAR_IRREGULARITY = 0.05
@@ -142,7 +143,7 @@ def rr_average(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
 
 
 def rr_irregularity(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
-                    beats: int = RR_IRREGULAR_BEATS) -> np.ndarray:
+                    beats: int = RR_IRREGULAR_BEATS, lags: tuple[int, ...] = (1,)) -> np.ndarray:
     """How irregular the rhythm is just before each beat, float64 ``(n,)``: the median of the
     ``beats`` absolute successive differences of the RR intervals before the beat's own previous
     RR (``|RR_j - RR_j-1|`` for the intervals ending at the ``beats`` beats before it), over the
@@ -151,18 +152,31 @@ def rr_irregularity(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
     ordinary and no sign of a premature beat. The beat's own interval is left out, so its own
     prematurity never counts. ``record``, ``sample``, ``rr_prev``: ``(n,)`` per beat, rows in any
     order; NaN intervals are skipped, NaN is returned where no difference is defined. It never
-    looks ahead, nor into another record."""
+    looks ahead, nor into another record.
+
+    ``lags`` other than ``(1,)`` compare each interval with the one ``lag`` intervals before it
+    (``|RR_j - RR_j-lag|``) and take the smallest median over the lags. With ``(1, 2, 3)``
+    (:data:`FIBRILLATION_LAGS`) bigeminy and trigeminy, whose intervals repeat every second or
+    third beat, read as regular as sinus rhythm; atrial fibrillation, which repeats at no lag,
+    still reads irregular."""
+    if isinstance(lags, (str, bytes)) or not lags or any(
+            isinstance(lag, bool) or not isinstance(lag, (int, np.integer)) or lag < 1 for lag in lags):
+        raise ValueError(f"lags must be whole numbers >= 1, at least one, got {lags!r}")
     out = np.full(len(record), np.nan)
     windows = np.lib.stride_tricks.sliding_window_view
     for rows in _rows_by_record(record, sample, rr_prev, "rr_prev", beats):
         v = rr_prev[rows].astype(np.float64)
-        d = np.abs(np.diff(v, prepend=np.nan))  # d[j]: the change from interval j - 1 to interval j
-        # Beat i reads d[i - beats .. i - 1] and the intervals v[i - beats - 1 .. i - 1] (NaN-padded).
-        diffs = windows(np.concatenate([np.full(beats, np.nan), d[:-1]]), beats)
+        # Beat i reads the intervals v[i - beats - 1 .. i - 1] (NaN-padded) and, per lag, the changes
+        # d[i - beats .. i - 1], d[j] = |v[j] - v[j - lag]|.
         intervals = windows(np.concatenate([np.full(beats + 1, np.nan), v[:-1]]), beats + 1)
         with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows at a record's start
-            out[rows] = np.nanmedian(diffs, axis=1) / np.nanmean(intervals, axis=1)
+            medians = []
+            for lag in lags:
+                d = np.abs(v - np.concatenate([np.full(lag, np.nan), v[:-lag]])) if lag < len(v) else np.full(len(v), np.nan)
+                diffs = windows(np.concatenate([np.full(beats, np.nan), d[:-1]]), beats)
+                medians.append(np.nanmedian(diffs, axis=1))
+            out[rows] = np.nanmin(np.stack(medians), axis=0) / np.nanmean(intervals, axis=1)
     return out
 
 

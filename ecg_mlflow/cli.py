@@ -109,7 +109,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="all; relative: without the local mean RR in seconds (the heart rate); "
                         "long: all, plus previous and local RR over the average RR of about five minutes; "
                         "irregular: long, plus how irregular the rhythm is before the beat; "
-                        "sequence: long, plus the last eight RR intervals over the five-minute average")
+                        "sequence: long, plus the last eight RR intervals over the five-minute average; "
+                        "lagged: long, plus an irregularity that bigeminy and trigeminy leave low")
     p.add_argument("--dropout", type=number("dropout"), default=d.dropout,
                    help="dropout rate on the flattened beat features while training (0 = none)")
     p.add_argument("--finetune-blend", type=number("finetune_blend"), default=d.finetune_blend,

@@ -180,6 +180,16 @@ class BeatDataset:
         irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev)
         return np.nan_to_num(irregular, nan=0.0, posinf=0.0)[:, None].astype(np.float32)
 
+    def rr_lagged(self) -> np.ndarray:
+        """Rhythm irregularity before each beat that bigeminy and trigeminy do not raise, float32
+        ``(n, 1)``: as :meth:`rr_irregular`, but the smallest over lags 1, 2 and 3 of the median
+        change between an RR interval and the one that many intervals before it
+        (:func:`ecg_mlflow.beats.rr_irregularity` with :data:`ecg_mlflow.beats.FIBRILLATION_LAGS`);
+        0.0 where undefined. Premature beats every second or third beat keep it low, atrial
+        fibrillation raises it."""
+        irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev, lags=beats_mod.FIBRILLATION_LAGS)
+        return np.nan_to_num(irregular, nan=0.0, posinf=0.0)[:, None].astype(np.float32)
+
     def rr_sequence(self) -> np.ndarray:
         """The last eight RR intervals up to each beat, newest first, each over the average RR of
         the (up to) 300 beats before (about five minutes), float32 ``(n, 8)``

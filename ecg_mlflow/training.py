@@ -163,6 +163,10 @@ def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
         tf_config.disable_op_determinism()
 
 
+# The rhythm inputs a source can hold, in its constructor's order.
+RHYTHM_INPUTS: tuple[str, ...] = ("rr", "rr_long", "rr_irregular", "rr_sequence", "rr_lagged")
+
+
 class BeatSource:
     """Every beat of a prepared dataset as tensors, made once per process; folds select rows by
     index, so no fold copies the beat array.
@@ -173,7 +177,8 @@ class BeatSource:
     by its record, so no per-beat copy of the templates is made); rr_long: ``(n, 2)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None; rr_irregular: ``(n, 1)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.rr_irregular`) or None; rr_sequence: ``(n, k)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_sequence`) or None; recent: ``(n, window, leads)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_sequence`) or None; rr_lagged: ``(n, 1)``
+    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_lagged`) or None; recent: ``(n, window, leads)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`), a function that makes it on first
     use (only models that read ``recent`` pay for it), or None.
     """
@@ -182,8 +187,9 @@ class BeatSource:
                  patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  rr_long: np.ndarray | None = None,
                  recent: np.ndarray | Callable[[], np.ndarray] | None = None,
-                 rr_irregular: np.ndarray | None = None, rr_sequence: np.ndarray | None = None):
-        rhythm = (rr, rr_long, rr_irregular, rr_sequence)
+                 rr_irregular: np.ndarray | None = None, rr_sequence: np.ndarray | None = None,
+                 rr_lagged: np.ndarray | None = None):
+        rhythm = (rr, rr_long, rr_irregular, rr_sequence, rr_lagged)
         if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in rhythm):
             raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
                              + ", ".join(str(None if a is None else len(a)) for a in rhythm))
@@ -194,7 +200,7 @@ class BeatSource:
                                  f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
         self.x_np, self.y_np, self.patient = x, np.asarray(y).astype(np.int32), patient
         # The rhythm inputs given, by input name: each is gathered by row, as a tensor and as NumPy.
-        self.rhythm_np = {name: a for name, a in zip(("rr", "rr_long", "rr_irregular", "rr_sequence"), rhythm)
+        self.rhythm_np = {name: a for name, a in zip(RHYTHM_INPUTS, rhythm)
                           if a is not None}
         self._recent = recent
         self._tensors: dict[str, tf.Tensor] | None = None
@@ -213,7 +219,8 @@ class BeatSource:
         ``recent`` input is made of (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`, which
         checks it when a model first reads it)."""
         return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(),
-                   lambda: ds.recent_template(recent_reference), ds.rr_irregular(), ds.rr_sequence())
+                   lambda: ds.recent_template(recent_reference), ds.rr_irregular(), ds.rr_sequence(),
+                   ds.rr_lagged())
 
     def __len__(self) -> int:
         return len(self.y_np)
@@ -521,7 +528,8 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
                         dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx),
                         train_rr_irregular=source._array("rr_irregular", idx), kernel_size=cfg.kernel_size,
-                        width=cfg.width, train_rr_sequence=source._array("rr_sequence", idx))
+                        width=cfg.width, train_rr_sequence=source._array("rr_sequence", idx),
+                        train_rr_lagged=source._array("rr_lagged", idx))
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule, cfg.epochs * -(-len(idx) // cfg.batch_size))
     batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift)
