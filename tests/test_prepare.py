@@ -172,6 +172,42 @@ def test_rr_irregularity_reads_the_intervals_before_the_beats_own_within_its_rec
         rr_irregularity(record, sample[:5], rr_prev)
 
 
+def test_rr_irregularity_over_lags_takes_the_smallest_median_change_so_bigeminy_reads_regular():
+    rng = np.random.default_rng(6)
+    record = np.array(["100"] * 25 + ["101"] * 15, dtype=object)
+    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 25)), np.cumsum(rng.integers(200, 400, 15))])
+    rr_prev = rng.uniform(0.5, 1.5, 40)
+    rr_prev[[0, 25, 12]] = np.nan
+    order = rng.permutation(40)
+    got = rr_irregularity(record[order], sample[order], rr_prev[order], beats=5, lags=(1, 2, 3))[np.argsort(order)]
+    for start, stop in ((0, 25), (25, 40)):
+        for i in range(start, stop):
+            before = rr_prev[start:i]  # the record's intervals before beat i's own
+            medians = []
+            for lag in (1, 2, 3):
+                changes = np.abs(before[lag:] - before[:-lag])[-5:]  # the 5 changes ending just before beat i
+                changes = changes[np.isfinite(changes)]
+                if len(changes):
+                    medians.append(np.median(changes))
+            if not medians:
+                assert np.isnan(got[i])
+            else:
+                assert got[i] == pytest.approx(min(medians) / np.nanmean(rr_prev[max(start, i - 6):i]))
+    assert np.isnan(got[25]) and np.isnan(got[26])  # never record 100's intervals
+    # Bigeminy (short, long, short, ...) repeats every second interval: irregular at lag 1 only.
+    one = np.array(["1"] * 40, dtype=object)
+    bigeminy = np.tile([0.5, 1.1], 20)
+    assert rr_irregularity(one, np.arange(40), bigeminy)[-1] == pytest.approx(0.6 / 0.8, rel=0.05)
+    assert rr_irregularity(one, np.arange(40), bigeminy, lags=(1, 2, 3))[-1] == pytest.approx(0.0)
+    scattered = rng.uniform(0.4, 1.2, 40)  # fibrillation repeats at no lag
+    assert rr_irregularity(one, np.arange(40), scattered, lags=(1, 2, 3))[-1] > 0.15
+    np.testing.assert_array_equal(rr_irregularity(record, sample, rr_prev, lags=(1,)),
+                                  rr_irregularity(record, sample, rr_prev))
+    for bad in ((), (0,), (1, 2.5), "12", (True,)):
+        with pytest.raises(ValueError, match="lags"):
+            rr_irregularity(record, sample, rr_prev, lags=bad)
+
+
 def test_rr_sequence_reads_the_intervals_up_to_the_beat_newest_first_within_its_record_in_any_row_order():
     rng = np.random.default_rng(5)
     record = np.array(["100"] * 20 + ["101"] * 6, dtype=object)
@@ -521,6 +557,33 @@ def test_early_marks_beats_short_against_the_local_mean_or_the_minutes_before(db
     for k in range(4):
         np.testing.assert_array_equal(seq[i + k] < 0.9, np.arange(8) == k)
     assert (seq[0] == 1.0).all()  # the first beat: no interval, so 1.0
+
+
+def test_rr_lagged_reads_bigeminy_as_regular_and_scattered_intervals_as_irregular(db):
+    # 40 s of bigeminy (RR 0.5 s, 1.1 s, ...), then 40 s of intervals scattered as in fibrillation.
+    from ecg_mlflow.training import BeatSource
+
+    fs, seconds = 360, 82
+    scattered = np.random.default_rng(8).uniform(0.4, 1.2, 60)
+    intervals = np.concatenate([np.tile([0.5, 1.1], 25), scattered])
+    times = 0.5 + np.concatenate([[0.0], np.cumsum(intervals)])
+    times = times[times < seconds - 1]
+    samples = np.round(times * fs).astype(int)
+    write_record(db, "100", samples=samples, symbols=["N"] * len(samples), signal=np.zeros((fs * seconds, 2)),
+                 seconds=seconds)
+    write_records_list(db, ["100"])
+    ds = prepare(cfg(db, "100"), workers=1)
+    lagged, irregular = ds.rr_lagged(), ds.rr_irregular()
+    assert lagged.shape == (len(ds), 1) and lagged.dtype == np.float32 and lagged[0, 0] == 0.0
+    t = ds.time_s
+    bigeminy = (t > 0.5 + 18 * 0.8) & (t < 0.5 + 40)  # past the first 17 intervals, still in bigeminy
+    fibrillation = t > 0.5 + 40 + 18 * 0.8
+    assert bigeminy.sum() >= 20 and fibrillation.sum() >= 20
+    assert (irregular[bigeminy] > 0.5).all() and (lagged[bigeminy] < 0.02).all()
+    assert (lagged[fibrillation] > 0.1).all()  # sinus rhythm reads 0.01-0.05
+    # A BeatSource made from the dataset (as LOSO and classify make it) holds these rows.
+    np.testing.assert_array_equal(BeatSource.from_dataset(ds).inputs(np.arange(len(ds)), ("rr_lagged",))["rr_lagged"],
+                                  lagged)
 
 
 def test_record_sets_split_the_non_paced_records_by_subject(tmp_path):

@@ -363,16 +363,17 @@ def test_long_rr_features_are_an_extra_input_the_model_reads():
 
 
 @pytest.mark.parametrize("model", ["rr_cnn", "patient_cnn"])
-@pytest.mark.parametrize("features, name", [("irregular", "rr_irregular"), ("sequence", "rr_sequence")])
-def test_irregular_and_sequence_rr_features_add_their_input_to_long(model, features, name):
+@pytest.mark.parametrize("features, name", [("irregular", "rr_irregular"), ("sequence", "rr_sequence"),
+                                            ("lagged", "rr_lagged")])
+def test_irregular_sequence_and_lagged_rr_features_add_their_input_to_long(model, features, name):
     # Two classes that differ only in that input (beats, rr, rr_long alike): the rhythm's irregularity
-    # before the beat (n, 1), or the interval three beats before in the last eight (n, 8).
+    # before the beat (n, 1; both measures), or the interval three beats before in the last eight (n, 8).
     rng = np.random.default_rng(4)
     n = 600
     y = rng.integers(0, 2, n)
     x = rng.normal(0, 0.05, (n, WINDOW, 2)).astype(np.float32)
     rr, rr_long = np.ones((n, 3), np.float32), np.ones((n, 2), np.float32)
-    if features == "irregular":
+    if features in ("irregular", "lagged"):
         extra = (0.02 + 0.2 * y + rng.normal(0, 0.02, n)).astype(np.float32)[:, None]
     else:
         extra = (1 + rng.normal(0, 0.03, (n, 8))).astype(np.float32)
@@ -381,7 +382,7 @@ def test_irregular_and_sequence_rr_features_add_their_input_to_long(model, featu
     src = BeatSource(x, y, rr, patient=patient, rr_long=rr_long, **{name: extra})
     cfg = TrainConfig(**{**FAST.__dict__, "model": model, "rr_features": features})
     got, _ = train_base(src, np.arange(500), 2, cfg)
-    assert "rr_long" in got.input and set(got.input) & {"rr_irregular", "rr_sequence"} == {name}
+    assert "rr_long" in got.input and set(got.input) & {"rr_irregular", "rr_sequence", "rr_lagged"} == {name}
     assert tuple(got.input[name].shape) == (None, extra.shape[1])
     assert (predict_classes(got, src, np.arange(500, 600)) == y[500:]).mean() > 0.9
     tuned, _ = fine_tune(got, src, np.arange(500, 550), cfg)
