@@ -98,6 +98,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-layers", default=d.finetune_layers, help="head, last (the last convolution and the head) or all: layers transfer re-trains")
     p.add_argument("--finetune-replay", type=whole_number("finetune_replay"), default=d.finetune_replay,
                    help="beats per class from the base-training subjects mixed into each fine-tune set")
+    p.add_argument("--finetune-premature", type=whole_number("finetune_premature"), default=d.finetune_premature,
+                   help="made-up S beats added to each patient's fine-tune set: its own fine-tune N beats read with "
+                        "the rhythm of S beats from the base-training subjects (0 = none)")
     p.add_argument("--finetune-replay-early", type=whole_number("finetune_replay_early"),
                    default=d.finetune_replay_early,
                    help="N beats that came early (previous RR under 0.9 of the local or five-minute mean), "
@@ -159,6 +162,7 @@ def train_config(a: argparse.Namespace):
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
                        lr_schedule=a.lr_schedule.strip().lower(),
                        finetune_replay=a.finetune_replay, finetune_replay_early=a.finetune_replay_early,
+                       finetune_premature=a.finetune_premature,
                        rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,

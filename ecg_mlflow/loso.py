@@ -57,8 +57,8 @@ from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_bas
                                parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (BeatSource, early_normal_rows, early_threshold, fine_tune, irregular_threshold,
-                                 model_input_names, predict_logits, premature_threshold, replay_rows, train_base,
-                                 visible_gpus)
+                                 model_input_names, predict_logits, premature_rows, premature_threshold, replay_rows,
+                                 train_base, visible_gpus)
 
 
 def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
@@ -274,9 +274,17 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
                                   cfg.train.finetune_replay_early, cfg.train.seed, exclude=replay)
         replay = np.sort(np.concatenate([replay, early]))
         n_replay["n_replay_early_beats"] = len(early)
+    rows = np.concatenate([ft_idx, replay])
+    rhythm_rows = None
+    if cfg.train.finetune_premature > 0:
+        shapes, rhythms = premature_rows(ds.label, ft_idx, np.flatnonzero(fold.train), ds.classes.index("N"),
+                                         ds.classes.index("S"), cfg.train.finetune_premature, cfg.train.seed)
+        rhythm_rows = np.concatenate([rows, rhythms])
+        rows = np.concatenate([rows, shapes])
+        n_replay["n_premature_beats"] = len(shapes)
     mlflow.log_params(n_replay)
-    model, _ = fine_tune(base.model, src, np.concatenate([ft_idx, replay]), cfg.train,
-                         on_epoch=tracking.log_epoch_metrics)
+    model, _ = fine_tune(base.model, src, rows, cfg.train, on_epoch=tracking.log_epoch_metrics,
+                         rhythm_idx=rhythm_rows)
     if cfg.train.sveb_gate > 0:
         model = gate_sveb(ds, fold, model, cfg.train.sveb_gate)
     if cfg.train.sveb_regular > 0:

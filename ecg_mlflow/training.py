@@ -48,6 +48,7 @@ class TrainConfig:
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
     rr_features: str = "all"  # all | relative: leave out the local mean RR in s (the heart rate) | long: add RR over ~5 min
     # | irregular: long plus the rhythm's irregularity before the beat | sequence: long plus the last 8 RR intervals
+    # | lagged: long plus an irregularity over lags 1-3 (bigeminy reads regular, atrial fibrillation irregular)
     dropout: float = 0.5  # dropout rate on the flattened beat features while training (never on the RR features)
     # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
     finetune_blend: float = 1.0  # transfer weights = blend * fine-tuned + (1 - blend) * base (1: fine-tuned only)
@@ -68,6 +69,9 @@ class TrainConfig:
     # over its epochs (cosine), base training and fine-tuning alike
     finetune_replay_early: int = 0  # N beats that came early, from the base-training subjects, added to the
     # replay: they show the head short-RR beats that are not S (atrial fibrillation, sinus arrhythmia)
+    finetune_premature: int = 0  # made-up S beats added to the fine-tune set: the patient's own fine-tune N
+    # beats read with the rhythm inputs of S beats from the base-training subjects, so that the head learns
+    # "this patient's beat shape, come early" as S rather than "another subject's beat shape"
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -82,6 +86,7 @@ class TrainConfig:
         whole("seed", 0)
         whole("finetune_replay", 0)
         whole("finetune_replay_early", 0)
+        whole("finetune_premature", 0)
         whole("ensemble", 1)
         whole("kernel_size", 1)
         whole("augment_shift", 0)
@@ -130,7 +135,7 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "sveb_regular", "early_sveb", "finetune_replay_early")
+                                    "sveb_regular", "early_sveb", "finetune_replay_early", "finetune_premature")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -260,29 +265,38 @@ class BeatSource:
         return self.y_np[idx]
 
     def dataset(self, idx: np.ndarray, batch_size: int, seed: int, names: tuple[str, ...] = ("beat",),
-                shuffle: bool = True, augment: float = 0.0, shift: int = 0) -> tf.data.Dataset:
+                shuffle: bool = True, augment: float = 0.0, shift: int = 0,
+                rhythm_idx: np.ndarray | None = None) -> tf.data.Dataset:
         """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``; with
         ``augment`` > 0 the waveforms are perturbed afresh every epoch (:func:`augment_waveforms`), with
-        ``shift`` > 0 each beat's window moves by up to that many samples (:func:`shift_beats`)."""
+        ``shift`` > 0 each beat's window moves by up to that many samples (:func:`shift_beats`).
+        ``rhythm_idx`` ``(len(idx),)``: the rows whose rhythm inputs (every input but the waveforms,
+        :data:`WAVEFORM_INPUTS`) and label each example takes; by default its own, ``idx``."""
         t = self._t()
         if "recent" in names and "recent" not in t and self._recent_np() is not None:
             t["recent"] = tf.constant(self._recent_np())
         missing = [n for n in names if n not in t and not (n == "template" and "templates" in t)]
         if missing:
             raise ValueError(f"this beat source has no {missing} input")
-        ds = tf.data.Dataset.from_tensor_slices(np.asarray(idx, dtype=np.int64))
+        if rhythm_idx is not None and np.shape(rhythm_idx) != np.shape(idx):
+            raise ValueError(f"rhythm_idx must match idx in shape {np.shape(idx)}, got {np.shape(rhythm_idx)}")
+        # Without rhythm_idx the pipeline is the one it always was, so runs repeat to the bit.
+        rows = np.asarray(idx, dtype=np.int64) if rhythm_idx is None else \
+            np.stack([np.asarray(idx, dtype=np.int64), np.asarray(rhythm_idx, dtype=np.int64)], axis=1)
+        ds = tf.data.Dataset.from_tensor_slices(rows)
         if shuffle:
             ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
 
         def gather(i, draw=None):
+            i, r = (i, i) if rhythm_idx is None else (i[:, 0], i[:, 1])
             feats = {n: tf.gather(t["templates"], tf.gather(t["record_index"], i)) if n == "template"
-                     else tf.gather(t[n], i) for n in names}
+                     else tf.gather(t[n], i if n in WAVEFORM_INPUTS else r) for n in names}
             if draw is not None:
                 if augment > 0:
                     feats = augment_waveforms(feats, augment, tf.stack([draw, seed]))
                 if shift > 0:  # seed + 3: augment_waveforms draws with seed .. seed + 2
                     feats["beat"] = shift_beats(feats["beat"], shift, tf.stack([draw, seed + 3]))
-            return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], i)
+            return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], r)
 
         ds = ds.batch(batch_size)
         if augment > 0 or shift > 0:  # one seed per batch, new every epoch, the same sequence for the same seed
@@ -444,6 +458,29 @@ def early_normal_rows(labels: np.ndarray, early: np.ndarray, train_idx: np.ndarr
     return np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False)).astype(np.int64)
 
 
+def premature_rows(labels: np.ndarray, patient_idx: np.ndarray, train_idx: np.ndarray, normal: int,
+                   premature: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows for made-up premature beats: ``count`` of the patient's fine-tune beats of class
+    ``normal`` (from ``patient_idx``), each read with the rhythm inputs and the label of a beat of class
+    ``premature`` drawn from ``train_idx`` (the base-training rows: other subjects only). Both drawn
+    with replacement, seeded, on a stream of their own. ``labels``: per row of the whole table
+    ``(n,)``. Returns ``(waveform_rows, rhythm_rows)``, each ``(count,)`` int64, or two empty arrays
+    when ``count`` is 0 or either side has no such beat.
+
+    An S beat is a normal-shaped beat that comes early. Replayed S beats come with other subjects'
+    beat shapes, so a head tuned on them can learn "unlike this patient" for S; these pairs show it
+    this patient's own shape coming early instead."""
+    empty = np.zeros(0, dtype=np.int64)
+    patient_idx, train_idx = np.asarray(patient_idx), np.asarray(train_idx)
+    shapes = patient_idx[labels[patient_idx] == normal]
+    rhythms = train_idx[labels[train_idx] == premature]
+    if count <= 0 or len(shapes) == 0 or len(rhythms) == 0:
+        return empty, empty.copy()
+    rng = np.random.default_rng([seed, 2])
+    return (rng.choice(shapes, size=count, replace=True).astype(np.int64),
+            rng.choice(rhythms, size=count, replace=True).astype(np.int64))
+
+
 def _as_source(x, y) -> tuple["BeatSource", np.ndarray]:
     # Callers pass either (BeatSource, row indices) or plain (beats, labels) arrays.
     if isinstance(x, BeatSource):
@@ -539,32 +576,37 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
     return model, {k: [float(v) for v in vs] for k, vs in hist.history.items()}
 
 
-def fine_tune(base: keras.Model, x, y, cfg: TrainConfig,
-              on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
+def fine_tune(base: keras.Model, x, y, cfg: TrainConfig, on_epoch: EpochCallback | None = None,
+              rhythm_idx: np.ndarray | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     """Copy ``base``, freeze all but its head (``finetune_layers=head``; ``all`` trains every
     layer), re-train on the fine-tune beats (``(x, y)`` as in :func:`train_base`). ``base`` itself
     is left unchanged. An ensemble's members are fine-tuned one by one (member ``i`` with seed
     ``seed + i - 1``) and joined again. Returns the transfer model and its history
-    (``finetune_loss``, ``finetune_accuracy`` per epoch; later members as ``member<i>_finetune_loss`` ...)."""
+    (``finetune_loss``, ``finetune_accuracy`` per epoch; later members as ``member<i>_finetune_loss`` ...).
+    ``rhythm_idx``: with a :class:`BeatSource`, the rows whose rhythm inputs and labels the rows ``y``
+    take (:meth:`BeatSource.dataset`; :func:`premature_rows` makes such pairs)."""
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need fine-tune beats, got none")
     members = ensemble_members(base)
     return _each_member(len(members), on_epoch,
-                        lambda i, hook: _fine_tune_one(members[i], source, idx, cfg, cfg.seed + i, hook))
+                        lambda i, hook: _fine_tune_one(members[i], source, idx, cfg, cfg.seed + i, hook, rhythm_idx))
 
 
 def _fine_tune_one(base: keras.Model, source: "BeatSource", idx: np.ndarray, cfg: TrainConfig, seed: int,
-                   on_epoch: EpochCallback | None) -> tuple[keras.Model, dict[str, list[float]]]:
+                   on_epoch: EpochCallback | None,
+                   rhythm_idx: np.ndarray | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     names = model_input_names(base)
     seed_everything(seed, deterministic_ops=not cfg.jit_compile)
     model = transfer_copy(base, cfg.finetune_layers)
     _compile(model, cfg.finetune_learning_rate, cfg.jit_compile, cfg.lr_schedule,
              cfg.finetune_epochs * -(-len(idx) // cfg.finetune_batch_size))
     n_classes = int(model.output.shape[-1])
-    batches = source.dataset(idx, cfg.finetune_batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift)
+    batches = source.dataset(idx, cfg.finetune_batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift,
+                             rhythm_idx=rhythm_idx)
+    labels = source.labels(idx if rhythm_idx is None else rhythm_idx)
     hist = model.fit(batches, epochs=cfg.finetune_epochs, shuffle=False, verbose=0,
-                     class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
+                     class_weight=class_weights(labels, n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "finetune_")])
     if cfg.finetune_blend < 1:
         blend_weights(model, base, cfg.finetune_blend)
