@@ -235,11 +235,15 @@ def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float):
 
 
 def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
-    """``sveb_gate``, ``sveb_regular`` and ``early_sveb`` act on the AAMI scheme's S class and set their
+    """``finetune_premature`` makes S beats of the AAMI scheme's N and S rows: refuse it under another
+    scheme. ``sveb_gate``, ``sveb_regular`` and ``early_sveb`` act on the AAMI scheme's S class and set their
     thresholds from each fold's training S beats (``sveb_gate``, ``sveb_regular``) or N beats in regular
     rhythm (``early_sveb``): refuse
     them (``ValueError`` naming the parameter) before any training when the scheme is another or a
     fold's training subjects have no such beat."""
+    if cfg.train.finetune_premature > 0 and ds.meta["label_scheme"] != "aami":
+        raise ValueError(f"finetune_premature={cfg.train.finetune_premature} needs label_scheme=aami (its N and S "
+                         f"classes), got {ds.meta['label_scheme']!r}")
     irregular = ds.rr_irregular()[:, 0] if cfg.train.early_sveb > 0 else None
     for name, share, cls in (("sveb_gate", cfg.train.sveb_gate, "S"), ("sveb_regular", cfg.train.sveb_regular, "S"),
                              ("early_sveb", cfg.train.early_sveb, "N")):

@@ -251,6 +251,8 @@ BAD_PARAMETERS = [
     (["--width", "9"], "width"),
     (["--lr-schedule", "linear"], "lr_schedule"),
     (["--finetune-replay-early", "-5"], "finetune_replay_early"),
+    (["--finetune-premature", "-5"], "finetune_premature"),
+    (["--label-scheme", "raw", "--finetune-premature", "5"], "finetune_premature"),
 ]
 
 

@@ -80,7 +80,8 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
     prep = PrepareConfig(data_dir=str(mitdb_dir), records="100,101,103", finetune_minutes=5,
                          cache_dir=str(dataset_cache))
     cfg = LosoConfig(prepare=prep, train=TrainConfig(epochs=1, finetune_epochs=1, seed=3, finetune_replay=4,
-                                                           finetune_replay_early=5), base_folds=2,
+                                                           finetune_replay_early=5, finetune_premature=3),
+                     base_folds=2,
                      evaluate_on="validation", execution=ExecConfig(threads=1))
     parent_id = run_loso(cfg)
     client = MlflowClient()
@@ -113,6 +114,9 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
         # As many early N beats as the other subjects' base-training rows hold, up to 5.
         pool = (ds.label == ds.classes.index("N")) & ds.early() & np.isin(ds.record, trained)
         assert n_early == min(5, int(pool.sum())) > 0
+        # Three made-up S beats where the base-training rows hold an S beat to take the rhythm of.
+        has_s = ((ds.label == ds.classes.index("S")) & np.isin(ds.record, trained)).any()
+        assert r.data.params["n_premature_beats"] == ("3" if has_s else "0")
     assert not client.search_registered_models()  # validation models are not the experiment's
 
     # A run that takes these group base models: each one is loaded for every record of its group.

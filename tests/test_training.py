@@ -10,7 +10,7 @@ from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_k
                                transfer_copy)
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_normal_rows,
                                  early_threshold, fine_tune, irregular_threshold, predict_classes,
-                                 premature_threshold, replay_rows, train_base)
+                                 premature_rows, premature_threshold, replay_rows, train_base)
 
 WINDOW = 32
 
@@ -669,6 +669,62 @@ def test_early_normal_rows_are_early_normal_training_rows_not_yet_replayed():
     assert len(early_normal_rows(labels, np.zeros(100, dtype=bool), train_idx, 0, 5, seed=0)) == 0
 
 
+def test_premature_rows_pair_the_patients_normal_beats_with_training_s_beats():
+    labels = np.array([0] * 40 + [1] * 10 + [0] * 30 + [1] * 5 + [2] * 5)  # rows 80+ are the patient's
+    train_idx, patient_idx = np.arange(80), np.arange(80, 90)
+    patient_idx = np.concatenate([np.arange(60, 70), patient_idx])  # the patient's N rows 60-69, S and V 80-89
+    shapes, rhythms = premature_rows(labels, patient_idx, train_idx, 0, 1, 25, seed=0)
+    assert shapes.shape == rhythms.shape == (25,) and shapes.dtype == rhythms.dtype == np.int64
+    assert set(shapes) <= set(range(60, 70))  # the patient's own N beats only
+    assert set(rhythms) <= set(range(40, 50))  # S beats of the training rows only, never the patient's
+    assert len(set(shapes)) > 5 and len(set(rhythms)) > 5  # drawn, with replacement past the pool
+    again = premature_rows(labels, patient_idx, train_idx, 0, 1, 25, seed=0)
+    np.testing.assert_array_equal(shapes, again[0])
+    np.testing.assert_array_equal(rhythms, again[1])
+    assert not np.array_equal(shapes, premature_rows(labels, patient_idx, train_idx, 0, 1, 25, seed=1)[0])
+    for args in ((labels, patient_idx, train_idx, 0, 1, 0), (labels, np.arange(80, 90), train_idx, 0, 1, 5),
+                 (labels, patient_idx, np.arange(40), 0, 1, 5)):  # none asked, no patient N, no training S
+        assert [len(a) for a in premature_rows(*args, seed=0)] == [0, 0]
+
+
+def test_fine_tune_with_rhythm_rows_teaches_the_head_the_patients_own_shape_come_early():
+    # Other subjects: N beats of shape A on time, S beats of shape B early. The patient's beats have
+    # shape C; its premature beats (shape C, early) appear in none of the fine-tune beats. Pairs of
+    # the patient's N beats with the S beats' rhythm and label teach the head that C early is S.
+    rng = np.random.default_rng(9)
+    n_other, n_patient = 400, 100
+    shape = np.concatenate([rng.integers(0, 2, n_other), np.full(n_patient, 2)])  # A, B; the patient's C
+    y = np.concatenate([shape[:n_other], np.zeros(n_patient, int)])  # A: N, B: S; the patient's: N
+    x = rng.normal(0, 0.05, (len(y), WINDOW, 2)).astype(np.float32)
+    x[np.arange(len(y)), 6 + 10 * shape, 0] += 1.5
+    rr = np.ones((len(y), 3), np.float32)
+    rr[:, 2] = 0.8
+    rr[y == 1, 0] = 0.6  # S beats come early
+    rr += rng.normal(0, 0.02, rr.shape).astype(np.float32)
+    src = BeatSource(x, y, rr)
+    other, patient = np.arange(n_other), np.arange(n_other, n_other + n_patient)
+    cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "dropout": 0.0, "finetune_epochs": 30,
+                         "finetune_learning_rate": 1e-2})
+    base, _ = train_base(src, other, 2, cfg)
+    # The test beats: the patient's shape C, early, read as S.
+    early_c = BeatSource(x[patient], np.ones(n_patient, int), np.column_stack([np.full(n_patient, 0.6), rr[patient, 1:]]))
+    replay = replay_rows(y, other, 20, seed=0)
+    tune = np.concatenate([patient[:60], replay])
+    shapes, rhythms = premature_rows(y, patient[:60], other, 0, 1, 20, seed=0)
+    tuned, _ = fine_tune(base, src, np.concatenate([tune, shapes]), cfg, rhythm_idx=np.concatenate([tune, rhythms]))
+    assert (predict_classes(tuned, early_c, np.arange(n_patient)) == 1).mean() > 0.9
+    assert (predict_classes(tuned, src, patient[60:]) == 0).mean() > 0.9  # on time it stays N
+    plain, _ = fine_tune(base, src, tune, cfg)  # without the pairs, C early is nothing the head has seen as S
+    assert (predict_classes(plain, early_c, np.arange(n_patient)) == 1).mean() < 0.5
+    with pytest.raises(ValueError, match="rhythm_idx"):
+        src.dataset(tune, 32, 0, ("beat", "rr"), rhythm_idx=tune[:5])
+    # The pairs read each side from its own row: the beat from the first, rhythm and label from the second.
+    (inputs, labels), = src.dataset(shapes[:4], 4, 0, ("beat", "rr"), shuffle=False, rhythm_idx=rhythms[:4])
+    np.testing.assert_array_equal(inputs["beat"].numpy(), x[shapes[:4]])
+    np.testing.assert_array_equal(inputs["rr"].numpy(), rr[rhythms[:4]])
+    np.testing.assert_array_equal(labels.numpy(), y[rhythms[:4]])
+
+
 def test_class_weights():
     y = np.array([0] * 90 + [1] * 9 + [2] * 1)
     assert class_weights(y, 4, "none") is None
@@ -718,6 +774,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("lr_schedule", "step", "lr_schedule"),
     ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
+    ("finetune_premature", -1, "finetune_premature"), ("finetune_premature", 2.5, "finetune_premature"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
