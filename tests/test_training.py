@@ -707,7 +707,8 @@ def test_fine_tune_with_rhythm_rows_teaches_the_head_the_patients_own_shape_come
                          "finetune_learning_rate": 1e-2})
     base, _ = train_base(src, other, 2, cfg)
     # The test beats: the patient's shape C, early, read as S.
-    early_c = BeatSource(x[patient], np.ones(n_patient, int), np.column_stack([np.full(n_patient, 0.6), rr[patient, 1:]]))
+    early_rr = np.column_stack([np.full(n_patient, 0.6), rr[patient, 1:]])
+    early_c = BeatSource(x[patient], np.ones(n_patient, int), early_rr)
     replay = replay_rows(y, other, 20, seed=0)
     tune = np.concatenate([patient[:60], replay])
     shapes, rhythms = premature_rows(y, patient[:60], other, 0, 1, 20, seed=0)
