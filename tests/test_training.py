@@ -670,12 +670,12 @@ def test_early_normal_rows_are_early_normal_training_rows_not_yet_replayed():
 
 
 def test_premature_rows_pair_the_patients_normal_beats_with_training_s_beats():
-    labels = np.array([0] * 40 + [1] * 10 + [0] * 30 + [1] * 5 + [2] * 5)  # rows 80+ are the patient's
-    train_idx, patient_idx = np.arange(80), np.arange(80, 90)
-    patient_idx = np.concatenate([np.arange(60, 70), patient_idx])  # the patient's N rows 60-69, S and V 80-89
+    # Training rows 0-59 (S beats 40-49); the patient's rows 60-89 (N 60-79, S 80-84, V 85-89).
+    labels = np.array([0] * 40 + [1] * 10 + [0] * 10 + [0] * 20 + [1] * 5 + [2] * 5)
+    train_idx, patient_idx = np.arange(60), np.arange(60, 90)
     shapes, rhythms = premature_rows(labels, patient_idx, train_idx, 0, 1, 25, seed=0)
     assert shapes.shape == rhythms.shape == (25,) and shapes.dtype == rhythms.dtype == np.int64
-    assert set(shapes) <= set(range(60, 70))  # the patient's own N beats only
+    assert set(shapes) <= set(range(60, 80))  # the patient's own N beats only
     assert set(rhythms) <= set(range(40, 50))  # S beats of the training rows only, never the patient's
     assert len(set(shapes)) > 5 and len(set(rhythms)) > 5  # drawn, with replacement past the pool
     again = premature_rows(labels, patient_idx, train_idx, 0, 1, 25, seed=0)
