@@ -173,8 +173,7 @@ def rr_irregularity(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows at a record's start
             medians = []
             for lag in lags:
-                before = np.concatenate([np.full(lag, np.nan), v[:-lag]]) if lag < len(v) else np.full(len(v), np.nan)
-                d = np.abs(v - before)
+                d = np.abs(v - np.concatenate([np.full(lag, np.nan), v])[:len(v)])
                 diffs = windows(np.concatenate([np.full(beats, np.nan), d[:-1]]), beats)
                 medians.append(np.nanmedian(diffs, axis=1))
             out[rows] = np.nanmin(np.stack(medians), axis=0) / np.nanmean(intervals, axis=1)

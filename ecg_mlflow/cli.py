@@ -95,7 +95,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=whole_number("seed"), default=d.seed)
     p.add_argument("--class-weight", default=d.class_weight, help="none, balanced or sqrt (loss weight per class)")
     p.add_argument("--jit-compile", type=boolean("jit_compile"), default=d.jit_compile, help="XLA-compile training")
-    p.add_argument("--finetune-layers", default=d.finetune_layers, help="head, last (the last convolution and the head) or all: layers transfer re-trains")
+    p.add_argument("--finetune-layers", default=d.finetune_layers,
+                   help="head, last (the last convolution and the head) or all: layers transfer re-trains")
     p.add_argument("--finetune-replay", type=whole_number("finetune_replay"), default=d.finetune_replay,
                    help="beats per class from the base-training subjects mixed into each fine-tune set")
     p.add_argument("--finetune-premature", type=whole_number("finetune_premature"), default=d.finetune_premature,

@@ -172,12 +172,13 @@ class BeatDataset:
         ``recent_reference=ontime``."""
         return np.minimum(self.rr_features()[:, 0], self.rr_long()[:, 0]) < share
 
-    def rr_irregular(self) -> np.ndarray:
+    def rr_irregular(self, lags: tuple[int, ...] = (1,)) -> np.ndarray:
         """Rhythm irregularity before each beat, float32 ``(n, 1)``: the median absolute change
         between successive RR intervals over the 16 before the beat's own, over their mean
         (:func:`ecg_mlflow.beats.rr_irregularity`); 0.0 (regular) where undefined, at a record's
-        first beats. A short RR says "premature" in sinus rhythm, not in atrial fibrillation."""
-        irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev)
+        first beats. A short RR says "premature" in sinus rhythm, not in atrial fibrillation.
+        ``lags``: as :func:`ecg_mlflow.beats.rr_irregularity` takes them."""
+        irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev, lags=lags)
         return np.nan_to_num(irregular, nan=0.0, posinf=0.0)[:, None].astype(np.float32)
 
     def rr_lagged(self) -> np.ndarray:
@@ -187,8 +188,7 @@ class BeatDataset:
         (:func:`ecg_mlflow.beats.rr_irregularity` with :data:`ecg_mlflow.beats.FIBRILLATION_LAGS`);
         0.0 where undefined. Premature beats every second or third beat keep it low, atrial
         fibrillation raises it."""
-        irregular = beats_mod.rr_irregularity(self.record, self.sample, self.rr_prev, lags=beats_mod.FIBRILLATION_LAGS)
-        return np.nan_to_num(irregular, nan=0.0, posinf=0.0)[:, None].astype(np.float32)
+        return self.rr_irregular(lags=beats_mod.FIBRILLATION_LAGS)
 
     def rr_sequence(self) -> np.ndarray:
         """The last eight RR intervals up to each beat, newest first, each over the average RR of

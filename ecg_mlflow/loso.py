@@ -271,17 +271,18 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     mlflow.set_tags(_variant_tags(record, "transfer", base, loso_run_id))
     src, ft_idx = beat_source(ds, cfg.train.recent_reference), np.flatnonzero(fold.finetune[record])
     # Replayed beats come from the fold's base-training rows: other subjects only.
-    replay = replay_rows(ds.label, np.flatnonzero(fold.train), cfg.train.finetune_replay, cfg.train.seed)
+    train_idx = np.flatnonzero(fold.train)
+    replay = replay_rows(ds.label, train_idx, cfg.train.finetune_replay, cfg.train.seed)
     n_replay = {"n_finetune_beats": len(ft_idx), "n_replay_beats": len(replay)}
     if cfg.train.finetune_replay_early > 0:
-        early = early_normal_rows(ds.label, ds.early(), np.flatnonzero(fold.train), ds.classes.index("N"),
+        early = early_normal_rows(ds.label, ds.early(), train_idx, ds.classes.index("N"),
                                   cfg.train.finetune_replay_early, cfg.train.seed, exclude=replay)
         replay = np.sort(np.concatenate([replay, early]))
         n_replay["n_replay_early_beats"] = len(early)
     rows = np.concatenate([ft_idx, replay])
     rhythm_rows = None
     if cfg.train.finetune_premature > 0:
-        shapes, rhythms = premature_rows(ds.label, ft_idx, np.flatnonzero(fold.train), ds.classes.index("N"),
+        shapes, rhythms = premature_rows(ds.label, ft_idx, train_idx, ds.classes.index("N"),
                                          ds.classes.index("S"), cfg.train.finetune_premature, cfg.train.seed)
         rhythm_rows = np.concatenate([rows, rhythms])
         rows = np.concatenate([rows, shapes])

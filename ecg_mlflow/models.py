@@ -27,7 +27,8 @@ LAST_CONV = "conv3"  # the feature extractor's last layer, which finetune_layers
 # With rr_features="irregular" they read "rr_long" and "rr_irregular" ``(1,)``: how irregular the
 # rhythm is before the beat (BeatDataset.rr_irregular). With rr_features="sequence" they read "rr_long"
 # and "rr_sequence" ``(8,)``: the last eight RR intervals, newest first, over the five-minute average
-# (BeatDataset.rr_sequence).
+# (BeatDataset.rr_sequence). With rr_features="lagged" they read "rr_long" and "rr_lagged" ``(1,)``:
+# the irregularity over lags 1-3, which bigeminy and trigeminy leave low (BeatDataset.rr_lagged).
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "seed_cnn": ("beat",), "rr_cnn": ("beat", "rr"), "patient_cnn": ("beat", "rr", "template", "rr_patient"),
     "recent_cnn": ("beat", "rr", "recent"),
