@@ -99,6 +99,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="head, last (the last convolution and the head) or all: layers transfer re-trains")
     p.add_argument("--finetune-replay", type=whole_number("finetune_replay"), default=d.finetune_replay,
                    help="beats per class from the base-training subjects mixed into each fine-tune set")
+    p.add_argument("--focal-gamma", type=number("focal_gamma"), default=d.focal_gamma,
+                   help="0 = cross-entropy; gamma > 0: focal loss, each beat's cross-entropy times (1 - p)^gamma "
+                        "(p: the probability of its true class), in base training and fine-tuning")
     p.add_argument("--finetune-premature", type=whole_number("finetune_premature"), default=d.finetune_premature,
                    help="made-up S beats added to each patient's fine-tune set: its own fine-tune N beats read with "
                         "the rhythm of S beats from the base-training subjects (0 = none)")
@@ -163,7 +166,7 @@ def train_config(a: argparse.Namespace):
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
                        lr_schedule=a.lr_schedule.strip().lower(),
                        finetune_replay=a.finetune_replay, finetune_replay_early=a.finetune_replay_early,
-                       finetune_premature=a.finetune_premature,
+                       finetune_premature=a.finetune_premature, focal_gamma=a.focal_gamma,
                        rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,

@@ -27,6 +27,10 @@ LR_SCHEDULES = ("constant", "cosine")
 RR_FEATURES = tuple(RR_COLUMNS)
 
 
+# Lin et al. use gamma up to 5; far beyond it every beat the model leans the right way weighs nothing.
+MAX_FOCAL_GAMMA = 10
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training parameters (plain values). Validated by :meth:`validated` before any work."""
@@ -72,6 +76,8 @@ class TrainConfig:
     finetune_premature: int = 0  # made-up S beats added to the fine-tune set: the patient's own fine-tune N
     # beats read with the rhythm inputs of S beats from the base-training subjects, so that the head learns
     # "this patient's beat shape, come early" as S rather than "another subject's beat shape"
+    focal_gamma: float = 0.0  # > 0: focal loss (Lin et al. 2017), each beat's cross-entropy times (1 - p)^gamma with p
+    # the probability of its true class, so beats already classified well weigh less; base training and fine-tuning
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -93,6 +99,10 @@ class TrainConfig:
         check_width(self.width)
         if isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not 0 <= self.augment <= 1:
             raise ValueError(f"augment must be a number in [0, 1], got {self.augment!r}")
+        if isinstance(self.focal_gamma, bool) or not isinstance(self.focal_gamma, (int, float)) \
+                or not 0 <= self.focal_gamma <= MAX_FOCAL_GAMMA:
+            raise ValueError(f"focal_gamma must be a number in [0, {MAX_FOCAL_GAMMA}] (0: cross-entropy), "
+                             f"got {self.focal_gamma!r}")
         for name in ("learning_rate", "finetune_learning_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < 10:
@@ -266,12 +276,14 @@ class BeatSource:
 
     def dataset(self, idx: np.ndarray, batch_size: int, seed: int, names: tuple[str, ...] = ("beat",),
                 shuffle: bool = True, augment: float = 0.0, shift: int = 0,
-                rhythm_idx: np.ndarray | None = None) -> tf.data.Dataset:
+                rhythm_idx: np.ndarray | None = None, one_hot: int = 0) -> tf.data.Dataset:
         """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``; with
         ``augment`` > 0 the waveforms are perturbed afresh every epoch (:func:`augment_waveforms`), with
         ``shift`` > 0 each beat's window moves by up to that many samples (:func:`shift_beats`).
         ``rhythm_idx`` ``(len(idx),)``: the rows whose rhythm inputs (every input but the waveforms,
-        :data:`WAVEFORM_INPUTS`) and label each example takes; by default its own, ``idx``."""
+        :data:`WAVEFORM_INPUTS`) and label each example takes; by default its own, ``idx``.
+        ``one_hot`` > 0: labels ``(batch, one_hot)`` one-hot rather than ``(batch,)`` class codes
+        (Keras's focal loss takes no integer labels)."""
         t = self._t()
         if "recent" in names and "recent" not in t and self._recent_np() is not None:
             t["recent"] = tf.constant(self._recent_np())
@@ -296,7 +308,8 @@ class BeatSource:
                     feats = augment_waveforms(feats, augment, tf.stack([draw, seed]))
                 if shift > 0:  # seed + 3: augment_waveforms draws with seed .. seed + 2
                     feats["beat"] = shift_beats(feats["beat"], shift, tf.stack([draw, seed + 3]))
-            return (feats["beat"] if names == ("beat",) else feats), tf.gather(t["y"], r)
+            y = tf.gather(t["y"], r)
+            return (feats["beat"] if names == ("beat",) else feats), (tf.one_hot(y, one_hot) if one_hot else y)
 
         ds = ds.batch(batch_size)
         if augment > 0 or shift > 0:  # one seed per batch, new every epoch, the same sequence for the same seed
@@ -505,10 +518,12 @@ STEPS_PER_EXECUTION = 16
 
 
 def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedule: str = "constant",
-             steps: int = 0) -> None:
+             steps: int = 0, focal_gamma: float = 0.0) -> None:
     """Adam at ``learning_rate``; with ``schedule="cosine"`` the rate decays along half a cosine to 0
-    over ``steps`` optimizer steps (all of the training's epochs). Built-in schedule: a saved model
-    loads without custom objects."""
+    over ``steps`` optimizer steps (all of the training's epochs). The loss is cross-entropy on
+    integer labels, or with ``focal_gamma`` > 0 the focal loss on one-hot labels
+    (:meth:`BeatSource.dataset` ``one_hot``). Built-in schedule and losses: a saved model loads
+    without custom objects."""
     if schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(steps), 1))
     optimizer = keras.optimizers.Adam(learning_rate)
@@ -516,7 +531,8 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedu
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients would underflow
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=focal_gamma, from_logits=True)
+        if focal_gamma > 0 else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile,
         steps_per_execution=STEPS_PER_EXECUTION,
@@ -568,8 +584,10 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         width=cfg.width, train_rr_sequence=source._array("rr_sequence", idx),
                         train_rr_lagged=source._array("rr_lagged", idx))
     names = model_input_names(model)
-    _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule, cfg.epochs * -(-len(idx) // cfg.batch_size))
-    batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift)
+    _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule, cfg.epochs * -(-len(idx) // cfg.batch_size),
+             cfg.focal_gamma)
+    batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift,
+                             one_hot=n_classes if cfg.focal_gamma > 0 else 0)
     hist = model.fit(batches, epochs=cfg.epochs, verbose=0, shuffle=False,
                      class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
                      callbacks=[_EpochHook(on_epoch, "")])
@@ -600,10 +618,10 @@ def _fine_tune_one(base: keras.Model, source: "BeatSource", idx: np.ndarray, cfg
     seed_everything(seed, deterministic_ops=not cfg.jit_compile)
     model = transfer_copy(base, cfg.finetune_layers)
     _compile(model, cfg.finetune_learning_rate, cfg.jit_compile, cfg.lr_schedule,
-             cfg.finetune_epochs * -(-len(idx) // cfg.finetune_batch_size))
+             cfg.finetune_epochs * -(-len(idx) // cfg.finetune_batch_size), cfg.focal_gamma)
     n_classes = int(model.output.shape[-1])
     batches = source.dataset(idx, cfg.finetune_batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift,
-                             rhythm_idx=rhythm_idx)
+                             rhythm_idx=rhythm_idx, one_hot=n_classes if cfg.focal_gamma > 0 else 0)
     labels = source.labels(idx if rhythm_idx is None else rhythm_idx)
     hist = model.fit(batches, epochs=cfg.finetune_epochs, shuffle=False, verbose=0,
                      class_weight=class_weights(labels, n_classes, cfg.class_weight),

@@ -253,6 +253,7 @@ BAD_PARAMETERS = [
     (["--finetune-replay-early", "-5"], "finetune_replay_early"),
     (["--finetune-premature", "-5"], "finetune_premature"),
     (["--label-scheme", "raw", "--finetune-premature", "5"], "finetune_premature"),
+    (["--focal-gamma", "-1"], "focal_gamma"),
 ]
 
 

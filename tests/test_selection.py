@@ -80,13 +80,15 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
     prep = PrepareConfig(data_dir=str(mitdb_dir), records="100,101,103", finetune_minutes=5,
                          cache_dir=str(dataset_cache))
     cfg = LosoConfig(prepare=prep, train=TrainConfig(epochs=1, finetune_epochs=1, seed=3, finetune_replay=4,
-                                                           finetune_replay_early=5, finetune_premature=3),
+                                                           finetune_replay_early=5, finetune_premature=3,
+                                                           focal_gamma=2.0),
                      base_folds=2,
                      evaluate_on="validation", execution=ExecConfig(threads=1))
     parent_id = run_loso(cfg)
     client = MlflowClient()
     parent = client.get_run(parent_id)
     assert parent.data.params["base_folds"] == "2" and parent.data.params["evaluate_on"] == "validation"
+    assert parent.data.params["focal_gamma"] == "2.0"
     assert parent.data.tags["evaluated_on"] == "validation"
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     bases = {r.info.run_name: r for r in kids if r.data.tags["ecg.role"] == "base"}

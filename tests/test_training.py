@@ -165,6 +165,33 @@ def test_cosine_schedule_takes_each_trainings_rate_to_zero_over_its_epochs(tmp_p
     assert not np.allclose(plain.get_layer("conv3").kernel.numpy(), base.get_layer("conv3").kernel.numpy())
 
 
+def test_focal_loss_weighs_each_beat_by_how_wrong_it_is_and_a_saved_model_loads(tmp_path):
+    import keras
+
+    x, y, rr = toy_beats()
+    source = BeatSource(x, y, rr)
+    focal = TrainConfig(**{**FAST.__dict__, "focal_gamma": 2.0, "epochs": 1})
+    base, hist = train_base(source, np.arange(500), 3, focal)
+    assert base.loss.get_config()["gamma"] == 2.0
+    # The loss it trained with is (1 - p)^2 times the cross-entropy, p the softmax of the true class.
+    logits = base.predict(x[500:], verbose=0).astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p = (p / p.sum(1, keepdims=True))[np.arange(100), y[500:]]
+    by_hand = np.mean((1 - p) ** 2 * -np.log(p))
+    got = base.evaluate(source.dataset(np.arange(500, 600), 32, 0, ("beat",), shuffle=False, one_hot=3),
+                        verbose=0, return_dict=True)["loss"]
+    assert got == pytest.approx(by_hand, rel=1e-4)
+    assert by_hand < np.mean(-np.log(p))  # below the plain cross-entropy of the same beats
+    base.save(tmp_path / "focal.keras")  # a built-in loss: loads without custom objects
+    loaded = keras.models.load_model(tmp_path / "focal.keras")
+    assert loaded.loss.get_config()["gamma"] == 2.0
+    tuned, tuned_hist = fine_tune(base, source, np.arange(500, 560), focal)
+    assert tuned.loss.get_config()["gamma"] == 2.0 and len(tuned_hist["finetune_loss"]) == focal.finetune_epochs
+    plain, plain_hist = train_base(source, np.arange(500), 3, TrainConfig(**{**focal.__dict__, "focal_gamma": 0.0}))
+    assert isinstance(plain.loss, keras.losses.SparseCategoricalCrossentropy)
+    assert hist["loss"][0] < plain_hist["loss"][0]  # the same start, each beat's loss scaled down
+
+
 def test_width_multiplies_every_convolutions_filters_and_transfer_keeps_them():
     x, y, rr = toy_beats()
     source = BeatSource(x, y, rr)
@@ -776,6 +803,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
     ("finetune_premature", -1, "finetune_premature"), ("finetune_premature", 2.5, "finetune_premature"),
+    ("focal_gamma", -0.5, "focal_gamma"), ("focal_gamma", 11, "focal_gamma"), ("focal_gamma", True, "focal_gamma"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
