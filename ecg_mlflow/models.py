@@ -67,19 +67,20 @@ def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template
 
 
 # Columns of "rr" each rr_features setting keeps: "relative" drops the local mean RR in seconds, so
-# a head re-trained on a few minutes cannot take the heart rate of those minutes for a beat class;
-# "long" keeps all three and adds the "rr_long" input (RR_LONG); "irregular" is "long" plus the
-# "rr_irregular" input (RR_IRREGULAR), so that a short RR in atrial fibrillation need not look premature;
-# "sequence" is "long" plus the "rr_sequence" input (RR_SEQUENCE): the head sees whether a short RR
-# follows steady ones (a premature beat), short ones (a run) or scattered ones (fibrillation);
-# "lagged" is "long" plus the "rr_lagged" input (RR_LAGGED): an irregularity that bigeminy and
-# trigeminy leave low and atrial fibrillation raises.
+# a head re-trained on a few minutes cannot take the heart rate of those minutes for a beat class.
 RR_COLUMNS: dict[str, tuple[int, ...]] = {"all": (0, 1, 2), "relative": (0, 1), "long": (0, 1, 2),
                                           "irregular": (0, 1, 2), "sequence": (0, 1, 2), "lagged": (0, 1, 2)}
-RR_LONG: tuple[str, ...] = ("long", "irregular", "sequence", "lagged")
-RR_IRREGULAR: tuple[str, ...] = ("irregular",)
-RR_SEQUENCE: tuple[str, ...] = ("sequence",)
-RR_LAGGED: tuple[str, ...] = ("lagged",)
+# The rhythm inputs each rr_features setting adds beside "rr", in the order the head reads them:
+# "long" adds "rr_long"; "irregular" also "rr_irregular", so that a short RR in atrial fibrillation
+# need not look premature; "sequence" also "rr_sequence": the head sees whether a short RR follows
+# steady ones (a premature beat), short ones (a run) or scattered ones (fibrillation); "lagged" also
+# "rr_lagged": an irregularity that bigeminy and trigeminy leave low and atrial fibrillation raises.
+RR_INPUTS: dict[str, tuple[str, ...]] = {"all": (), "relative": (), "long": ("rr_long",),
+                                         "irregular": ("rr_long", "rr_irregular"),
+                                         "sequence": ("rr_long", "rr_sequence"),
+                                         "lagged": ("rr_long", "rr_lagged")}
+# Each rhythm input's width; None: as many columns as its training features have (at least one).
+RHYTHM_WIDTHS: dict[str, int | None] = {"rr_long": 2, "rr_irregular": 1, "rr_sequence": None, "rr_lagged": 1}
 
 
 def _rr_input(rr, keep: tuple[int, ...]):
@@ -93,16 +94,12 @@ def _rr_input(rr, keep: tuple[int, ...]):
                         kernel_initializer=keras.initializers.Constant(select))(rr)
 
 
-def _rhythm(inputs: dict, parts: list, rr_long: bool, rr_irregular: bool, rr_sequence: int = 0,
-            rr_lagged: bool = False):
-    """The rhythm features side by side: ``parts``, then the inputs ``rr_long`` ``(2,)``,
-    ``rr_irregular`` ``(1,)``, ``rr_sequence`` ``(rr_sequence,)`` and ``rr_lagged`` ``(1,)`` where
-    asked for (added to ``inputs``; ``rr_sequence`` 0: none)."""
-    for name, size, wanted in (("rr_long", 2, rr_long), ("rr_irregular", 1, rr_irregular),
-                               ("rr_sequence", rr_sequence, rr_sequence > 0), ("rr_lagged", 1, rr_lagged)):
-        if wanted:
-            inputs[name] = keras.Input(shape=(size,), name=name)
-            parts.append(inputs[name])
+def _rhythm(inputs: dict, parts: list, rhythm: dict[str, int]):
+    """The rhythm features side by side: ``parts``, then an input ``(width,)`` for each
+    ``name: width`` of ``rhythm``, in its order (added to ``inputs``)."""
+    for name, size in rhythm.items():
+        inputs[name] = keras.Input(shape=(size,), name=name)
+        parts.append(inputs[name])
     return parts[0] if len(parts) == 1 else layers.Concatenate(name="rhythm")(parts)
 
 
@@ -124,16 +121,14 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                  rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                 rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False,
-                 recent: bool = False, rr_irregular: bool = False, kernel_size: int = 3,
-                 width: int = 1, rr_sequence: int = 0, rr_lagged: bool = False) -> keras.Model:
+                 rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rhythm: dict[str, int] | None = None,
+                 recent: bool = False, kernel_size: int = 3, width: int = 1) -> keras.Model:
     """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
-    input, and with ``rr_long`` the ``(2,)`` input ``rr_long``) join the flattened beat features
-    before the head, so premature beats (short previous RR) are visible to the classifier.
-    ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 2 * rr_long + rr_irregular + rr_sequence +
-    rr_lagged,)``, the kept rr columns, rr_long, ``rr_irregular`` (the ``(1,)`` input of the same
-    name), the ``(rr_sequence,)`` input ``rr_sequence`` (0: none), then the ``(1,)`` input
-    ``rr_lagged``.
+    input ``rr``, and an input ``(width,)`` for each ``name: width`` of ``rhythm``, e.g.
+    ``{"rr_long": 2}``) join the flattened beat features before the head, so premature beats
+    (short previous RR) are visible to the classifier. ``rr_mean``/``rr_variance``:
+    ``(len(rr_keep) + sum(rhythm.values()),)``, the kept rr columns, then the rhythm inputs in
+    ``rhythm``'s order.
     With ``recent`` (model ``recent_cnn``) the convolutions also see the beat minus the median of
     the beats just before it (input ``recent``): a beat that differs from its neighbours stands
     out, while a record whose beats slowly change shape keeps its normal beats normal."""
@@ -144,7 +139,7 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
         inputs["recent"] = keras.Input(shape=(window, n_leads), name="recent")
     x = _features(beat, mean, variance, dtype, template=inputs.get("recent"), dropout=dropout,
                   kernel_size=kernel_size, width=width)
-    r = _rhythm(inputs, [_rr_input(rr, rr_keep)], rr_long, rr_irregular, rr_sequence, rr_lagged)
+    r = _rhythm(inputs, [_rr_input(rr, rr_keep)], rhythm or {})
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
@@ -154,16 +149,15 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
 
 def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                       rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
-                      rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rr_long: bool = False,
-                      rr_irregular: bool = False, kernel_size: int = 3, width: int = 1,
-                      rr_sequence: int = 0, rr_lagged: bool = False) -> keras.Model:
+                      rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0,
+                      rhythm: dict[str, int] | None = None, kernel_size: int = 3, width: int = 1) -> keras.Model:
     """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
     the beat minus the patient's median normal beat (``template``), and the head sees the RR
     features both over the local mean RR (``rr``) and over the patient's normal RR
     (``rr_patient``). A premature or odd-shaped beat stands out even in a patient whose
-    fine-tune minutes hold none like it. ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 3 + 2 *
-    rr_long + rr_irregular + rr_sequence + rr_lagged,)``, the kept rr columns, rr_patient, rr_long,
-    rr_irregular, rr_sequence, then rr_lagged."""
+    fine-tune minutes hold none like it. ``rhythm`` as for :func:`build_rr_cnn`;
+    ``rr_mean``/``rr_variance``: ``(len(rr_keep) + 3 + sum(rhythm.values()),)``, the kept rr
+    columns, rr_patient, then the rhythm inputs in ``rhythm``'s order."""
     beat = keras.Input(shape=(window, n_leads), name="beat")
     template = keras.Input(shape=(window, n_leads), name="template")
     rr = keras.Input(shape=(3,), name="rr")
@@ -171,7 +165,7 @@ def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarra
     inputs = {"beat": beat, "rr": rr, "template": template, "rr_patient": rr_patient}
     x = _features(beat, mean, variance, dtype, template=template, dropout=dropout, kernel_size=kernel_size,
                   width=width)
-    r = _rhythm(inputs, [_rr_input(rr, rr_keep), rr_patient], rr_long, rr_irregular, rr_sequence, rr_lagged)
+    r = _rhythm(inputs, [_rr_input(rr, rr_keep), rr_patient], rhythm or {})
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
@@ -211,19 +205,16 @@ def check_width(width: int) -> None:
 def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: np.ndarray,
                 train_rr: np.ndarray | None = None, dtype: str = "float32",
                 train_rr_patient: np.ndarray | None = None, rr_features: str = "all",
-                dropout: float = 0.0, train_rr_long: np.ndarray | None = None,
-                train_rr_irregular: np.ndarray | None = None, kernel_size: int = 3,
-                width: int = 1, train_rr_sequence: np.ndarray | None = None,
-                train_rr_lagged: np.ndarray | None = None) -> keras.Model:
+                dropout: float = 0.0, kernel_size: int = 3, width: int = 1,
+                train_rhythm: dict[str, np.ndarray | None] | None = None) -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
     ``(n, window, n_leads)`` (and, for ``rr_cnn`` and ``patient_cnn``, training RR features
-    ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``; with
-    ``rr_features="long"`` also ``train_rr_long`` ``(n, 2)``; with ``"irregular"`` also that and
-    ``train_rr_irregular`` ``(n, 1)``; with ``"sequence"`` ``train_rr_long`` and
-    ``train_rr_sequence`` ``(n, k)``; with ``"lagged"`` ``train_rr_long`` and ``train_rr_lagged``
-    ``(n, 1)``);
+    ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``; and in
+    ``train_rhythm`` the training features of each input :data:`RR_INPUTS` names for
+    ``rr_features``: ``rr_long`` ``(n, 2)``, ``rr_irregular`` ``(n, 1)``, ``rr_sequence``
+    ``(n, k)``, ``rr_lagged`` ``(n, 1)``; others are not read);
     ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``);
-    ``rr_features`` which RR inputs the rr models read (:data:`RR_COLUMNS`, :data:`RR_LONG`);
+    ``rr_features`` which RR inputs the rr models read (:data:`RR_COLUMNS`, :data:`RR_INPUTS`);
     ``dropout`` the rate of the ``feature_dropout`` layer (none at 0); ``kernel_size`` the
     convolutions' kernel (:func:`check_kernel_size`); ``width`` (1 to :data:`MAX_WIDTH`) multiplies
     their filters."""
@@ -233,36 +224,28 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
         raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
     check_kernel_size(kernel_size, window)
     check_width(width)
-    keep, long = RR_COLUMNS[rr_features], rr_features in RR_LONG and name != "seed_cnn"
-    irregular = rr_features in RR_IRREGULAR and name != "seed_cnn"
-    sequence = rr_features in RR_SEQUENCE and name != "seed_cnn"
-    lagged = rr_features in RR_LAGGED and name != "seed_cnn"
     mean, variance = lead_stats(train_x)
     if name == "seed_cnn":
         return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout, kernel_size, width)
     if train_rr is None or (name == "patient_cnn" and train_rr_patient is None):
         raise ValueError(f"model {name} needs the training RR features rr"
                          f"{' and rr_patient' if name == 'patient_cnn' else ''}, each (n, 3)")
-    if long and train_rr_long is None:
-        raise ValueError(f"rr_features={rr_features!r} needs the training features rr_long (n, 2)")
-    if irregular and train_rr_irregular is None:
-        raise ValueError(f"rr_features={rr_features!r} needs the training features rr_irregular (n, 1)")
-    if lagged and train_rr_lagged is None:
-        raise ValueError(f"rr_features={rr_features!r} needs the training features rr_lagged (n, 1)")
-    if sequence and (train_rr_sequence is None or train_rr_sequence.ndim != 2 or train_rr_sequence.shape[1] < 1):
-        raise ValueError(f"rr_features={rr_features!r} needs the training features rr_sequence (n, k >= 1), got "
-                         f"{None if train_rr_sequence is None else train_rr_sequence.shape}")
-    rhythm = [train_rr[:, list(keep)]] + ([train_rr_patient] if name == "patient_cnn" else []) \
-        + ([train_rr_long] if long else []) + ([train_rr_irregular] if irregular else []) \
-        + ([train_rr_sequence] if sequence else []) + ([train_rr_lagged] if lagged else [])
-    n_sequence = train_rr_sequence.shape[1] if sequence else 0
+    extra = {}
+    for input_name in RR_INPUTS[rr_features]:
+        a, size = (train_rhythm or {}).get(input_name), RHYTHM_WIDTHS[input_name]
+        if a is None or a.ndim != 2 or a.shape[1] < 1 or size not in (None, a.shape[1]):
+            raise ValueError(f"rr_features={rr_features!r} needs the training features {input_name} "
+                             f"(n, {size or 'k >= 1'}), got {None if a is None else a.shape}")
+        extra[input_name] = a
+    keep = RR_COLUMNS[rr_features]
+    rhythm = [train_rr[:, list(keep)]] + ([train_rr_patient] if name == "patient_cnn" else []) + list(extra.values())
     rr_mean, rr_var = lead_stats(np.concatenate(rhythm, axis=1)[:, None, :])
+    widths = {n: a.shape[1] for n, a in extra.items()}
     if name == "patient_cnn":
-        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long,
-                                 irregular, kernel_size, width, n_sequence, lagged)
-    return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, long,
-                        recent=name == "recent_cnn", rr_irregular=irregular, kernel_size=kernel_size, width=width,
-                        rr_sequence=n_sequence, rr_lagged=lagged)
+        return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout,
+                                 widths, kernel_size, width)
+    return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, widths,
+                        recent=name == "recent_cnn", kernel_size=kernel_size, width=width)
 
 
 ENSEMBLE_NAME = "ensemble"

@@ -17,8 +17,8 @@ import keras
 import tensorflow as tf
 
 from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
-from ecg_mlflow.models import (MODELS, RR_COLUMNS, build_ensemble, build_model, check_width, ensemble_members,
-                               model_input_names, transfer_copy)
+from ecg_mlflow.models import (MODELS, RR_COLUMNS, RR_INPUTS, build_ensemble, build_model, check_width,
+                               ensemble_members, model_input_names, transfer_copy)
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "last", "all")
@@ -579,10 +579,8 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
-                        dropout=cfg.dropout, train_rr_long=source._array("rr_long", idx),
-                        train_rr_irregular=source._array("rr_irregular", idx), kernel_size=cfg.kernel_size,
-                        width=cfg.width, train_rr_sequence=source._array("rr_sequence", idx),
-                        train_rr_lagged=source._array("rr_lagged", idx))
+                        dropout=cfg.dropout, kernel_size=cfg.kernel_size, width=cfg.width,
+                        train_rhythm={n: source._array(n, idx) for n in RR_INPUTS[cfg.rr_features]})
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule, cfg.epochs * -(-len(idx) // cfg.batch_size),
              cfg.focal_gamma)

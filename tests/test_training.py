@@ -385,6 +385,8 @@ def test_long_rr_features_are_an_extra_input_the_model_reads():
     assert (predict_classes(plain, src, np.arange(500, 600)) == y[500:]).mean() < 0.75
     with pytest.raises(ValueError, match="rr_long"):
         train_base(BeatSource(x, y, rr), np.arange(500), 2, cfg)
+    with pytest.raises(ValueError, match=r"rr_long \(n, 2\), got \(600, 3\)"):  # a width of its own
+        build_model("rr_cnn", WINDOW, 2, 2, x, rr, rr_features="long", train_rhythm={"rr_long": rr})
     with pytest.raises(ValueError, match="rr_long"):
         predict_classes(model, BeatSource(x, y, rr), np.arange(10))
 
