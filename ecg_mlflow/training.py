@@ -596,8 +596,8 @@ def fine_tune(base: keras.Model, x, y, cfg: TrainConfig, on_epoch: EpochCallback
               rhythm_idx: np.ndarray | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     """Copy ``base``, freeze all but its head (``finetune_layers=head``; ``last`` also the last
     convolution, ``all`` every layer), re-train on the fine-tune beats (``(x, y)`` as in
-    :func:`train_base`). ``base`` itself is left unchanged. An ensemble's members are fine-tuned one by one (member ``i`` with seed
-    ``seed + i - 1``) and joined again. Returns the transfer model and its history
+    :func:`train_base`). ``base`` itself is left unchanged. An ensemble's members are fine-tuned
+    one by one (member ``i`` with seed ``seed + i - 1``) and joined again. Returns the transfer model and its history
     (``finetune_loss``, ``finetune_accuracy`` per epoch; later members as ``member<i>_finetune_loss`` ...).
     ``rhythm_idx``: with a :class:`BeatSource`, the rows whose rhythm inputs and labels the rows ``y``
     take (:meth:`BeatSource.dataset`; :func:`premature_rows` makes such pairs)."""
