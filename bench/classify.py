@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from ecg_mlflow.classify import (MATCH_S, ClassifyConfig, beat_dataset, beats_at, classify, load_model,  # noqa: E402
                                  match_beats)
 from ecg_mlflow.dataset import record_part  # noqa: E402
+from ecg_mlflow.filters import filtered  # noqa: E402
 from ecg_mlflow.metrics import confusion, ec57_counts  # noqa: E402
 from ecg_mlflow.records import read_record, resolve_data_dir  # noqa: E402
 from ecg_mlflow.splits import TEST  # noqa: E402
@@ -42,7 +43,7 @@ def moved_beats(record: str, model_uri: str, data_dir: str | None, detected: np.
     """The confusion matrices of ``record``'s test beats under the two :data:`MOVED` beat lists, each
     classified as ``classify`` would; ``detected``: the detections' samples at 360 Hz."""
     loaded = load_model(model_uri)
-    rec = read_record(resolve_data_dir(data_dir), record)
+    rec = filtered(read_record(resolve_data_dir(data_dir), record), loaded.signal_filter)
     start = loaded.finetune_minutes or 0.0
     reference = record_part(rec, loaded.window, loaded.label_scheme, start)
     matched = match_beats(detected, reference["sample"], int(round(MATCH_S * rec.fs)))

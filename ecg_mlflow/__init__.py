@@ -3,6 +3,7 @@
 Modules, in the order data flows through them:
 
 - ``records``  — locate, download, validate and read WFDB records (fixed lead order, resampling).
+- ``filters``  — optional signal filters (baseline wander, mains hum) applied to a record before its beats are cut.
 - ``labels``   — label schemes (``aami``, ``raw``) with fixed class codes.
 - ``beats``    — one window per reference beat annotation, with RR-interval context.
 - ``splits``   — subjects, the fine-tune/test time split, leave-one-subject-out folds.

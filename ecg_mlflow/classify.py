@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from ecg_mlflow import tracking
 from ecg_mlflow.beats import extract_beats, rhythm_at
 from ecg_mlflow.dataset import BeatDataset, from_parts, record_part
+from ecg_mlflow.filters import SIGNAL_FILTERS, filtered
 from ecg_mlflow.labels import get_scheme
 from ecg_mlflow.records import TARGET_FS, DataError, Record, check_record, read_record, record_files, resolve_data_dir
 from ecg_mlflow.registry import source_run_id
@@ -100,11 +101,12 @@ class LoadedModel:
     subject: str | None  # the subject its base model held out (its patient's subject)
     patient: str | None  # the record it was fine-tuned on (transfer models)
     finetune_minutes: float | None
+    signal_filter: str = "none"  # what its run's records were filtered with (ecg_mlflow.filters)
 
 
 def load_model(model_uri: str) -> LoadedModel:
-    """Load ``model_uri`` and read its run's label scheme, ``recent_reference``, subject, patient and
-    fine-tune minutes; :class:`ClassifyError` naming the URI when it does not resolve, cannot be loaded
+    """Load ``model_uri`` and read its run's label scheme, ``recent_reference``, subject, patient,
+    fine-tune minutes and signal filter; :class:`ClassifyError` naming the URI when it does not resolve, cannot be loaded
     or reads an input this module cannot make."""
     import mlflow.keras
 
@@ -140,10 +142,13 @@ def load_model(model_uri: str) -> LoadedModel:
         raise ClassifyError(f"model {model_uri} answers {width} classes, its run's label scheme {scheme.name!r} "
                             f"has {scheme.n_classes}")
     minutes = params.get("finetune_minutes")
+    signal_filter = params.get("signal_filter") or "none"
+    if signal_filter not in SIGNAL_FILTERS:
+        raise ClassifyError(f"model {model_uri}: its run's signal_filter {signal_filter!r} is none of {list(SIGNAL_FILTERS)}")
     return LoadedModel(model=model, run_id=run_id, experiment_id=run.info.experiment_id, window=window,
                        label_scheme=scheme.name, recent_reference=params.get("recent_reference") or "all",
                        subject=run.data.tags.get("subject"), patient=run.data.tags.get("patient"),
-                       finetune_minutes=float(minutes) if minutes else None)
+                       finetune_minutes=float(minutes) if minutes else None, signal_filter=signal_filter)
 
 
 def detect_beats(signal: np.ndarray, fs: float) -> np.ndarray:
@@ -260,7 +265,8 @@ def classify(cfg: ClassifyConfig) -> Classified:
         raise ClassifyError(f"start_minute={start:g} leaves no beat to classify: record {cfg.record} lasts "
                             f"{info.duration_s / 60:.2f} minutes")
 
-    rec = read_record(data_dir, cfg.record, annotations=has_reference)
+    # The record filtered as the model's own training records were, so its beats read alike.
+    rec = filtered(read_record(data_dir, cfg.record, annotations=has_reference), loaded.signal_filter)
     scheme = get_scheme(loaded.label_scheme)
     # record_part's own split needs minutes > 0; the part of every beat is set below, for both beat sources.
     reference = record_part(rec, loaded.window, scheme.name, max(start, 1e-9)) if has_reference else None
@@ -285,7 +291,8 @@ def classify(cfg: ClassifyConfig) -> Classified:
                          "model_subject": loaded.subject or ""})
         tracking.log_new_params({"record": cfg.record, "model_uri": cfg.model_uri, "data_dir": str(data_dir),
                                  "beats": how, "start_minute": start, "window": loaded.window,
-                                 "recent_reference": loaded.recent_reference, "label_scheme": scheme.name})
+                                 "recent_reference": loaded.recent_reference, "label_scheme": scheme.name,
+                                 "signal_filter": loaded.signal_filter})
         counts = {"n_classified": float(len(rows))}
         labelled = ds.label[rows] >= 0
         if how == "detect" and reference is not None:

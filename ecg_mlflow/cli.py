@@ -79,6 +79,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=from_value_parser(window_from_param), default=d.window,
                    help="samples per beat window")
     p.add_argument("--finetune-minutes", type=number("finetune_minutes"), default=d.finetune_minutes)
+    p.add_argument("--signal-filter", default=d.signal_filter,
+                   help="none, highpass (0.5 Hz) or bandpass (0.5-40 Hz): applied to each record before beats are cut")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -152,7 +154,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def prepare_config(a: argparse.Namespace) -> PrepareConfig:
     return PrepareConfig(data_dir=a.data_dir or None, records=a.records, window=a.window,
                          label_scheme=a.label_scheme, include_paced=a.include_paced,
-                         finetune_minutes=a.finetune_minutes)
+                         finetune_minutes=a.finetune_minutes, signal_filter=a.signal_filter.strip().lower())
 
 
 def train_config(a: argparse.Namespace):

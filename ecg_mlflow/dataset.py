@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ecg_mlflow import beats as beats_mod
+from ecg_mlflow.filters import check_signal_filter, filtered
 from ecg_mlflow.labels import PACED_RECORDS, get_scheme, LabelScheme, to_aami
 from ecg_mlflow.records import (
     TARGET_FS, DataError, Record, check_record, default_cache_dir, ensure_records, parse_records,
@@ -52,6 +53,7 @@ class PrepareConfig:
     label_scheme: str = "aami"
     include_paced: bool | None = None
     finetune_minutes: float = 10.0
+    signal_filter: str = "none"
     cache_dir: str | None = None
     download: bool = True
 
@@ -69,6 +71,7 @@ class PrepareConfig:
             raise ValueError(f"finetune_minutes must be a positive number, got {self.finetune_minutes!r}")
         if self.include_paced not in (None, True, False):
             raise ValueError(f"include_paced must be True, False or None (auto), got {self.include_paced!r}")
+        check_signal_filter(self.signal_filter)
         return self
 
 
@@ -277,6 +280,8 @@ def cache_key(cfg: PrepareConfig, data_dir: Path, records: list[str]) -> str:
     h = hashlib.sha256()
     params = {"format": FORMAT_VERSION, "window": int(cfg.window), "label_scheme": cfg.label_scheme,
               "finetune_minutes": float(cfg.finetune_minutes), "records": records, "fs": TARGET_FS}
+    if cfg.signal_filter != "none":  # only then: the unfiltered datasets keep the digests they always had
+        params["signal_filter"] = cfg.signal_filter
     h.update(json.dumps(params, sort_keys=True).encode())
     for r in records:
         for kind, path in sorted(record_files(data_dir, r).items()):
@@ -295,9 +300,10 @@ def select_records(cfg: PrepareConfig, data_dir: Path) -> tuple[list[str], list[
     return kept, excluded
 
 
-def _extract(args: tuple[str, str, int, str, float]) -> dict:
-    data_dir, record, window, scheme_name, finetune_minutes = args
-    return record_part(read_record(Path(data_dir), record), window, scheme_name, finetune_minutes)
+def _extract(args: tuple[str, str, int, str, float, str]) -> dict:
+    data_dir, record, window, scheme_name, finetune_minutes, signal_filter = args
+    return record_part(filtered(read_record(Path(data_dir), record), signal_filter), window, scheme_name,
+                       finetune_minutes)
 
 
 def record_part(rec: Record, window: int, scheme_name: str, finetune_minutes: float) -> dict:
@@ -425,7 +431,8 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
         except DataError:
             path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt, never trusted
 
-    jobs = [(str(data_dir), r, int(cfg.window), cfg.label_scheme, float(cfg.finetune_minutes)) for r in records]
+    jobs = [(str(data_dir), r, int(cfg.window), cfg.label_scheme, float(cfg.finetune_minutes), cfg.signal_filter)
+            for r in records]
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 1:
         parts = _extract_parallel(jobs, workers)
@@ -436,7 +443,7 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
     meta = {
         "format": FORMAT_VERSION, "digest": key[:16], "label_scheme": scheme.name, "classes": list(scheme.classes),
         "window": int(cfg.window), "fs": TARGET_FS, "finetune_minutes": float(cfg.finetune_minutes),
-        "records": records, "paced_excluded": paced_excluded, "source": str(data_dir.resolve()),
+        "signal_filter": cfg.signal_filter, "records": records, "paced_excluded": paced_excluded, "source": str(data_dir.resolve()),
         "dropped": {p["record"]: p["dropped"] for p in parts},
         "leads": {p["record"]: p["leads"] for p in parts},
         "missing_primary_lead": [p["record"] for p in parts if not p["has_primary_lead"]],
@@ -498,6 +505,7 @@ def log_to_mlflow(ds: BeatDataset, context: str = "prepare") -> None:
         "data.window": meta["window"],
         "data.fs": meta["fs"],
         "data.finetune_minutes": meta["finetune_minutes"],
+        "data.signal_filter": meta.get("signal_filter", "none"),
         "data.digest": ds.digest,
         "data.paced_excluded": ",".join(meta["paced_excluded"]) or "none",
         "data.missing_mlii": ",".join(meta["missing_primary_lead"]) or "none",
@@ -530,6 +538,7 @@ def summary_html(ds: BeatDataset, summary: pd.DataFrame | None = None) -> str:
         "label scheme": f"{meta['label_scheme']}: " + ", ".join(f"{i} {c}" for i, c in enumerate(ds.classes)),
         "window": f"{meta['window']} samples at {meta['fs']} Hz, R peak at index {meta['window'] // 2}",
         "fine-tune part": f"first {meta['finetune_minutes']:g} minutes of each record",
+        "signal filter": meta.get("signal_filter", "none"),
         "paced records left out": ", ".join(meta["paced_excluded"]) or "none",
         "records without MLII": ", ".join(meta["missing_primary_lead"]) or "none",
         "digest": ds.digest,

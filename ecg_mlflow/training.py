@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
-from ecg_mlflow.models import (MODELS, RR_COLUMNS, RR_INPUTS, build_ensemble, build_model, check_width,
+from ecg_mlflow.models import (MODELS, RR_COLUMNS, RHYTHM_WIDTHS, RR_INPUTS, build_ensemble, build_model, check_width,
                                ensemble_members, model_input_names, transfer_copy)
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
@@ -178,10 +178,6 @@ def seed_everything(seed: int, deterministic_ops: bool = True) -> None:
         tf_config.disable_op_determinism()
 
 
-# The rhythm inputs a source can hold, in its constructor's order.
-RHYTHM_INPUTS: tuple[str, ...] = ("rr", "rr_long", "rr_irregular", "rr_sequence", "rr_lagged")
-
-
 class BeatSource:
     """Every beat of a prepared dataset as tensors, made once per process; folds select rows by
     index, so no fold copies the beat array.
@@ -189,25 +185,25 @@ class BeatSource:
     x: ``(n, window, leads)`` float32 mV; y: ``(n,)`` class codes; rr: ``(n, 3)`` RR features or None;
     patient: None or ``(templates (n_records, window, leads), record_index (n,), rr_patient (n, 3))``
     as :meth:`ecg_mlflow.dataset.BeatDataset.patient_context` gives (a row's template is gathered
-    by its record, so no per-beat copy of the templates is made); rr_long: ``(n, 2)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_long`) or None; rr_irregular: ``(n, 1)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_irregular`) or None; rr_sequence: ``(n, k)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_sequence`) or None; rr_lagged: ``(n, 1)``
-    (:meth:`ecg_mlflow.dataset.BeatDataset.rr_lagged`) or None; recent: ``(n, window, leads)``
+    by its record, so no per-beat copy of the templates is made); recent: ``(n, window, leads)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`), a function that makes it on first
-    use (only models that read ``recent`` pay for it), or None.
+    use (only models that read ``recent`` pay for it), or None; rhythm: the extra rhythm inputs by
+    name, each ``(n, width)``: ``rr_long``, ``rr_irregular``, ``rr_sequence``, ``rr_lagged``, as the
+    :class:`ecg_mlflow.dataset.BeatDataset` methods of those names make them (any of them may be
+    left out; a model that reads one that is missing is refused by name).
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None,
                  patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                 rr_long: np.ndarray | None = None,
                  recent: np.ndarray | Callable[[], np.ndarray] | None = None,
-                 rr_irregular: np.ndarray | None = None, rr_sequence: np.ndarray | None = None,
-                 rr_lagged: np.ndarray | None = None):
-        rhythm = (rr, rr_long, rr_irregular, rr_sequence, rr_lagged)
-        if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in rhythm):
+                 rhythm: Mapping[str, np.ndarray] | None = None):
+        unknown = [name for name in rhythm or {} if name not in RHYTHM_WIDTHS]
+        if unknown:  # "rr" too: it has its own argument
+            raise ValueError(f"unknown rhythm inputs {unknown}; expected some of {list(RHYTHM_WIDTHS)}")
+        rhythm = {"rr": rr, **(rhythm or {})}
+        if len(x) != len(y) or any(a is not None and len(a) != len(x) for a in rhythm.values()):
             raise ValueError(f"beats, labels and RR features differ in length: {len(x)}, {len(y)}, "
-                             + ", ".join(str(None if a is None else len(a)) for a in rhythm))
+                             + ", ".join(f"{name} {None if a is None else len(a)}" for name, a in rhythm.items()))
         if patient is not None:
             templates, record_index, rr_patient = patient
             if len(record_index) != len(x) or len(rr_patient) != len(x) or templates.shape[1:] != x.shape[1:]:
@@ -215,8 +211,7 @@ class BeatSource:
                                  f"record_index {record_index.shape}, rr_patient {rr_patient.shape}")
         self.x_np, self.y_np, self.patient = x, np.asarray(y).astype(np.int32), patient
         # The rhythm inputs given, by input name: each is gathered by row, as a tensor and as NumPy.
-        self.rhythm_np = {name: a for name, a in zip(RHYTHM_INPUTS, rhythm)
-                          if a is not None}
+        self.rhythm_np = {name: a for name, a in rhythm.items() if a is not None}
         self._recent = recent
         self._tensors: dict[str, tf.Tensor] | None = None
 
@@ -233,9 +228,10 @@ class BeatSource:
         """A source over a :class:`ecg_mlflow.dataset.BeatDataset`; ``recent_reference``: what its
         ``recent`` input is made of (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`, which
         checks it when a model first reads it)."""
-        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(), ds.rr_long(),
-                   lambda: ds.recent_template(recent_reference), ds.rr_irregular(), ds.rr_sequence(),
-                   ds.rr_lagged())
+        # Each extra rhythm input is made by the dataset method of its name (BeatDataset.rr_long, ...).
+        return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(),
+                   lambda: ds.recent_template(recent_reference),
+                   {name: getattr(ds, name)() for name in RHYTHM_WIDTHS})
 
     def __len__(self) -> int:
         return len(self.y_np)

@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--include-paced", default="auto", help="auto (out under aami), true or false")
     p.add_argument("--window", default="160", help="samples per beat window (a whole number)")
     p.add_argument("--finetune-minutes", default="10", help="minutes at the start of each record for fine-tuning")
+    p.add_argument("--signal-filter", default="none", help="none, highpass (0.5 Hz) or bandpass (0.5-40 Hz)")
     return p.parse_args(argv)
 
 
@@ -43,6 +44,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         include_paced=include_paced_from_param(args.include_paced),
         window=window_from_param(args.window),
         finetune_minutes=finetune_minutes,
+        signal_filter=args.signal_filter.strip().lower(),
     ).validated()
 
 

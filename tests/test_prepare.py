@@ -18,6 +18,7 @@ from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rhyt
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
 )
+from ecg_mlflow.filters import filter_signal
 from ecg_mlflow.labels import AAMI, BEAT_SYMBOLS, RAW, get_scheme
 from ecg_mlflow.records import MITDB_RECORDS, DataError, parse_records, read_record
 from ecg_mlflow.splits import FINETUNE, TEST, loso_folds, subject_of
@@ -396,6 +397,54 @@ def test_cache_is_reused_and_keyed_on_inputs_and_parameters(db):
     assert first.path.is_file()  # the old entry is left alone
 
 
+def test_signal_filter_removes_baseline_wander_and_keeps_the_beats_in_place():
+    fs, n = 360.0, 360 * 60
+    t = np.arange(n) / fs
+    wander = 1.0 * np.sin(2 * np.pi * 0.1 * t)  # breathing-like drift, as large as a QRS
+    beats = np.zeros(n)
+    for s in range(180, n - 180, 288):  # 75/min, 8 ms wide spikes of 1 mV
+        beats += np.exp(-0.5 * ((np.arange(n) - s) / 3.0) ** 2)
+    mains = 0.1 * np.sin(2 * np.pi * 60 * t)
+    middle = slice(360 * 5, n - 360 * 5)  # away from the padded ends
+    raw = np.stack([wander + beats, wander + mains], axis=1).astype(np.float32)
+
+    high = filter_signal(raw, fs, "highpass")
+    band = filter_signal(raw, fs, "bandpass")
+    assert high.shape == raw.shape and high.dtype == np.float32
+    assert filter_signal(raw, fs, "none") is raw
+    # The 0.1 Hz wander goes: what is left of lead 1 (wander + mains) is the mains hum alone.
+    assert np.abs(high[middle, 1] - mains[middle]).max() < 0.05
+    # The spikes stay where they were (zero phase) and keep most of their height.
+    peaks = np.flatnonzero((high[1:-1, 0] > high[:-2, 0]) & (high[1:-1, 0] >= high[2:, 0]) & (high[1:-1, 0] > 0.5)) + 1
+    assert peaks.tolist() == list(range(180, n - 180, 288))
+    assert 0.8 < high[middle, 0].max() < 1.05
+    # bandpass also cuts the 60 Hz hum (0.1 mV) to under a fifth (second order each way), which highpass passes.
+    assert np.abs(band[middle, 1]).max() < 0.02 < 0.08 < np.abs(high[middle, 1]).max()  # 6 samples a cycle: 0.087
+    with pytest.raises(ValueError, match="signal_filter must be one of"):
+        filter_signal(raw, fs, "notch")
+    with pytest.raises(ValueError, match=r"shaped \(n_samples, leads\)"):
+        filter_signal(raw[:, 0], fs, "highpass")
+    with pytest.raises(ValueError, match="too short to filter"):
+        filter_signal(raw[:10], fs, "bandpass")
+
+
+def test_a_filtered_dataset_cuts_its_beats_from_the_filtered_record(db):
+    write_record(db, "100", samples=regular_beats(360, 20), spike_mv=1.0)
+    raw = prepare(cfg(db, "100"), workers=1)
+    high = prepare(cfg(db, "100", signal_filter="highpass"), workers=1)
+    assert high.digest != raw.digest and high.path != raw.path
+    assert raw.meta["signal_filter"] == "none" and high.meta["signal_filter"] == "highpass"
+    assert prepare(cfg(db, "100", signal_filter="none"), workers=1).path == raw.path
+    # The same beats, labels and rhythm; only the waveforms differ.
+    assert high.sample.tolist() == raw.sample.tolist() and high.label.tolist() == raw.label.tolist()
+    np.testing.assert_array_equal(high.rr_prev, raw.rr_prev)
+    rec = read_record(db, "100")
+    want = filter_signal(rec.signal, rec.fs, "highpass")
+    for i, s in enumerate(high.sample):
+        np.testing.assert_array_equal(high.x[i], want[s - 80:s + 80])
+    assert np.abs(high.x - raw.x).max() > 0.1  # the synthetic leads' slow sine is gone from the windows
+
+
 def test_corrupt_cache_file_is_rebuilt(db):
     write_record(db, "100", samples=regular_beats(360, 20))
     good = prepare(cfg(db, "100"), workers=1)
@@ -610,7 +659,8 @@ def test_bad_window_is_named_before_any_file_is_read(tmp_path, window):
 
 
 @pytest.mark.parametrize("bad", [dict(label_scheme="aami5"), dict(finetune_minutes=0),
-                                 dict(finetune_minutes=float("nan")), dict(include_paced="yes")])
+                                 dict(finetune_minutes=float("nan")), dict(include_paced="yes"),
+                                 dict(signal_filter="lowpass"), dict(signal_filter="")])
 def test_bad_parameters_are_named(tmp_path, bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):

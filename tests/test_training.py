@@ -373,7 +373,7 @@ def test_long_rr_features_are_an_extra_input_the_model_reads():
     x = rng.normal(0, 0.05, (600, WINDOW, 2)).astype(np.float32)
     rr = np.ones((600, 3), np.float32)
     rr_long = np.stack([1 - 0.4 * y, np.ones(600)], axis=1).astype(np.float32) + rng.normal(0, 0.03, (600, 2)).astype(np.float32)
-    src = BeatSource(x, y, rr, rr_long=rr_long)
+    src = BeatSource(x, y, rr, rhythm={"rr_long": rr_long})
     cfg = TrainConfig(**{**FAST.__dict__, "model": "rr_cnn", "rr_features": "long"})
     model, _ = train_base(src, np.arange(500), 2, cfg)
     assert set(model.input) == {"beat", "rr", "rr_long"}
@@ -408,7 +408,7 @@ def test_irregular_sequence_and_lagged_rr_features_add_their_input_to_long(model
         extra = (1 + rng.normal(0, 0.03, (n, 8))).astype(np.float32)
         extra[:, 3] -= 0.4 * y
     patient = (np.zeros((1, WINDOW, 2), np.float32), np.zeros(n, np.int32), np.ones((n, 3), np.float32))
-    src = BeatSource(x, y, rr, patient=patient, rr_long=rr_long, **{name: extra})
+    src = BeatSource(x, y, rr, patient=patient, rhythm={"rr_long": rr_long, name: extra})
     cfg = TrainConfig(**{**FAST.__dict__, "model": model, "rr_features": features})
     got, _ = train_base(src, np.arange(500), 2, cfg)
     assert "rr_long" in got.input and set(got.input) & {"rr_irregular", "rr_sequence", "rr_lagged"} == {name}
@@ -419,13 +419,15 @@ def test_irregular_sequence_and_lagged_rr_features_add_their_input_to_long(model
     long, _ = train_base(src, np.arange(500), 2, TrainConfig(**{**cfg.__dict__, "rr_features": "long"}))
     assert name not in long.input
     assert (predict_classes(long, src, np.arange(500, 600)) == y[500:]).mean() < 0.75
-    without = BeatSource(x, y, rr, patient=patient, rr_long=rr_long)
+    without = BeatSource(x, y, rr, patient=patient, rhythm={"rr_long": rr_long})
     with pytest.raises(ValueError, match=name):
         train_base(without, np.arange(500), 2, cfg)
     with pytest.raises(ValueError, match=name):
         predict_classes(got, without, np.arange(10))
-    with pytest.raises(ValueError, match="length"):
-        BeatSource(x, y, rr, **{name: extra[:10]})
+    with pytest.raises(ValueError, match=f"length: 600, 600, rr 600, {name} 10"):
+        BeatSource(x, y, rr, rhythm={name: extra[:10]})
+    with pytest.raises(ValueError, match=r"unknown rhythm inputs \['rr_typo'\]"):  # a misspelt name is no missing input
+        BeatSource(x, y, rr, rhythm={"rr_typo": extra})
 
 
 def test_ensemble_members_are_the_single_models_of_their_seeds_and_the_logits_their_mean(tmp_path):
@@ -529,7 +531,7 @@ def test_premature_gate_rules_out_s_only_for_beats_that_are_not_early(model_name
     plain = build_ensemble([build_model(model_name, WINDOW, 2, 3, x, rr, dropout=0.1 * i) for i in range(members)])
     gated = gate_premature(plain, 0.9, class_index=1)
     assert set(model_input_names(gated)) == set(model_input_names(plain)) | {"rr", "rr_long"}
-    src = BeatSource(x, y, rr, rr_long=rr_long)
+    src = BeatSource(x, y, rr, rhythm={"rr_long": rr_long})
     want = plain.predict(src.inputs(np.arange(len(x)), model_input_names(plain)), verbose=0)
     got = gated.predict(src.inputs(np.arange(len(x)), model_input_names(gated)), verbose=0)
     earliest = np.minimum(rr[:, 0], rr_long[:, 0])
@@ -557,7 +559,7 @@ def test_irregular_gate_rules_out_s_only_for_beats_after_an_irregular_rhythm(mod
     plain = build_ensemble([build_model(model_name, WINDOW, 2, 3, x, rr, dropout=0.1 * i) for i in range(members)])
     gated = gate_irregular(plain, 0.1, class_index=1)
     assert set(model_input_names(gated)) == set(model_input_names(plain)) | {"rr_irregular"}
-    src = BeatSource(x, y, rr, rr_irregular=irregular)
+    src = BeatSource(x, y, rr, rhythm={"rr_irregular": irregular})
     want = plain.predict(src.inputs(np.arange(len(x)), model_input_names(plain)), verbose=0)
     got = gated.predict(src.inputs(np.arange(len(x)), model_input_names(gated)), verbose=0)
     regular = irregular[:, 0] <= 0.1
@@ -617,7 +619,7 @@ def test_early_promotion_hands_n_calls_to_s_only_for_early_beats_in_regular_rhyt
     rng = np.random.default_rng(4)
     rr_long = rng.uniform(0.4, 1.4, (len(x), 2)).astype(np.float32)
     irregular = rng.uniform(0.0, 0.1, (len(x), 1)).astype(np.float32)
-    src = BeatSource(x, y, rr, rr_long=rr_long, rr_irregular=irregular)
+    src = BeatSource(x, y, rr, rhythm={"rr_long": rr_long, "rr_irregular": irregular})
     # trained on the separable toy classes, so its calls cover all three
     plain, _ = train_base(src, np.arange(len(x)), 3, replace(FAST, model=model_name, ensemble=members))
     promoted = promote_early(plain, 0.8, 0.05, from_index=0, to_index=1)
