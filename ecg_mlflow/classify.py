@@ -142,7 +142,7 @@ def load_model(model_uri: str) -> LoadedModel:
         raise ClassifyError(f"model {model_uri} answers {width} classes, its run's label scheme {scheme.name!r} "
                             f"has {scheme.n_classes}")
     minutes = params.get("finetune_minutes")
-    signal_filter = params.get("signal_filter") or "none"
+    signal_filter = params.get("signal_filter") or "none"  # a run from before the option read the raw signal
     if signal_filter not in SIGNAL_FILTERS:
         raise ClassifyError(f"model {model_uri}: its run's signal_filter {signal_filter!r} is none of {list(SIGNAL_FILTERS)}")
     return LoadedModel(model=model, run_id=run_id, experiment_id=run.info.experiment_id, window=window,

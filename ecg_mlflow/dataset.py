@@ -53,7 +53,7 @@ class PrepareConfig:
     label_scheme: str = "aami"
     include_paced: bool | None = None
     finetune_minutes: float = 10.0
-    signal_filter: str = "none"
+    signal_filter: str = "highpass"  # ecg_mlflow.filters; "none" reads the signal as recorded (before the 28th round)
     cache_dir: str | None = None
     download: bool = True
 

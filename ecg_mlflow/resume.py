@@ -112,7 +112,7 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
         include_paced=_param(include_paced_from_param, "include_paced", get("include_paced", "auto") or "auto"),
         finetune_minutes=_param(cli.number("finetune_minutes"), "finetune_minutes",
                                 get("finetune_minutes", d.finetune_minutes)),
-        signal_filter=get("signal_filter", d.signal_filter),
+        signal_filter=get("signal_filter", "none"),  # a run from before the option read the raw signal
         cache_dir=given.prepare.cache_dir, download=given.prepare.download)
     # Every TrainConfig field, read by the type of its default. A run from before a field existed
     # ran as the field's first default: the current one, or the old one where it has changed since.

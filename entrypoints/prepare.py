@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--include-paced", default="auto", help="auto (out under aami), true or false")
     p.add_argument("--window", default="160", help="samples per beat window (a whole number)")
     p.add_argument("--finetune-minutes", default="10", help="minutes at the start of each record for fine-tuning")
-    p.add_argument("--signal-filter", default="none", help="none, highpass (0.5 Hz) or bandpass (0.5-40 Hz)")
+    p.add_argument("--signal-filter", default="highpass", help="none, highpass (0.5 Hz) or bandpass (0.5-40 Hz)")
     return p.parse_args(argv)
 
 

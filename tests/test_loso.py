@@ -353,3 +353,16 @@ def test_every_training_option_is_an_entry_point_parameter_with_its_default(entr
         else:
             assert param["default"] == default, f.name
         assert f"--{f.name.replace('_', '-')} {{{f.name}}}" in spec["command"], f"{entry} does not pass {f.name}"
+
+
+@pytest.mark.parametrize("entry", ["prepare", "train_base", "transfer", "loso"])
+def test_the_data_options_are_entry_point_parameters_with_their_defaults(entry):
+    # The same for the PrepareConfig fields an entry point sets by a value of the same name.
+    import yaml
+
+    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
+    d = PrepareConfig()
+    for name in ("window", "label_scheme", "finetune_minutes", "signal_filter"):
+        default = spec["parameters"][name]["default"]
+        assert (float(default) if isinstance(getattr(d, name), (int, float)) else default) == getattr(d, name), name
+        assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], f"{entry} does not pass {name}"

@@ -44,8 +44,9 @@ def annotated_and_dropped(mitdb_dir) -> tuple[Counter, Counter, Counter, int]:
 
 @pytest.fixture(scope="module")
 def raw_all(mitdb_dir, dataset_cache):
+    # As recorded (signal_filter="none"), so windows can be checked against the files' samples.
     return prepare(PrepareConfig(data_dir=str(mitdb_dir), records="all", label_scheme="raw",
-                                 include_paced=True, window=WINDOW, cache_dir=str(dataset_cache)))
+                                 include_paced=True, window=WINDOW, cache_dir=str(dataset_cache), signal_filter="none"))
 
 
 def test_beat_counts_are_the_published_ones_minus_the_dropped(mitdb_dir, raw_all):
