@@ -106,8 +106,8 @@ class LoadedModel:
 
 def load_model(model_uri: str) -> LoadedModel:
     """Load ``model_uri`` and read its run's label scheme, ``recent_reference``, subject, patient,
-    fine-tune minutes and signal filter; :class:`ClassifyError` naming the URI when it does not resolve, cannot be loaded
-    or reads an input this module cannot make."""
+    fine-tune minutes and signal filter; :class:`ClassifyError` naming the URI when it does not
+    resolve, cannot be loaded or reads an input this module cannot make."""
     import mlflow.keras
 
     from ecg_mlflow.models import model_input_names
@@ -144,7 +144,8 @@ def load_model(model_uri: str) -> LoadedModel:
     minutes = params.get("finetune_minutes")
     signal_filter = params.get("signal_filter") or "none"  # a run from before the option read the raw signal
     if signal_filter not in SIGNAL_FILTERS:
-        raise ClassifyError(f"model {model_uri}: its run's signal_filter {signal_filter!r} is none of {list(SIGNAL_FILTERS)}")
+        raise ClassifyError(f"model {model_uri}: its run's signal_filter {signal_filter!r} is none of "
+                            f"{list(SIGNAL_FILTERS)}")
     return LoadedModel(model=model, run_id=run_id, experiment_id=run.info.experiment_id, window=window,
                        label_scheme=scheme.name, recent_reference=params.get("recent_reference") or "all",
                        subject=run.data.tags.get("subject"), patient=run.data.tags.get("patient"),

@@ -443,7 +443,8 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
     meta = {
         "format": FORMAT_VERSION, "digest": key[:16], "label_scheme": scheme.name, "classes": list(scheme.classes),
         "window": int(cfg.window), "fs": TARGET_FS, "finetune_minutes": float(cfg.finetune_minutes),
-        "signal_filter": cfg.signal_filter, "records": records, "paced_excluded": paced_excluded, "source": str(data_dir.resolve()),
+        "signal_filter": cfg.signal_filter, "records": records, "paced_excluded": paced_excluded,
+        "source": str(data_dir.resolve()),
         "dropped": {p["record"]: p["dropped"] for p in parts},
         "leads": {p["record"]: p["leads"] for p in parts},
         "missing_primary_lead": [p["record"] for p in parts if not p["has_primary_lead"]],
