@@ -1,8 +1,8 @@
 """Signal filters that ``prepare`` (and ``classify``, for a model prepared so) can apply to a whole
 record before its beats are cut.
 
-MIT-BIH's signals are as recorded: breathing and movement move the baseline by up to a few tenths
-of a millivolt over seconds, which is as large as a P wave. A beat window then sits at an offset
+MIT-BIH's signals are as recorded: breathing and movement move the baseline by tenths of a
+millivolt over seconds (as much as a P wave), at times by more. A beat window then sits at an offset
 and on a slope of its own, and a model must learn to look past them. Most of the literature
 removes the baseline first (de Chazal et al. 2004 with median filters, many CNN papers with a
 0.5 Hz high-pass or a 0.5-40 Hz band-pass). ``highpass`` is the default: it raised the smallest
