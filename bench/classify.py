@@ -45,15 +45,15 @@ def moved_beats(record: str, model_uri: str, data_dir: str | None, detected: np.
     loaded = load_model(model_uri)
     rec = filtered(read_record(resolve_data_dir(data_dir), record), loaded.signal_filter)
     start = loaded.finetune_minutes or 0.0
-    reference = record_part(rec, loaded.window, loaded.label_scheme, start)
+    reference = record_part(rec, loaded.window, loaded.label_scheme, start, loaded.window_offset)
     matched = match_beats(detected, reference["sample"], int(round(MATCH_S * rec.fs)))
     hit = matched >= 0
     at_detected, at_reference = reference["sample"].copy(), detected.copy()
     at_detected[matched[hit]], at_reference[hit] = detected[hit], reference["sample"][matched[hit]]
     out = {}
     for name, peaks in zip(MOVED, (at_detected, at_reference)):
-        ds = beat_dataset(beats_at(rec, np.unique(peaks), loaded.window, reference), start, loaded.label_scheme,
-                          loaded.window)
+        part = beats_at(rec, np.unique(peaks), loaded.window, reference, loaded.window_offset)
+        ds = beat_dataset(part, start, loaded.label_scheme, loaded.window)
         rows = np.flatnonzero((ds.part == TEST) & (ds.label >= 0))
         logits = predict_logits(loaded.model, BeatSource.from_dataset(ds, loaded.recent_reference), rows)
         predicted = np.argmax(logits, axis=1)

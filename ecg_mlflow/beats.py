@@ -238,15 +238,24 @@ def _preceding_medians(xs: np.ndarray, beats: int, chunk: int) -> np.ndarray:
     return out
 
 
-def extract_beats(rec: Record, window: int) -> RecordBeats:
+def r_index(window: int, offset: int = 0) -> int:
+    """Index of the annotated R peak inside a ``window``-sample beat window moved back by ``offset``."""
+    return window // 2 + offset
+
+
+def extract_beats(rec: Record, window: int, offset: int = 0) -> RecordBeats:
     """Cut a ``window``-sample window around every scorable beat of ``rec``.
 
-    The window is ``rec.signal[s - window // 2 : s - window // 2 + window]`` for a beat at
-    sample ``s``: the annotated R peak sits at index ``window // 2`` of the window.
+    The window is ``rec.signal[s - r : s - r + window]`` for a beat at sample ``s``, with
+    ``r = window // 2 + offset`` (:func:`r_index`): the annotated R peak sits at index ``r`` of the
+    window, in its middle for ``offset=0``; a positive ``offset`` takes in more of what comes before it.
     Returns :class:`RecordBeats` with ``x`` of shape ``(n, window, 2)``.
     """
     if window <= 0:
         raise ValueError(f"window must be a positive number of samples, got {window}")
+    if not 0 <= r_index(window, offset) < window:
+        raise ValueError(f"window_offset must keep the R peak inside the {window}-sample window "
+                         f"({-(window // 2)} to {window - window // 2 - 1}), got {offset}")
     is_beat = np.fromiter((s in BEAT_SYMBOLS for s in rec.ann_symbol.tolist()), dtype=bool,
                           count=len(rec.ann_symbol))
     excluded = flutter_mask(rec.ann_symbol)
@@ -255,7 +264,7 @@ def extract_beats(rec: Record, window: int) -> RecordBeats:
     sample = rec.ann_sample[beat_idx]
     rr_prev, rr_next, rr_local = rr_intervals(sample, rec.fs)
 
-    start = sample - window // 2
+    start = sample - r_index(window, offset)
     inside = (start >= 0) & (start + window <= len(rec.signal))
     keep = np.flatnonzero(inside)
     offsets = start[keep][:, None] + np.arange(window)[None, :]

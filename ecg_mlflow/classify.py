@@ -31,8 +31,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from ecg_mlflow import tracking
-from ecg_mlflow.beats import extract_beats, rhythm_at
-from ecg_mlflow.dataset import BeatDataset, from_parts, record_part
+from ecg_mlflow.beats import extract_beats, r_index, rhythm_at
+from ecg_mlflow.dataset import BeatDataset, from_parts, record_part, window_offset_from_param
 from ecg_mlflow.filters import SIGNAL_FILTERS, filtered
 from ecg_mlflow.labels import get_scheme
 from ecg_mlflow.records import TARGET_FS, DataError, Record, check_record, read_record, record_files, resolve_data_dir
@@ -102,11 +102,12 @@ class LoadedModel:
     patient: str | None  # the record it was fine-tuned on (transfer models)
     finetune_minutes: float | None
     signal_filter: str = "none"  # what its run's records were filtered with (ecg_mlflow.filters)
+    window_offset: int = 0  # where its run's windows put the R peak (beats.r_index)
 
 
 def load_model(model_uri: str) -> LoadedModel:
     """Load ``model_uri`` and read its run's label scheme, ``recent_reference``, subject, patient,
-    fine-tune minutes and signal filter; :class:`ClassifyError` naming the URI when it does not
+    fine-tune minutes, signal filter and window offset; :class:`ClassifyError` naming the URI when it does not
     resolve, cannot be loaded or reads an input this module cannot make."""
     import mlflow.keras
 
@@ -146,10 +147,18 @@ def load_model(model_uri: str) -> LoadedModel:
     if signal_filter not in SIGNAL_FILTERS:
         raise ClassifyError(f"model {model_uri}: its run's signal_filter {signal_filter!r} is none of "
                             f"{list(SIGNAL_FILTERS)}")
+    try:  # a run from before the option cut centred windows
+        window_offset = window_offset_from_param(params.get("window_offset") or 0)
+        if not 0 <= r_index(window, window_offset) < window:
+            raise ValueError(f"it puts the R peak outside the model's {window}-sample window")
+    except ValueError as exc:
+        raise ClassifyError(f"model {model_uri}: its run's window_offset {params.get('window_offset')!r} "
+                            f"is unusable: {exc}") from None
     return LoadedModel(model=model, run_id=run_id, experiment_id=run.info.experiment_id, window=window,
                        label_scheme=scheme.name, recent_reference=params.get("recent_reference") or "all",
                        subject=run.data.tags.get("subject"), patient=run.data.tags.get("patient"),
-                       finetune_minutes=float(minutes) if minutes else None, signal_filter=signal_filter)
+                       finetune_minutes=float(minutes) if minutes else None, signal_filter=signal_filter,
+                       window_offset=window_offset)
 
 
 def detect_beats(signal: np.ndarray, fs: float) -> np.ndarray:
@@ -194,14 +203,14 @@ def match_beats(detected: np.ndarray, reference: np.ndarray, tolerance: int) -> 
     return out
 
 
-def beats_at(rec: Record, peaks: np.ndarray, window: int, reference: dict | None) -> dict:
+def beats_at(rec: Record, peaks: np.ndarray, window: int, reference: dict | None, window_offset: int = 0) -> dict:
     """The :func:`ecg_mlflow.dataset.record_part` dict of the beats at ``peaks`` (samples, sorted), such
-    as a detector's: windows and RR intervals of those beats; symbol and label of the ``reference``
-    beat each one matches (``''`` and ``-1`` where none, or without a reference); the reference rhythm
-    in force (``''`` without one)."""
+    as a detector's: windows (R peak at ``r_index(window, window_offset)``) and RR intervals of those
+    beats; symbol and label of the ``reference`` beat each one matches (``''`` and ``-1`` where none,
+    or without a reference); the reference rhythm in force (``''`` without one)."""
     det = dataclasses.replace(rec, ann_sample=peaks, ann_symbol=np.full(len(peaks), "N", dtype=object),
                               ann_aux=np.full(len(peaks), "", dtype=object))
-    rb = extract_beats(det, window)
+    rb = extract_beats(det, window, window_offset)
     n = len(rb.sample)
     symbol, label = np.full(n, "", dtype=object), np.full(n, -1, dtype=np.int16)
     if reference is not None:
@@ -270,11 +279,12 @@ def classify(cfg: ClassifyConfig) -> Classified:
     rec = filtered(read_record(data_dir, cfg.record, annotations=has_reference), loaded.signal_filter)
     scheme = get_scheme(loaded.label_scheme)
     # record_part's own split needs minutes > 0; the part of every beat is set below, for both beat sources.
-    reference = record_part(rec, loaded.window, scheme.name, max(start, 1e-9)) if has_reference else None
+    reference = (record_part(rec, loaded.window, scheme.name, max(start, 1e-9), loaded.window_offset)
+                 if has_reference else None)
     if how == "annotations":
         part = reference
     else:
-        part = beats_at(rec, detect_beats(rec.signal[:, 0], rec.fs), loaded.window, reference)
+        part = beats_at(rec, detect_beats(rec.signal[:, 0], rec.fs), loaded.window, reference, loaded.window_offset)
     ds = beat_dataset(part, start, scheme.name, loaded.window)
     rows = np.flatnonzero(ds.part == TEST)
     if len(rows) == 0:
@@ -293,7 +303,7 @@ def classify(cfg: ClassifyConfig) -> Classified:
         tracking.log_new_params({"record": cfg.record, "model_uri": cfg.model_uri, "data_dir": str(data_dir),
                                  "beats": how, "start_minute": start, "window": loaded.window,
                                  "recent_reference": loaded.recent_reference, "label_scheme": scheme.name,
-                                 "signal_filter": loaded.signal_filter})
+                                 "signal_filter": loaded.signal_filter, "window_offset": loaded.window_offset})
         counts = {"n_classified": float(len(rows))}
         labelled = ds.label[rows] >= 0
         if how == "detect" and reference is not None:

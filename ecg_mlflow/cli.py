@@ -16,7 +16,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from typing import Callable
 
-from ecg_mlflow.dataset import PrepareConfig, include_paced_from_param, window_from_param
+from ecg_mlflow.dataset import (
+    PrepareConfig, include_paced_from_param, window_from_param, window_offset_from_param,
+)
 from ecg_mlflow.lifetime import watch_parent_from_env
 from ecg_mlflow.records import DataError
 
@@ -78,6 +80,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="auto (excluded under aami), true or false")
     p.add_argument("--window", type=from_value_parser(window_from_param), default=d.window,
                    help="samples per beat window")
+    p.add_argument("--window-offset", type=from_value_parser(window_offset_from_param), default=d.window_offset,
+                   help="samples the window moves back from centred: the R peak at index window // 2 + offset")
     p.add_argument("--finetune-minutes", type=number("finetune_minutes"), default=d.finetune_minutes)
     p.add_argument("--signal-filter", default=d.signal_filter,
                    help="none, highpass (0.5 Hz) or bandpass (0.5-40 Hz): applied to each record before beats are cut")
@@ -153,6 +157,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def prepare_config(a: argparse.Namespace) -> PrepareConfig:
     return PrepareConfig(data_dir=a.data_dir or None, records=a.records, window=a.window,
+                         window_offset=a.window_offset,
                          label_scheme=a.label_scheme, include_paced=a.include_paced,
                          finetune_minutes=a.finetune_minutes, signal_filter=a.signal_filter.strip().lower())
 

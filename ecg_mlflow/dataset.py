@@ -50,6 +50,7 @@ class PrepareConfig:
     data_dir: str | None = None
     records: str | tuple[str, ...] | None = None
     window: int = 160
+    window_offset: int = 0  # the R peak at index window // 2 + window_offset; 0 = centred (beats.r_index)
     label_scheme: str = "aami"
     include_paced: bool | None = None
     finetune_minutes: float = 10.0
@@ -64,6 +65,12 @@ class PrepareConfig:
             raise ValueError(f"window must be a positive whole number of samples, got {self.window!r}")
         if self.window > 10 * TARGET_FS:
             raise ValueError(f"window must be at most {10 * TARGET_FS} samples (10 s), got {self.window}")
+        offset = self.window_offset
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) \
+                or not 0 <= beats_mod.r_index(self.window, offset) < self.window:
+            raise ValueError(f"window_offset must be a whole number of samples that keeps the R peak inside the "
+                             f"{self.window}-sample window ({-(self.window // 2)} to "
+                             f"{self.window - self.window // 2 - 1}), got {offset!r}")
         get_scheme(self.label_scheme)
         if isinstance(self.finetune_minutes, bool) or not (
                 isinstance(self.finetune_minutes, (int, float, np.integer, np.floating))
@@ -84,6 +91,19 @@ def window_from_param(value: str | float | int) -> int:
         raise ValueError(f"window must be a positive whole number of samples, got {value!r}") from None
     if not np.isfinite(number) or number != int(number) or number <= 0:
         raise ValueError(f"window must be a positive whole number of samples, got {value!r}")
+    return int(number)
+
+
+def window_offset_from_param(value: str | float | int) -> int:
+    """A ``window_offset`` entry-point parameter (``'48.0'`` from MLproject) as a whole number of samples,
+    negative allowed; anything else is a ``ValueError`` naming ``window_offset``. The range is the
+    window's, checked by :meth:`PrepareConfig.validated`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_offset must be a whole number of samples, got {value!r}") from None
+    if not np.isfinite(number) or number != int(number):
+        raise ValueError(f"window_offset must be a whole number of samples, got {value!r}")
     return int(number)
 
 
@@ -282,6 +302,8 @@ def cache_key(cfg: PrepareConfig, data_dir: Path, records: list[str]) -> str:
               "finetune_minutes": float(cfg.finetune_minutes), "records": records, "fs": TARGET_FS}
     if cfg.signal_filter != "none":  # only then: the unfiltered datasets keep the digests they always had
         params["signal_filter"] = cfg.signal_filter
+    if cfg.window_offset:  # likewise: centred windows keep their digests
+        params["window_offset"] = int(cfg.window_offset)
     h.update(json.dumps(params, sort_keys=True).encode())
     for r in records:
         for kind, path in sorted(record_files(data_dir, r).items()):
@@ -300,17 +322,19 @@ def select_records(cfg: PrepareConfig, data_dir: Path) -> tuple[list[str], list[
     return kept, excluded
 
 
-def _extract(args: tuple[str, str, int, str, float, str]) -> dict:
-    data_dir, record, window, scheme_name, finetune_minutes, signal_filter = args
+def _extract(args: tuple[str, str, int, str, float, str, int]) -> dict:
+    data_dir, record, window, scheme_name, finetune_minutes, signal_filter, window_offset = args
     return record_part(filtered(read_record(Path(data_dir), record), signal_filter), window, scheme_name,
-                       finetune_minutes)
+                       finetune_minutes, window_offset)
 
 
-def record_part(rec: Record, window: int, scheme_name: str, finetune_minutes: float) -> dict:
+def record_part(rec: Record, window: int, scheme_name: str, finetune_minutes: float,
+                window_offset: int = 0) -> dict:
     """The beats of one read record as ``prepare`` keeps them: those its label scheme maps, each with
-    its window, RR intervals, rhythm and part; a dict of ``(n,)`` arrays (``x``: ``(n, window, 2)``) and
-    the record's ``dropped`` counts and leads, as :func:`from_parts` takes it."""
-    rb = beats_mod.extract_beats(rec, window)
+    its window (R peak at ``beats.r_index(window, window_offset)``), RR intervals, rhythm and part; a
+    dict of ``(n,)`` arrays (``x``: ``(n, window, 2)``) and the record's ``dropped`` counts and leads,
+    as :func:`from_parts` takes it."""
+    rb = beats_mod.extract_beats(rec, window, window_offset)
     scheme = get_scheme(scheme_name)
     label = scheme.encode(rb.symbol)
     mapped = label >= 0
@@ -431,8 +455,8 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
         except DataError:
             path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt, never trusted
 
-    jobs = [(str(data_dir), r, int(cfg.window), cfg.label_scheme, float(cfg.finetune_minutes), cfg.signal_filter)
-            for r in records]
+    jobs = [(str(data_dir), r, int(cfg.window), cfg.label_scheme, float(cfg.finetune_minutes), cfg.signal_filter,
+             int(cfg.window_offset)) for r in records]
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 1:
         parts = _extract_parallel(jobs, workers)
@@ -442,7 +466,8 @@ def prepare(cfg: PrepareConfig | None = None, *, workers: int | None = None, ver
     scheme = get_scheme(cfg.label_scheme)
     meta = {
         "format": FORMAT_VERSION, "digest": key[:16], "label_scheme": scheme.name, "classes": list(scheme.classes),
-        "window": int(cfg.window), "fs": TARGET_FS, "finetune_minutes": float(cfg.finetune_minutes),
+        "window": int(cfg.window), "window_offset": int(cfg.window_offset), "fs": TARGET_FS,
+        "finetune_minutes": float(cfg.finetune_minutes),
         "signal_filter": cfg.signal_filter, "records": records, "paced_excluded": paced_excluded,
         "source": str(data_dir.resolve()),
         "dropped": {p["record"]: p["dropped"] for p in parts},
@@ -504,6 +529,7 @@ def log_to_mlflow(ds: BeatDataset, context: str = "prepare") -> None:
         "data.label_scheme": meta["label_scheme"],
         "data.classes": ",".join(ds.classes),
         "data.window": meta["window"],
+        "data.window_offset": meta.get("window_offset", 0),
         "data.fs": meta["fs"],
         "data.finetune_minutes": meta["finetune_minutes"],
         "data.signal_filter": meta.get("signal_filter", "none"),
@@ -537,7 +563,8 @@ def summary_html(ds: BeatDataset, summary: pd.DataFrame | None = None) -> str:
         "beats": f"{len(ds):,}",
         "records": f"{len(ds.records)} ({', '.join(ds.records)})",
         "label scheme": f"{meta['label_scheme']}: " + ", ".join(f"{i} {c}" for i, c in enumerate(ds.classes)),
-        "window": f"{meta['window']} samples at {meta['fs']} Hz, R peak at index {meta['window'] // 2}",
+        "window": f"{meta['window']} samples at {meta['fs']} Hz, R peak at index "
+                  f"{beats_mod.r_index(meta['window'], meta.get('window_offset', 0))}",
         "fine-tune part": f"first {meta['finetune_minutes']:g} minutes of each record",
         "signal filter": meta.get("signal_filter", "none"),
         "paced records left out": ", ".join(meta["paced_excluded"]) or "none",

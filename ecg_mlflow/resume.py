@@ -29,7 +29,9 @@ import mlflow
 from mlflow import MlflowClient
 
 from ecg_mlflow import cli, executors, lifetime, tracking
-from ecg_mlflow.dataset import BeatDataset, PrepareConfig, include_paced_from_param, window_from_param
+from ecg_mlflow.dataset import (
+    BeatDataset, PrepareConfig, include_paced_from_param, window_from_param, window_offset_from_param,
+)
 from ecg_mlflow.executors import ExecConfig
 from ecg_mlflow.experiment import VARIANTS, LosoConfig, PatientResult
 from ecg_mlflow.splits import Fold
@@ -107,6 +109,7 @@ def config_of_run(params: dict[str, str], given: LosoConfig) -> LosoConfig:
         data_dir=given.prepare.data_dir or (get("data_dir", "") or None),
         records=get("records", "all"),
         window=_param(window_from_param, "window", get("window", d.window)),
+        window_offset=_param(window_offset_from_param, "window_offset", get("window_offset", 0)),
         label_scheme=get("label_scheme", d.label_scheme),
         # LosoConfig.params logs an unset include_paced (automatic) as ''.
         include_paced=_param(include_paced_from_param, "include_paced", get("include_paced", "auto") or "auto"),

@@ -15,6 +15,7 @@ import argparse  # noqa: E402
 
 from ecg_mlflow.dataset import (  # noqa: E402
     PrepareConfig, include_paced_from_param, log_to_mlflow, prepare, window_from_param,
+    window_offset_from_param,
 )
 from ecg_mlflow.records import DataError  # noqa: E402
 
@@ -26,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-scheme", default="aami", help="aami or raw")
     p.add_argument("--include-paced", default="auto", help="auto (out under aami), true or false")
     p.add_argument("--window", default="160", help="samples per beat window (a whole number)")
+    p.add_argument("--window-offset", default="0",
+                   help="samples the window moves back from centred: the R peak at index window // 2 + offset")
     p.add_argument("--finetune-minutes", default="10", help="minutes at the start of each record for fine-tuning")
     p.add_argument("--signal-filter", default="highpass", help="none, highpass (0.5 Hz) or bandpass (0.5-40 Hz)")
     return p.parse_args(argv)
@@ -43,6 +46,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         label_scheme=args.label_scheme,
         include_paced=include_paced_from_param(args.include_paced),
         window=window_from_param(args.window),
+        window_offset=window_offset_from_param(args.window_offset),
         finetune_minutes=finetune_minutes,
         signal_filter=args.signal_filter.strip().lower(),
     ).validated()
