@@ -50,7 +50,7 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
         mp.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient(uri).create_experiment("classify-test"))
         cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
                                                finetune_minutes=FINETUNE_MINUTES, cache_dir=str(cache_root / "beats"),
-                                               signal_filter="bandpass"),
+                                               signal_filter="bandpass", window_offset=16),
                          train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
                                            sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, augment_shift=8,
                                            epochs=1, finetune_epochs=1, seed=3))
@@ -82,6 +82,7 @@ def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record)
     # The run's records were band-passed (not the default high-pass); classify must filter the record
     # as that run did for the calls to agree.
     assert client.get_run(loso_run).data.params["signal_filter"] == "bandpass"
+    assert client.get_run(loso_run).data.params["window_offset"] == "16"  # and its windows not centred
     for uri, variant in ((f"models:/ecg-transfer-{record}@newest", "transfer"),
                          (f"models:/ecg-base-{record}@newest", "no_transfer")):
         if variant == "transfer":  # the model reads every input classify makes but rr_features=lagged's,
@@ -90,6 +91,7 @@ def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record)
         done = classify(ClassifyConfig(record=record, model_uri=uri, data_dir=str(mitdb_dir)))
         run = client.get_run(done.run_id)
         assert run.data.params["beats"] == "annotations" and run.data.params["signal_filter"] == "bandpass"
+        assert run.data.params["window_offset"] == "16"
         assert float(run.data.params["start_minute"]) == FINETUNE_MINUTES  # auto: the minutes it was tuned on
         ours, theirs = read_predictions(done.run_id), read_predictions(_variant(client, loso_run, record, variant).info.run_id)
         assert len(ours) == len(theirs) > 1000

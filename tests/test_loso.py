@@ -362,7 +362,7 @@ def test_the_data_options_are_entry_point_parameters_with_their_defaults(entry):
 
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
     d = PrepareConfig()
-    for name in ("window", "label_scheme", "finetune_minutes", "signal_filter"):
+    for name in ("window", "window_offset", "label_scheme", "finetune_minutes", "signal_filter"):
         default = spec["parameters"][name]["default"]
         assert (float(default) if isinstance(getattr(d, name), (int, float)) else default) == getattr(d, name), name
         assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], f"{entry} does not pass {name}"

@@ -17,6 +17,7 @@ from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rhyt
                               rr_irregularity)
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
+    window_offset_from_param, summary_html,
 )
 from ecg_mlflow.filters import filter_signal
 from ecg_mlflow.labels import AAMI, BEAT_SYMBOLS, RAW, get_scheme
@@ -77,6 +78,41 @@ def test_r_peak_sits_at_window_half(db, window):
     for i, s in enumerate(rb.sample):
         assert rb.x[i, window // 2, 0] == rec.signal[s, 0]
         np.testing.assert_array_equal(rb.x[i], rec.signal[s - window // 2: s - window // 2 + window])
+
+
+@pytest.mark.parametrize("window,offset", [(256, 48), (8, 3), (8, -4), (7, -3), (7, 3)])
+def test_window_offset_moves_the_r_peak_back_from_the_window_half(db, window, offset):
+    write_record(db, "100", seconds=2, samples=[300, 500])
+    rec = read_record(db, "100")
+    rb = extract_beats(rec, window, offset)
+    r = window // 2 + offset
+    assert len(rb.sample) == 2
+    for i, s in enumerate(rb.sample):
+        assert rb.x[i, r, 0] == rec.signal[s, 0]
+        np.testing.assert_array_equal(rb.x[i], rec.signal[s - r: s - r + window])
+
+
+@pytest.mark.parametrize("window,offset", [(160, 80), (160, -81), (7, 4), (7, -4)])
+def test_a_window_offset_that_puts_the_r_peak_outside_the_window_is_refused(db, tmp_path, window, offset):
+    write_record(db, "100", seconds=2, samples=[100, 400])
+    with pytest.raises(ValueError, match="window_offset must keep the R peak inside"):
+        extract_beats(read_record(db, "100"), window, offset)
+    with pytest.raises(ValueError, match=f"window_offset .* inside the {window}-sample window"):
+        prepare(PrepareConfig(data_dir=str(tmp_path / "nowhere"), window=window, window_offset=offset,
+                              download=False))
+
+
+def test_a_dataset_with_a_window_offset_is_another_dataset_with_the_same_beats(db):
+    write_record(db, "100", samples=regular_beats(360, 20))
+    centred = prepare(cfg(db, "100", window=256), workers=1)
+    moved = prepare(cfg(db, "100", window=256, window_offset=48), workers=1)
+    assert moved.digest != centred.digest and moved.path != centred.path
+    assert centred.meta["window_offset"] == 0 and moved.meta["window_offset"] == 48
+    assert prepare(cfg(db, "100", window=256, window_offset=0), workers=1).path == centred.path
+    # Every beat of the synthetic record lies far from its edges, so both keep the same beats.
+    assert moved.sample.tolist() == centred.sample.tolist() and moved.label.tolist() == centred.label.tolist()
+    np.testing.assert_array_equal(moved.x[:, 48:], centred.x[:, :-48])
+    assert "R peak at index 176" in summary_html(moved)
 
 
 def test_non_beat_annotations_and_flutter_are_excluded(db):
@@ -662,7 +698,8 @@ def test_bad_window_is_named_before_any_file_is_read(tmp_path, window):
 
 @pytest.mark.parametrize("bad", [dict(label_scheme="aami5"), dict(finetune_minutes=0),
                                  dict(finetune_minutes=float("nan")), dict(include_paced="yes"),
-                                 dict(signal_filter="lowpass"), dict(signal_filter="")])
+                                 dict(signal_filter="lowpass"), dict(signal_filter=""),
+                                 dict(window_offset=1.5), dict(window_offset=True), dict(window_offset="48")])
 def test_bad_parameters_are_named(tmp_path, bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
@@ -674,6 +711,10 @@ def test_entry_point_parameter_parsing():
     for bad in ("160.5", "0", "-3", "abc", "nan", "inf"):
         with pytest.raises(ValueError, match="window"):
             window_from_param(bad)
+    assert window_offset_from_param("48.0") == 48 and window_offset_from_param("-3") == -3
+    for bad in ("4.5", "abc", "nan", "inf", ""):
+        with pytest.raises(ValueError, match="window_offset"):
+            window_offset_from_param(bad)
     assert [include_paced_from_param(v) for v in ("auto", "true", "FALSE")] == [None, True, False]
     with pytest.raises(ValueError, match="include_paced"):
         include_paced_from_param("maybe")

@@ -51,7 +51,8 @@ def tiny_db(tmp_path) -> Path:
 @pytest.mark.slow
 def test_mlflow_run_prepare_logs_dataset_params_metrics_and_summary(tmp_path, tracking_uri, tiny_db):
     proc = mlflow_run(tmp_path, tracking_uri, "records=100,201", f"data_dir={tiny_db}",
-                      "finetune_minutes=0.1", "window=160.0", "signal_filter=bandpass")
+                      "finetune_minutes=0.1", "window=160.0", "signal_filter=bandpass",
+                      "window_offset=24")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "records without an MLII lead" in proc.stdout and "201 (V1/V2)" in proc.stdout
 
@@ -73,6 +74,7 @@ def test_mlflow_run_prepare_logs_dataset_params_metrics_and_summary(tmp_path, tr
     assert p["data.records"] == "100,201" and p["data.window"] == "160" and p["data.digest"] == ds.digest
     assert p["data.missing_mlii"] == "201" and p["data.label_scheme"] == "aami"
     assert p["signal_filter"] == p["data.signal_filter"] == ds.meta["signal_filter"] == "bandpass"
+    assert p["data.window_offset"] == "24" and ds.meta["window_offset"] == 24
     assert m["data.n_beats"] == len(ds) > 0 and m["data.n_records"] == 2
     assert m["data.n_finetune"] + m["data.n_test"] == len(ds) and m["data.n_finetune"] > 0
     assert m["data.dropped_edge"] == sum(d["edge"] for d in ds.meta["dropped"].values())

@@ -162,13 +162,14 @@ def test_a_run_started_by_mlflow_run_reads_back_its_own_parameters():
 
     entry = _project_spec.load_project(str(REPO)).get_entry_point("loso")
     logged, _ = entry.compute_parameters({"records": "100,101", "window": "256", "sveb_gate": "0.99",
-                                          "signal_filter": "bandpass"},
+                                          "signal_filter": "bandpass", "window_offset": "48"},
                                          storage_dir=None)
     assert logged["data_dir"] == "''" and logged["base_run_id"] == "''"  # what the store holds
     cfg = config_of_run(logged, LosoConfig())
     assert cfg.prepare.data_dir is None and cfg.base_run_id is None and cfg.prepare.window == 256
     assert cfg.prepare.records == "100,101" and cfg.train.sveb_gate == 0.99 and cfg.holdout == "all"
     assert cfg.prepare.signal_filter == "bandpass" and config_of_run({}, LosoConfig()).prepare.signal_filter == "none"
+    assert cfg.prepare.window_offset == 48 and config_of_run({}, LosoConfig()).prepare.window_offset == 0
     given = LosoConfig(prepare=PrepareConfig(data_dir="/data/mitdb"))
     assert config_of_run(logged, given).prepare.data_dir == "/data/mitdb"
     assert logged_value("'a b'") == "a b" and logged_value("a b") == "a b" and logged_value("it's") == "it's"
