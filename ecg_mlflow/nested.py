@@ -36,7 +36,7 @@ registry prefix and machine settings aside; the TensorFlow thread count its fold
 included, since a seed repeats only at equal counts: the run's ``ecg.threads`` tag against the
 count the planned run's ``threads`` comes to under its executor, so ``threads=0`` under
 ``sequential`` (every core) is not ``threads=0`` under ``auto`` (cores / workers))
-and whose dataset digest (records, window, label scheme, fine-tune minutes, signal
+and whose dataset digest (records, window and its offset, label scheme, fine-tune minutes, signal
 filter, format and every record file's checksum) is the planned one's. Reused runs stay where
 they are; ``nested_plan.csv`` lists every run of the plan and whether it was reused.
 """
