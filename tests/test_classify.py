@@ -2,7 +2,9 @@
 from a QRS detector, read back from a real store. The models come from a real (tiny) LOSO run whose
 models read every input classify makes (beat, RR, five-minute RR, the last RR intervals, recent beats,
 and through the rules the irregularity) and carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb``); they were trained
-on windows moved off the R peak (``augment_shift``), which acts on training alone."""
+on windows moved off the R peak (``augment_shift``), which acts on training alone. Their run band-passed
+its records and put the R peak 16 samples past each window's middle (``window_offset``), both of which
+classify must repeat."""
 
 from __future__ import annotations
 
@@ -197,6 +199,25 @@ def test_bad_input_is_named_before_any_run(store, mitdb_dir, cache_root, monkeyp
     assert "error:" in last and culprit in last, last
     assert "Traceback" not in err
     assert _runs(client) == before
+
+
+@pytest.mark.parametrize("params, culprit", [({"signal_filter": "lowpass"}, "signal_filter 'lowpass'"),
+                                             ({"window_offset": "80"}, "window_offset '80'"),
+                                             ({"window_offset": "-81"}, "window_offset '-81'"),
+                                             ({"window_offset": "1.5"}, "window_offset '1.5'")])
+def test_a_model_whose_run_logged_an_unusable_filter_or_window_offset_is_refused_by_name(store, params, culprit):
+    """A 160-sample model whose run says its records were filtered in a way classify does not know, or
+    its windows cut with the R peak outside them: refused, naming the parameter, before any record is read."""
+    from ecg_mlflow.tracking import log_keras_model
+
+    _, loso_run, client = store
+    model = load_model("models:/ecg-transfer-103@newest").model
+    example = {name: np.zeros((1, *model.input[name].shape[1:]), np.float32) for name in model_input_names(model)}
+    with mlflow.start_run(experiment_id=client.get_run(loso_run).info.experiment_id):
+        mlflow.log_params({"label_scheme": "aami", **params})
+        uri = log_keras_model(model, example)
+    with pytest.raises(ClassifyError, match=culprit):
+        load_model(uri)
 
 
 def test_a_record_without_annotations_refuses_beats_annotations(store, mitdb_dir, tmp_path):
