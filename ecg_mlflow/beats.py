@@ -243,6 +243,14 @@ def r_index(window: int, offset: int = 0) -> int:
     return window // 2 + offset
 
 
+def check_window_offset(window: int, offset: int) -> None:
+    """``ValueError`` naming ``window_offset`` unless the R peak it puts (:func:`r_index`) lies inside the
+    ``window``-sample window."""
+    if not 0 <= r_index(window, offset) < window:
+        raise ValueError(f"window_offset must keep the R peak inside the {window}-sample window "
+                         f"({-(window // 2)} to {window - window // 2 - 1}), got {offset}")
+
+
 def extract_beats(rec: Record, window: int, offset: int = 0) -> RecordBeats:
     """Cut a ``window``-sample window around every scorable beat of ``rec``.
 
@@ -253,9 +261,7 @@ def extract_beats(rec: Record, window: int, offset: int = 0) -> RecordBeats:
     """
     if window <= 0:
         raise ValueError(f"window must be a positive number of samples, got {window}")
-    if not 0 <= r_index(window, offset) < window:
-        raise ValueError(f"window_offset must keep the R peak inside the {window}-sample window "
-                         f"({-(window // 2)} to {window - window // 2 - 1}), got {offset}")
+    check_window_offset(window, offset)
     is_beat = np.fromiter((s in BEAT_SYMBOLS for s in rec.ann_symbol.tolist()), dtype=bool,
                           count=len(rec.ann_symbol))
     excluded = flutter_mask(rec.ann_symbol)

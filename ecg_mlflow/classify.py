@@ -31,7 +31,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from ecg_mlflow import tracking
-from ecg_mlflow.beats import extract_beats, r_index, rhythm_at
+from ecg_mlflow.beats import check_window_offset, extract_beats, rhythm_at
 from ecg_mlflow.dataset import BeatDataset, from_parts, record_part, window_offset_from_param
 from ecg_mlflow.filters import SIGNAL_FILTERS, filtered
 from ecg_mlflow.labels import get_scheme
@@ -149,8 +149,7 @@ def load_model(model_uri: str) -> LoadedModel:
                             f"{list(SIGNAL_FILTERS)}")
     try:  # a run from before the option cut centred windows
         window_offset = window_offset_from_param(params.get("window_offset") or 0)
-        if not 0 <= r_index(window, window_offset) < window:
-            raise ValueError(f"it puts the R peak outside the model's {window}-sample window")
+        check_window_offset(window, window_offset)  # against the model's own window
     except ValueError as exc:
         raise ClassifyError(f"model {model_uri}: its run's window_offset {params.get('window_offset')!r} "
                             f"is unusable: {exc}") from None

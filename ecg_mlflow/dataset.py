@@ -65,12 +65,9 @@ class PrepareConfig:
             raise ValueError(f"window must be a positive whole number of samples, got {self.window!r}")
         if self.window > 10 * TARGET_FS:
             raise ValueError(f"window must be at most {10 * TARGET_FS} samples (10 s), got {self.window}")
-        offset = self.window_offset
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) \
-                or not 0 <= beats_mod.r_index(self.window, offset) < self.window:
-            raise ValueError(f"window_offset must be a whole number of samples that keeps the R peak inside the "
-                             f"{self.window}-sample window ({-(self.window // 2)} to "
-                             f"{self.window - self.window // 2 - 1}), got {offset!r}")
+        if isinstance(self.window_offset, bool) or not isinstance(self.window_offset, (int, np.integer)):
+            raise ValueError(f"window_offset must be a whole number of samples, got {self.window_offset!r}")
+        beats_mod.check_window_offset(self.window, self.window_offset)
         get_scheme(self.label_scheme)
         if isinstance(self.finetune_minutes, bool) or not (
                 isinstance(self.finetune_minutes, (int, float, np.integer, np.floating))
@@ -82,29 +79,28 @@ class PrepareConfig:
         return self
 
 
-def window_from_param(value: str | float | int) -> int:
-    """A ``window`` entry-point parameter as a sample count: MLproject passes floats such as
-    ``'160.0'``; whole numbers are accepted, anything else is a ``ValueError`` naming ``window``."""
+def _samples_from_param(value: str | float | int, name: str, positive: bool) -> int:
+    """An entry-point parameter as a whole number of samples: MLproject passes floats such as
+    ``'160.0'``; anything else is a ``ValueError`` naming ``name``."""
+    expected = "a positive whole number of samples" if positive else "a whole number of samples"
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"window must be a positive whole number of samples, got {value!r}") from None
-    if not np.isfinite(number) or number != int(number) or number <= 0:
-        raise ValueError(f"window must be a positive whole number of samples, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
+    if not np.isfinite(number) or number != int(number) or (positive and number <= 0):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(number)
+
+
+def window_from_param(value: str | float | int) -> int:
+    """A ``window`` entry-point parameter as a positive sample count (``'160.0'`` from MLproject)."""
+    return _samples_from_param(value, "window", positive=True)
 
 
 def window_offset_from_param(value: str | float | int) -> int:
-    """A ``window_offset`` entry-point parameter (``'48.0'`` from MLproject) as a whole number of samples,
-    negative allowed; anything else is a ``ValueError`` naming ``window_offset``. The range is the
-    window's, checked by :meth:`PrepareConfig.validated`."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_offset must be a whole number of samples, got {value!r}") from None
-    if not np.isfinite(number) or number != int(number):
-        raise ValueError(f"window_offset must be a whole number of samples, got {value!r}")
-    return int(number)
+    """A ``window_offset`` entry-point parameter (``'48.0'`` from MLproject), negative allowed. The
+    range is the window's, checked by :meth:`PrepareConfig.validated`."""
+    return _samples_from_param(value, "window_offset", positive=False)
 
 
 def include_paced_from_param(value: str | bool | None) -> bool | None:
