@@ -152,6 +152,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="the convolutions' kernel in samples (360 Hz); 3 = the seed notebook's")
     p.add_argument("--width", type=whole_number("width"), default=d.width,
                    help="multiplies the convolutions' filters; 1 = the seed notebook's 16/32/64")
+    p.add_argument("--core-window", type=whole_number("core_window"), default=d.core_window,
+                   help="0 = off; c: the convolutions see only the c samples centred on the R peak, and a coarse "
+                        "context branch reads the whole window (make it longer, e.g. --window 256 --window-offset 48)")
     p.add_argument("--registry-prefix", default="ecg", help="registered models are <prefix>-transfer-<record> ...")
 
 
@@ -179,7 +182,7 @@ def train_config(a: argparse.Namespace):
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,
                        sveb_gate=a.sveb_gate, sveb_regular=a.sveb_regular, early_sveb=a.early_sveb,
                        recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size,
-                       width=a.width)
+                       width=a.width, core_window=a.core_window)
 
 
 def loso_parser(description: str | None = None, parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:

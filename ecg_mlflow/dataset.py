@@ -158,6 +158,11 @@ class BeatDataset:
     def records(self) -> list[str]:
         return list(self.meta["records"])
 
+    @property
+    def r_peak(self) -> int:
+        """The index of the R peak inside each beat window (:func:`ecg_mlflow.beats.r_index`)."""
+        return beats_mod.r_index(self.meta["window"], self.meta.get("window_offset", 0))
+
     def rr_features(self) -> np.ndarray:
         """Rhythm context, float32 ``(n, 3)``: previous and next RR relative to the local mean
         (unitless), and the local-mean RR itself (s); 1.0 where a value is missing."""
@@ -560,7 +565,7 @@ def summary_html(ds: BeatDataset, summary: pd.DataFrame | None = None) -> str:
         "records": f"{len(ds.records)} ({', '.join(ds.records)})",
         "label scheme": f"{meta['label_scheme']}: " + ", ".join(f"{i} {c}" for i, c in enumerate(ds.classes)),
         "window": f"{meta['window']} samples at {meta['fs']} Hz, R peak at index "
-                  f"{beats_mod.r_index(meta['window'], meta.get('window_offset', 0))}",
+                  f"{ds.r_peak}",
         "fine-tune part": f"first {meta['finetune_minutes']:g} minutes of each record",
         "signal filter": meta.get("signal_filter", "none"),
         "paced records left out": ", ".join(meta["paced_excluded"]) or "none",

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ecg_mlflow.beats import r_index
 from ecg_mlflow.dataset import PrepareConfig
 from ecg_mlflow.executors import ExecConfig
-from ecg_mlflow.models import check_kernel_size
+from ecg_mlflow.models import check_core_window, check_kernel_size
 from ecg_mlflow.training import TrainConfig
 
 VARIANTS = ("no_transfer", "transfer")
@@ -41,7 +42,10 @@ class LosoConfig:
         self.prepare.validated()
         self.train.validated()
         self.execution.validated()
-        check_kernel_size(self.train.kernel_size, self.prepare.window)
+        # The core window needs the R peak's place, which the data's window and offset give.
+        check_core_window(self.train.core_window, self.prepare.window,
+                          r_index(self.prepare.window, self.prepare.window_offset))
+        check_kernel_size(self.train.kernel_size, self.train.core_window or self.prepare.window)
         if self.train.augment_shift > self.prepare.window // 4:
             raise ValueError(f"augment_shift must be at most a quarter of the window ({self.prepare.window // 4} "
                              f"samples for window {self.prepare.window}), got {self.train.augment_shift!r}")

@@ -45,25 +45,77 @@ def lead_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _features(beat, mean: np.ndarray, variance: np.ndarray, dtype: str, template=None, dropout: float = 0.0,
-              kernel_size: int = 3, width: int = 1):
+              kernel_size: int = 3, width: int = 1, core: tuple[int, int] | None = None):
     """Normalisation (float32), then Conv1D 16/32/64 (``kernel_size``, ReLU) with max-pool 2 after
     each, flattened; ``width`` multiplies the filters (2: 32/64/128). The last convolution sees
     ``7 * (kernel_size - 1) + 1`` samples: 15 (42 ms at 360 Hz) at kernel 3, 43 (120 ms, about a P
     wave) at kernel 7.
     With a ``template`` the convolutions also see the beat minus its patient's normal beat, in the
-    same scale, as extra channels. ``dropout`` > 0 adds a ``feature_dropout`` layer on the flattened
-    features (active in training only), so a head re-trained on a few minutes cannot lean on a
-    handful of them."""
+    same scale, as extra channels. With ``core`` ``(left, right)`` (:func:`core_crop`) the three
+    convolutions see the window less ``left`` samples at its start and ``right`` at its end, and
+    :func:`_context` reads the whole window beside them. ``dropout`` > 0 adds a ``feature_dropout``
+    layer on the flattened features (active in training only), so a head re-trained on a few minutes
+    cannot lean on a handful of them."""
     x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(beat)
     if template is not None:
         diff = layers.Subtract(name="minus_template")([beat, template])
         diff = layers.Normalization(axis=-1, mean=np.zeros_like(mean), variance=variance, name="normalize_diff")(diff)
         x = layers.Concatenate(name="beat_and_diff")([x, diff])
+    whole = x
+    if core is not None:
+        x = layers.Cropping1D(core, name="core_crop", dtype=dtype)(x)
     for i, filters in enumerate((16 * width, 32 * width, 64 * width), start=1):
         x = layers.Conv1D(filters, kernel_size, activation="relu", name=f"conv{i}", dtype=dtype)(x)
         x = layers.MaxPool1D(2, name=f"pool{i}", dtype=dtype)(x)
     x = layers.Flatten(name="flatten", dtype=dtype)(x)
+    if core is not None:
+        x = layers.Concatenate(name="core_and_context", dtype=dtype)([x, _context(whole, dtype)])
     return layers.Dropout(dropout, name="feature_dropout", dtype=dtype)(x) if dropout > 0 else x
+
+
+# The context branch: two coarse convolutions over the whole window (kernel 7, max-pool 4 after
+# each), few filters, so it adds the rhythm around the beat (the previous beat's T wave, a P wave
+# that comes early, flutter waves) without a second morphology model beside the core's.
+CONTEXT_FILTERS, CONTEXT_KERNEL, CONTEXT_POOL = (8, 16), 7, 4
+
+
+def _context(x, dtype: str):
+    """The context branch over ``x`` ``(batch, window, channels)``, flattened."""
+    for i, filters in enumerate(CONTEXT_FILTERS, start=1):
+        x = layers.Conv1D(filters, CONTEXT_KERNEL, activation="relu", name=f"context_conv{i}", dtype=dtype)(x)
+        x = layers.MaxPool1D(CONTEXT_POOL, name=f"context_pool{i}", dtype=dtype)(x)
+    return layers.Flatten(name="context_flatten", dtype=dtype)(x)
+
+
+def core_crop(window: int, r_peak: int, core_window: int) -> tuple[int, int]:
+    """Samples to drop at the start and at the end of a ``window``-sample beat window whose R peak
+    is at index ``r_peak`` so that ``core_window`` samples are left, the peak at their index
+    ``core_window // 2`` (as in a centred window of that length)."""
+    left = r_peak - core_window // 2
+    return left, window - left - core_window
+
+
+def check_core_window(core_window: int, window: int, r_peak: int) -> None:
+    """``ValueError`` naming ``core_window`` unless it is 0 (off) or a whole number of samples under
+    ``window`` whose centred crop (:func:`core_crop`) fits inside the window with the R peak at
+    ``r_peak``, and the window is long enough for the context branch."""
+    if isinstance(core_window, bool) or not isinstance(core_window, (int, np.integer)) or core_window < 0:
+        raise ValueError(f"core_window must be 0 (off) or a whole number of samples, got {core_window!r}")
+    if core_window == 0:
+        return
+    def fits(c: int) -> bool:
+        return c < window and min(core_crop(window, r_peak, c)) >= 0
+
+    if not fits(core_window):
+        most = max([c for c in range(1, window) if fits(c)], default=0)
+        raise ValueError(f"core_window must fit inside the {window}-sample window with the R peak at its centre "
+                         f"(the peak at index {r_peak}: at most {most} samples), got {core_window}")
+    n = window
+    for _ in CONTEXT_FILTERS:
+        n = (n - CONTEXT_KERNEL + 1) // CONTEXT_POOL
+    if n < 1:
+        raise ValueError(f"core_window needs a window long enough for the context branch (at least 46 samples), "
+                         f"got window {window}")
 
 
 # Columns of "rr" each rr_features setting keeps: "relative" drops the local mean RR in seconds, so
@@ -105,15 +157,15 @@ def _rhythm(inputs: dict, parts: list, rhythm: dict[str, int]):
 
 def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                    dtype: str = "float32", dropout: float = 0.0, kernel_size: int = 3,
-                   width: int = 1) -> keras.Model:
+                   width: int = 1, core: tuple[int, int] | None = None) -> keras.Model:
     """The seed notebook's 1D CNN: Conv1D 16/32/64 (kernel 3, or ``kernel_size``; ReLU; the filters
     times ``width``), max-pool 2 after each, Flatten, Dense 32 ReLU, Dense ``n_classes`` — the last
     layer gives logits (no ReLU).
 
     ``dtype``: the compute policy of the hidden layers (``mixed_float16`` on a GPU); the logits
-    are always float32 so the loss is computed at full precision."""
+    are always float32 so the loss is computed at full precision. ``core``: see :func:`_features`."""
     inputs = keras.Input(shape=(window, n_leads), name="beat")
-    x = _features(inputs, mean, variance, dtype, dropout=dropout, kernel_size=kernel_size, width=width)
+    x = _features(inputs, mean, variance, dtype, dropout=dropout, kernel_size=kernel_size, width=width, core=core)
     x = layers.Dense(32, activation="relu", name="head_dense", dtype=dtype)(x)
     logits = layers.Dense(n_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name="seed_cnn")
@@ -122,7 +174,8 @@ def build_seed_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, 
 def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                  rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
                  rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0, rhythm: dict[str, int] | None = None,
-                 recent: bool = False, kernel_size: int = 3, width: int = 1) -> keras.Model:
+                 recent: bool = False, kernel_size: int = 3, width: int = 1,
+                 core: tuple[int, int] | None = None) -> keras.Model:
     """The seed CNN with rhythm context: the RR features (columns ``rr_keep`` of the ``(3,)``
     input ``rr``, and an input ``(width,)`` for each ``name: width`` of ``rhythm``, e.g.
     ``{"rr_long": 2}``) join the flattened beat features before the head, so premature beats
@@ -138,7 +191,7 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
     if recent:
         inputs["recent"] = keras.Input(shape=(window, n_leads), name="recent")
     x = _features(beat, mean, variance, dtype, template=inputs.get("recent"), dropout=dropout,
-                  kernel_size=kernel_size, width=width)
+                  kernel_size=kernel_size, width=width, core=core)
     r = _rhythm(inputs, [_rr_input(rr, rr_keep)], rhythm or {})
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
@@ -150,7 +203,8 @@ def build_rr_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, va
 def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarray, variance: np.ndarray,
                       rr_mean: np.ndarray, rr_variance: np.ndarray, dtype: str = "float32",
                       rr_keep: tuple[int, ...] = (0, 1, 2), dropout: float = 0.0,
-                      rhythm: dict[str, int] | None = None, kernel_size: int = 3, width: int = 1) -> keras.Model:
+                      rhythm: dict[str, int] | None = None, kernel_size: int = 3, width: int = 1,
+                      core: tuple[int, int] | None = None) -> keras.Model:
     """``rr_cnn`` that reads each beat against its own patient: the convolutions see the beat and
     the beat minus the patient's median normal beat (``template``), and the head sees the RR
     features both over the local mean RR (``rr``) and over the patient's normal RR
@@ -164,7 +218,7 @@ def build_patient_cnn(window: int, n_leads: int, n_classes: int, mean: np.ndarra
     rr_patient = keras.Input(shape=(3,), name="rr_patient")
     inputs = {"beat": beat, "rr": rr, "template": template, "rr_patient": rr_patient}
     x = _features(beat, mean, variance, dtype, template=template, dropout=dropout, kernel_size=kernel_size,
-                  width=width)
+                  width=width, core=core)
     r = _rhythm(inputs, [_rr_input(rr, rr_keep), rr_patient], rhythm or {})
     r = layers.Normalization(axis=-1, mean=rr_mean, variance=rr_variance, name="normalize_rr")(r)
     x = layers.Concatenate(name="features", dtype=dtype)([x, r])
@@ -206,7 +260,8 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
                 train_rr: np.ndarray | None = None, dtype: str = "float32",
                 train_rr_patient: np.ndarray | None = None, rr_features: str = "all",
                 dropout: float = 0.0, kernel_size: int = 3, width: int = 1,
-                train_rhythm: dict[str, np.ndarray | None] | None = None) -> keras.Model:
+                train_rhythm: dict[str, np.ndarray | None] | None = None, core_window: int = 0,
+                r_peak: int | None = None) -> keras.Model:
     """Build model ``name`` with its normalisation fitted on training beats ``train_x``
     ``(n, window, n_leads)`` (and, for ``rr_cnn`` and ``patient_cnn``, training RR features
     ``train_rr`` ``(n, 3)``; for ``patient_cnn`` also ``train_rr_patient`` ``(n, 3)``; and in
@@ -216,17 +271,22 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
     ``dtype`` is the hidden layers' compute policy (``float32`` or ``mixed_float16``);
     ``rr_features`` which RR inputs the rr models read (:data:`RR_COLUMNS`, :data:`RR_INPUTS`);
     ``dropout`` the rate of the ``feature_dropout`` layer (none at 0); ``kernel_size`` the
-    convolutions' kernel (:func:`check_kernel_size`); ``width`` (1 to :data:`MAX_WIDTH`) multiplies
-    their filters."""
+    convolutions' kernel (:func:`check_kernel_size`, on the core window when there is one); ``width``
+    (1 to :data:`MAX_WIDTH`) multiplies their filters; ``core_window`` > 0: the convolutions see only
+    that many samples centred on the R peak, at index ``r_peak`` of the window (``window // 2`` when
+    None), and a context branch reads the whole window (:func:`check_core_window`)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
     if rr_features not in RR_COLUMNS:
         raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
-    check_kernel_size(kernel_size, window)
+    r_peak = window // 2 if r_peak is None else r_peak
+    check_core_window(core_window, window, r_peak)
+    check_kernel_size(kernel_size, core_window or window)
     check_width(width)
+    core = core_crop(window, r_peak, core_window) if core_window else None
     mean, variance = lead_stats(train_x)
     if name == "seed_cnn":
-        return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout, kernel_size, width)
+        return build_seed_cnn(window, n_leads, n_classes, mean, variance, dtype, dropout, kernel_size, width, core)
     if train_rr is None or (name == "patient_cnn" and train_rr_patient is None):
         raise ValueError(f"model {name} needs the training RR features rr"
                          f"{' and rr_patient' if name == 'patient_cnn' else ''}, each (n, 3)")
@@ -243,9 +303,9 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
     widths = {n: a.shape[1] for n, a in extra.items()}
     if name == "patient_cnn":
         return build_patient_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout,
-                                 widths, kernel_size, width)
+                                 widths, kernel_size, width, core)
     return build_rr_cnn(window, n_leads, n_classes, mean, variance, rr_mean, rr_var, dtype, keep, dropout, widths,
-                        recent=name == "recent_cnn", kernel_size=kernel_size, width=width)
+                        recent=name == "recent_cnn", kernel_size=kernel_size, width=width, core=core)
 
 
 ENSEMBLE_NAME = "ensemble"

@@ -69,6 +69,8 @@ class TrainConfig:
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
     width: int = 1  # multiplies the convolutions' filters (1: the seed notebook's 16/32/64)
+    core_window: int = 0  # > 0: the convolutions see only this many samples centred on the R peak, and a
+    # coarse context branch reads the whole window (a longer one, e.g. window=256 window_offset=48)
     lr_schedule: str = "constant"  # constant | cosine: each training's rate decays from its learning rate to 0
     # over its epochs (cosine), base training and fine-tuning alike
     finetune_replay_early: int = 0  # N beats that came early, from the base-training subjects, added to the
@@ -96,6 +98,7 @@ class TrainConfig:
         whole("ensemble", 1)
         whole("kernel_size", 1)
         whole("augment_shift", 0)
+        whole("core_window", 0)
         check_width(self.width)
         if isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not 0 <= self.augment <= 1:
             raise ValueError(f"augment must be a number in [0, 1], got {self.augment!r}")
@@ -196,7 +199,7 @@ class BeatSource:
     def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None,
                  patient: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  recent: np.ndarray | Callable[[], np.ndarray] | None = None,
-                 rhythm: Mapping[str, np.ndarray] | None = None):
+                 rhythm: Mapping[str, np.ndarray] | None = None, r_peak: int | None = None):
         unknown = [name for name in rhythm or {} if name not in RHYTHM_WIDTHS]
         if unknown:  # "rr" too: it has its own argument
             raise ValueError(f"unknown rhythm inputs {unknown}; expected some of {list(RHYTHM_WIDTHS)}")
@@ -212,6 +215,7 @@ class BeatSource:
         self.x_np, self.y_np, self.patient = x, np.asarray(y).astype(np.int32), patient
         # The rhythm inputs given, by input name: each is gathered by row, as a tensor and as NumPy.
         self.rhythm_np = {name: a for name, a in rhythm.items() if a is not None}
+        self.r_peak = x.shape[1] // 2 if r_peak is None else int(r_peak)  # the R peak's index in a window
         self._recent = recent
         self._tensors: dict[str, tf.Tensor] | None = None
 
@@ -231,7 +235,7 @@ class BeatSource:
         # Each extra rhythm input is made by the dataset method of its name (BeatDataset.rr_long, ...).
         return cls(ds.x, ds.label, ds.rr_features(), ds.patient_context(),
                    lambda: ds.recent_template(recent_reference),
-                   {name: getattr(ds, name)() for name in RHYTHM_WIDTHS})
+                   {name: getattr(ds, name)() for name in RHYTHM_WIDTHS}, ds.r_peak)
 
     def __len__(self) -> int:
         return len(self.y_np)
@@ -576,7 +580,8 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
                         train_rr_patient=source._array("rr_patient", idx), rr_features=cfg.rr_features,
                         dropout=cfg.dropout, kernel_size=cfg.kernel_size, width=cfg.width,
-                        train_rhythm={n: source._array(n, idx) for n in RR_INPUTS[cfg.rr_features]})
+                        train_rhythm={n: source._array(n, idx) for n in RR_INPUTS[cfg.rr_features]},
+                        core_window=cfg.core_window, r_peak=source.r_peak)
     names = model_input_names(model)
     _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule, cfg.epochs * -(-len(idx) // cfg.batch_size),
              cfg.focal_gamma)
