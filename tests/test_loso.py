@@ -249,6 +249,9 @@ BAD_PARAMETERS = [
     (["--kernel-size", "0"], "kernel_size"),
     (["--kernel-size", "23"], "kernel_size"),  # three convolutions of 23 leave nothing of a 160-sample window
     (["--width", "9"], "width"),
+    (["--core-window", "160"], "core_window"),  # the whole 160-sample window: nothing left for the context
+    (["--window", "256", "--window-offset", "48", "--core-window", "161"], "core_window"),  # past the window's end
+    (["--window", "256", "--core-window", "160", "--kernel-size", "23"], "kernel_size"),  # checked on the core
     (["--lr-schedule", "linear"], "lr_schedule"),
     (["--finetune-replay-early", "-5"], "finetune_replay_early"),
     (["--finetune-premature", "-5"], "finetune_premature"),

@@ -113,6 +113,10 @@ def test_a_dataset_with_a_window_offset_is_another_dataset_with_the_same_beats(d
     assert moved.sample.tolist() == centred.sample.tolist() and moved.label.tolist() == centred.label.tolist()
     np.testing.assert_array_equal(moved.x[:, 48:], centred.x[:, :-48])
     assert "R peak at index 176" in summary_html(moved)
+    assert (centred.r_peak, moved.r_peak) == (128, 176)
+    from ecg_mlflow.training import BeatSource
+
+    assert BeatSource.from_dataset(moved).r_peak == 176  # where a core window is cut (core_window)
 
 
 def test_non_beat_annotations_and_flutter_are_excluded(db):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_kernel_size, ensemble_members,
+from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_core_window, check_kernel_size,
+                               ensemble_members,
                                gate_irregular, gate_premature, lead_stats, model_input_names, promote_early,
                                transfer_copy)
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_normal_rows,
@@ -137,6 +138,69 @@ def test_kernel_size_sets_every_convolution_and_is_checked_against_the_window():
             check_kernel_size(bad, WINDOW)
     with pytest.raises(ValueError, match="kernel_size"):
         build_model("seed_cnn", WINDOW, 2, 3, x, kernel_size=5)
+
+
+def context_beats(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """64-sample beats, the R peak at index 40, the same spike there in every class; the class shows
+    only in a bump 30 to 36 samples before the peak, outside a 32-sample core window around it."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(0, 0.05, (n, 64, 2)).astype(np.float32)
+    x[:, 40, 0] += 1.5
+    x[np.arange(n), 4 + 2 * y, 0] += 1.0
+    rr = np.ones((n, 3), dtype=np.float32)
+    return x, y, rr
+
+
+def test_core_window_crops_the_convolutions_to_the_peak_and_a_context_branch_reads_the_rest(tmp_path):
+    import keras
+
+    x, y, rr = context_beats()
+    source = BeatSource(x, y, rr, r_peak=40)
+    cfg = TrainConfig(**{**FAST.__dict__, "core_window": 32, "epochs": 6})
+    model, _ = train_base(source, np.arange(500), 3, cfg)
+    # The convolutions see samples 24..55: 16 before the peak and 16 from it on, as a centred 32-sample window.
+    ramp = np.tile(np.arange(64, dtype=np.float32)[None, :, None], (1, 1, 2))
+    crop = keras.Model(model.inputs, model.get_layer("core_crop").output)({"beat": ramp})
+    mean, var = (np.ravel(a) for a in (model.get_layer("normalize").mean, model.get_layer("normalize").variance))
+    np.testing.assert_allclose(np.asarray(crop)[0], (ramp[0, 24:56] - mean) / np.sqrt(var), rtol=1e-4, atol=1e-4)
+    assert model.get_layer("conv1").input.shape[1] == 32 and model.get_layer("context_conv1").input.shape[1] == 64
+    # The class lies outside the core: only the context branch can tell them apart.
+    assert (predict_classes(model, source, np.arange(500, 600)) == y[500:]).mean() > 0.9
+    plain, _ = train_base(BeatSource(x[:, 24:56], y, rr), np.arange(500), 3, TrainConfig(**{**cfg.__dict__,
+                                                                                           "core_window": 0}))
+    assert (predict_classes(plain, x[500:, 24:56]) == y[500:]).mean() < 0.6
+    # Transfer re-trains the head only: the context branch is part of the frozen feature extractor.
+    tuned, _ = fine_tune(model, source, np.arange(500, 560), cfg)
+    for name in ("context_conv1", "context_conv2", "conv1"):
+        for a, b in zip(tuned.get_layer(name).get_weights(), model.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    model.save(tmp_path / "core.keras")  # built-in layers only: loads without custom objects
+    np.testing.assert_allclose(keras.models.load_model(tmp_path / "core.keras").predict(x[:20], verbose=0),
+                               model.predict(x[:20], verbose=0), rtol=1e-5, atol=1e-5)
+
+
+def test_core_window_is_checked_against_the_window_and_the_r_peak():
+    x, _, rr = context_beats(50)
+    check_core_window(32, 64, 40)
+    check_core_window(0, 64, 40)
+    for bad, peak in ((64, 32), (49, 40), (49, 23)):  # the whole window; past its end; before its start
+        with pytest.raises(ValueError, match=r"core_window must fit inside the 64-sample window .* at most"):
+            check_core_window(bad, 64, peak)
+    check_core_window(48, 64, 40)  # 24 before the peak and 24 from it on: samples 16..63
+    with pytest.raises(ValueError, match=r"index 40: at most 48 samples\), got 49"):
+        check_core_window(49, 64, 40)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="core_window must be 0 \\(off\\) or a whole number"):
+            check_core_window(bad, 64, 40)
+    with pytest.raises(ValueError, match="context branch"):
+        check_core_window(20, 40, 20)
+    # The kernel is checked against what the convolutions see: 32 samples take kernel 4, not 5.
+    build_model("seed_cnn", 64, 2, 3, x, core_window=32, r_peak=40, kernel_size=4)
+    with pytest.raises(ValueError, match=r"kernel_size must be a whole number from 1 to 4 \(for window 32\)"):
+        build_model("seed_cnn", 64, 2, 3, x, core_window=32, r_peak=40, kernel_size=5)
+    with pytest.raises(ValueError, match="core_window"):
+        build_model("rr_cnn", 64, 2, 3, x, rr, core_window=32, r_peak=56)
 
 
 def test_cosine_schedule_takes_each_trainings_rate_to_zero_over_its_epochs(tmp_path):
@@ -805,6 +869,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
     ("lr_schedule", "step", "lr_schedule"),
     ("width", 0, "width"), ("width", 9, "width"), ("width", 2.0, "width"), ("width", False, "width"),
+    ("core_window", -1, "core_window"), ("core_window", 1.5, "core_window"), ("core_window", True, "core_window"),
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
     ("finetune_premature", -1, "finetune_premature"), ("finetune_premature", 2.5, "finetune_premature"),
     ("focal_gamma", -0.5, "focal_gamma"), ("focal_gamma", 11, "focal_gamma"), ("focal_gamma", True, "focal_gamma"),
