@@ -4,7 +4,8 @@ models read every input classify makes (beat, RR, five-minute RR, the last RR in
 and through the rules the irregularity) and carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb``); they were trained
 on windows moved off the R peak (``augment_shift``), which acts on training alone. Their run band-passed
 its records and put the R peak 16 samples past each window's middle (``window_offset``), both of which
-classify must repeat."""
+classify must repeat; their convolutions read a 128-sample core around the peak beside a context
+branch over the whole window (``core_window``), which the saved model carries."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
                                                signal_filter="bandpass", window_offset=16),
                          train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
                                            sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, augment_shift=8,
-                                           epochs=1, finetune_epochs=1, seed=3))
+                                           core_window=128, epochs=1, finetune_epochs=1, seed=3))
         loso_run = run_loso(cfg)
         mp.delenv("MLFLOW_EXPERIMENT_ID")
         yield uri, loso_run, MlflowClient(uri)
@@ -67,6 +68,18 @@ def _variant(client, loso_run: str, record: str, variant: str):
                                             f"tags.loso_run_id = '{loso_run}' and tags.patient = '{record}'")
               if r.data.tags.get("variant") == variant]
     return run
+
+
+def _nested_layer(model, name: str):
+    """Layer ``name`` of ``model`` or of a model nested in it (the transfer rules wrap the model)."""
+    import keras
+
+    for layer in model.layers:
+        found = layer if layer.name == name else \
+            (_nested_layer(layer, name) if isinstance(layer, keras.Model) else None)
+        if found is not None:
+            return found
+    return None
 
 
 def _runs(client) -> int:
@@ -90,6 +103,7 @@ def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record)
         if variant == "transfer":  # the model reads every input classify makes but rr_features=lagged's,
             # which excludes sequence (test_prepare checks it is made as LOSO makes it)
             assert set(model_input_names(load_model(uri).model)) == set(INPUTS) - {"rr_lagged"}
+            assert _nested_layer(load_model(uri).model, "core_crop").cropping == (32, 0)  # samples 32..159
         done = classify(ClassifyConfig(record=record, model_uri=uri, data_dir=str(mitdb_dir)))
         run = client.get_run(done.run_id)
         assert run.data.params["beats"] == "annotations" and run.data.params["signal_filter"] == "bandpass"
