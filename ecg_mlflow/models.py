@@ -103,6 +103,7 @@ def check_core_window(core_window: int, window: int, r_peak: int) -> None:
         raise ValueError(f"core_window must be 0 (off) or a whole number of samples, got {core_window!r}")
     if core_window == 0:
         return
+
     def fits(c: int) -> bool:
         return c < window and min(core_crop(window, r_peak, c)) >= 0
 
@@ -110,12 +111,17 @@ def check_core_window(core_window: int, window: int, r_peak: int) -> None:
         most = max([c for c in range(1, window) if fits(c)], default=0)
         raise ValueError(f"core_window must fit inside the {window}-sample window with the R peak at its centre "
                          f"(the peak at index {r_peak}: at most {most} samples), got {core_window}")
-    n = window
+    if _context_length(window) < 1:
+        least = next(w for w in range(window, 100 * window) if _context_length(w) >= 1)
+        raise ValueError(f"core_window needs a window long enough for the context branch (at least {least} "
+                         f"samples), got window {window}")
+
+
+def _context_length(window: int) -> int:
+    """Positions the context branch (:func:`_context`) leaves of a ``window``-sample window."""
     for _ in CONTEXT_FILTERS:
-        n = (n - CONTEXT_KERNEL + 1) // CONTEXT_POOL
-    if n < 1:
-        raise ValueError(f"core_window needs a window long enough for the context branch (at least 46 samples), "
-                         f"got window {window}")
+        window = (window - CONTEXT_KERNEL + 1) // CONTEXT_POOL
+    return window
 
 
 # Columns of "rr" each rr_features setting keeps: "relative" drops the local mean RR in seconds, so

@@ -193,8 +193,9 @@ def test_core_window_is_checked_against_the_window_and_the_r_peak():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="core_window must be 0 \\(off\\) or a whole number"):
             check_core_window(bad, 64, 40)
-    with pytest.raises(ValueError, match="context branch"):
-        check_core_window(20, 40, 20)
+    with pytest.raises(ValueError, match=r"context branch \(at least 46 samples\), got window 40"):
+        check_core_window(20, 40, 20)  # 40 -> 8 -> 0 positions after the two convolutions and pools
+    check_core_window(20, 46, 23)  # 46 -> 10 -> 1
     # The kernel is checked against what the convolutions see: 32 samples take kernel 4, not 5.
     build_model("seed_cnn", 64, 2, 3, x, core_window=32, r_peak=40, kernel_size=4)
     with pytest.raises(ValueError, match=r"kernel_size must be a whole number from 1 to 4 \(for window 32\)"):
