@@ -53,7 +53,7 @@ def moved_beats(record: str, model_uri: str, data_dir: str | None, detected: np.
     out = {}
     for name, peaks in zip(MOVED, (at_detected, at_reference)):
         part = beats_at(rec, np.unique(peaks), loaded.window, reference, loaded.window_offset)
-        ds = beat_dataset(part, start, loaded.label_scheme, loaded.window)
+        ds = beat_dataset(part, start, loaded.label_scheme, loaded.window, loaded.window_offset)
         rows = np.flatnonzero((ds.part == TEST) & (ds.label >= 0))
         logits = predict_logits(loaded.model, BeatSource.from_dataset(ds, loaded.recent_reference), rows)
         predicted = np.argmax(logits, axis=1)

@@ -221,14 +221,15 @@ def beats_at(rec: Record, peaks: np.ndarray, window: int, reference: dict | None
             "rhythm": rhythm_at(rec.ann_sample, rec.ann_symbol, rec.ann_aux, rb.sample), "part": None}
 
 
-def beat_dataset(part: dict, start_minute: float, label_scheme: str, window: int) -> BeatDataset:
+def beat_dataset(part: dict, start_minute: float, label_scheme: str, window: int,
+                 window_offset: int = 0) -> BeatDataset:
     """The one-record :class:`ecg_mlflow.dataset.BeatDataset` of a :func:`beats_at` or
-    :func:`ecg_mlflow.dataset.record_part` dict, its beats before ``start_minute`` the context part
-    (``FINETUNE``) and the rest the part to classify (``TEST``)."""
+    :func:`ecg_mlflow.dataset.record_part` dict (windows cut with ``window_offset``), its beats before
+    ``start_minute`` the context part (``FINETUNE``) and the rest the part to classify (``TEST``)."""
     scheme = get_scheme(label_scheme)
     part = dict(part, part=np.where(part["time_s"] < start_minute * 60.0, FINETUNE, TEST).astype(object))
     return from_parts([part], {"label_scheme": scheme.name, "classes": list(scheme.classes), "window": window,
-                               "records": [part["record"]], "fs": TARGET_FS})
+                               "window_offset": window_offset, "records": [part["record"]], "fs": TARGET_FS})
 
 
 @dataclasses.dataclass
@@ -284,7 +285,7 @@ def classify(cfg: ClassifyConfig) -> Classified:
         part = reference
     else:
         part = beats_at(rec, detect_beats(rec.signal[:, 0], rec.fs), loaded.window, reference, loaded.window_offset)
-    ds = beat_dataset(part, start, scheme.name, loaded.window)
+    ds = beat_dataset(part, start, scheme.name, loaded.window, loaded.window_offset)
     rows = np.flatnonzero(ds.part == TEST)
     if len(rows) == 0:
         raise ClassifyError(f"record {cfg.record} has no beat from minute {start:g} on to classify")

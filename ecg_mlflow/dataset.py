@@ -564,8 +564,7 @@ def summary_html(ds: BeatDataset, summary: pd.DataFrame | None = None) -> str:
         "beats": f"{len(ds):,}",
         "records": f"{len(ds.records)} ({', '.join(ds.records)})",
         "label scheme": f"{meta['label_scheme']}: " + ", ".join(f"{i} {c}" for i, c in enumerate(ds.classes)),
-        "window": f"{meta['window']} samples at {meta['fs']} Hz, R peak at index "
-                  f"{ds.r_peak}",
+        "window": f"{meta['window']} samples at {meta['fs']} Hz, R peak at index {ds.r_peak}",
         "fine-tune part": f"first {meta['finetune_minutes']:g} minutes of each record",
         "signal filter": meta.get("signal_filter", "none"),
         "paced records left out": ", ".join(meta["paced_excluded"]) or "none",
