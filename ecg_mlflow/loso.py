@@ -223,15 +223,16 @@ def gate_irregular_sveb(ds: BeatDataset, fold: Fold, model, share: float):
     return gate_irregular(model, threshold, code)
 
 
-def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float):
+def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float, rate: float = 0.0):
     """``model`` behind :func:`ecg_mlflow.models.promote_early` (N calls become S for beats early in a
-    regular rhythm), its threshold the ``share`` quantile of the earliness of the fold's training N
-    beats in regular rhythm (other subjects only); the threshold is logged to the active run as
+    regular rhythm and, with ``rate`` > 0, at a local heart rate of at least ``rate`` beats a minute),
+    its threshold the ``share`` quantile of the earliness of the fold's training N beats in regular
+    rhythm (other subjects only); the threshold is logged to the active run as
     ``early_sveb_threshold``."""
     normal, sveb = ds.classes.index("N"), ds.classes.index("S")
     threshold = early_threshold(ds.rr_long(), ds.rr_irregular(), ds.label, np.flatnonzero(fold.train), normal, share)
     mlflow.log_param("early_sveb_threshold", round(threshold, 4))
-    return promote_early(model, threshold, REGULAR_IRREGULARITY, normal, sveb)
+    return promote_early(model, threshold, REGULAR_IRREGULARITY, normal, sveb, fast_rr=60.0 / rate if rate else 0.0)
 
 
 def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
@@ -295,7 +296,7 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     if cfg.train.sveb_regular > 0:
         model = gate_irregular_sveb(ds, fold, model, cfg.train.sveb_regular)
     if cfg.train.early_sveb > 0:
-        model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb)
+        model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb, cfg.train.early_sveb_rate)
     m, cm = _evaluate(ds, fold.test[record], model, src, f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))
     if cfg.registers:

@@ -432,7 +432,7 @@ PROMOTED_NAME = "early_promotion"
 
 
 def promote_early(model: keras.Model, threshold: float, regular: float, from_index: int,
-                  to_index: int) -> keras.Model:
+                  to_index: int, fast_rr: float = 0.0) -> keras.Model:
     """``model`` with class ``from_index`` (N) handed to class ``to_index`` (SVEB) for every beat that
     comes early in a regular rhythm: where the previous RR over the average of about five minutes
     (``rr_long`` column 0) is below ``threshold`` and the rhythm before the beat is regular
@@ -442,16 +442,23 @@ def promote_early(model: keras.Model, threshold: float, regular: float, from_ind
     premature by definition, so not normal, whatever its shape; in atrial fibrillation short RRs
     are ordinary, hence the rhythm condition. This is the converse of :func:`gate_premature`.
 
+    ``fast_rr`` > 0 (s) adds a third condition: the local mean RR (``rr`` column 2) is below it, so
+    the rhythm is fast (0.6 s: 100 beats a minute, tachycardia). Inside a run of supraventricular
+    tachycardia every beat is S and comes early against the minutes before; a sinus rhythm back
+    from a slower stretch (2:1 block, bradycardia) is early against them too, but not fast.
+
     The returned model reads ``model``'s inputs plus ``rr_long`` ``(2,)`` and ``rr_irregular``
-    ``(1,)`` and gives logits ``(batch, n_classes)``; it is built from built-in layers with fixed
-    weights, so it saves, loads and serves as any other model."""
+    ``(1,)`` (and ``rr`` ``(3,)`` with ``fast_rr``) and gives logits ``(batch, n_classes)``; it is
+    built from built-in layers with fixed weights, so it saves, loads and serves as any other model."""
     n_classes = int(model.output.shape[-1])
     for name, index in (("from_index", from_index), ("to_index", to_index)):
         if not 0 <= index < n_classes:
             raise ValueError(f"{name} must be in [0, {n_classes}), got {index}")
     if from_index == to_index:
         raise ValueError(f"from_index and to_index must differ, got {from_index} for both")
-    inputs, logits = _wrapped(model, {"rr_long": 2, "rr_irregular": 1})
+    if isinstance(fast_rr, bool) or not isinstance(fast_rr, (int, float)) or fast_rr < 0:
+        raise ValueError(f"fast_rr must be 0 (any rate) or a local mean RR in seconds, got {fast_rr!r}")
+    inputs, logits = _wrapped(model, {"rr_long": 2, "rr_irregular": 1, **({"rr": 3} if fast_rr else {})})
     # 1 while the value is at least 1e-4 below its bound, 0 from the bound on: Dense + capped ReLU.
     first = np.zeros((2, 1), np.float32)
     first[0, 0] = -_STEP
@@ -460,7 +467,13 @@ def promote_early(model: keras.Model, threshold: float, regular: float, from_ind
     steady = _fixed_dense(1, np.full((1, 1), -_STEP, np.float32), np.array([regular * _STEP], np.float32),
                           "promote_regular_step")(inputs["rr_irregular"])
     steady = layers.ReLU(max_value=1.0, name="promote_regular", dtype="float32")(steady)
-    both = layers.Minimum(name="promote_when", dtype="float32")([early, steady])
+    conditions = [early, steady]
+    if fast_rr:
+        local = np.zeros((3, 1), np.float32)
+        local[2, 0] = -_STEP
+        fast = _fixed_dense(1, local, np.array([fast_rr * _STEP], np.float32), "promote_fast_step")(inputs["rr"])
+        conditions.append(layers.ReLU(max_value=1.0, name="promote_fast", dtype="float32")(fast))
+    both = layers.Minimum(name="promote_when", dtype="float32")(conditions)
 
     def column(index: int, name: str):
         pick = np.zeros((n_classes, 1), np.float32)

@@ -24,6 +24,7 @@ CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "last", "all")
 PRECISIONS = ("auto", "float32", "mixed")
 LR_SCHEDULES = ("constant", "cosine")
+MAX_HEART_RATE = 300  # beats a minute: early_sveb_rate above any ventricular rate is a typo
 RR_FEATURES = tuple(RR_COLUMNS)
 
 
@@ -65,6 +66,8 @@ class TrainConfig:
     # than this share of the training subjects' S beats (no S calls in atrial fibrillation or flutter)
     early_sveb: float = 0.0  # > 0: transfer calls S instead of N for beats in regular rhythm earlier than all but
     # this share of the training subjects' N beats in regular rhythm
+    early_sveb_rate: float = 0.0  # > 0 (beats a minute): early_sveb acts only where the local heart rate is at
+    # least this (100: tachycardia), so a rhythm back from a slower stretch is not taken for a run of SVTA
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
@@ -131,6 +134,12 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
                 raise ValueError(f"{name} must be 0 (off) or a share in (0, 1), got {v!r}")
+        if isinstance(self.early_sveb_rate, bool) or not isinstance(self.early_sveb_rate, (int, float)) \
+                or not 0 <= self.early_sveb_rate <= MAX_HEART_RATE:
+            raise ValueError(f"early_sveb_rate must be 0 (any rate) or a heart rate in beats a minute, at most "
+                             f"{MAX_HEART_RATE}, got {self.early_sveb_rate!r}")
+        if self.early_sveb_rate > 0 and self.early_sveb == 0:
+            raise ValueError(f"early_sveb_rate={self.early_sveb_rate} acts only with early_sveb > 0, got early_sveb=0")
         if self.recent_reference not in RECENT_REFERENCES:
             raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, "
                              f"got {self.recent_reference!r}")
@@ -148,7 +157,8 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "sveb_regular", "early_sveb", "finetune_replay_early", "finetune_premature")
+                                    "sveb_regular", "early_sveb", "early_sveb_rate", "finetune_replay_early",
+                                    "finetune_premature")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 

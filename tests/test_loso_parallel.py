@@ -664,6 +664,40 @@ def test_early_sveb_makes_transfer_call_s_for_early_beats_in_regular_rhythm(sequ
     assert checked > 0
 
 
+def test_early_sveb_rate_keeps_early_sveb_to_beats_of_a_fast_rhythm(sequential, mitdb_dir, cache_root, monkeypatch):
+    import keras
+
+    from ecg_mlflow.beats import REGULAR_IRREGULARITY
+    from ecg_mlflow.loso import beat_source
+    from ecg_mlflow.models import model_input_names
+
+    # 70 beats a minute: record 100 beats at about 76, 101 at about 62, so both sides of the rate show
+    share, rate = 0.2, 70
+    ds, transfers = _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, early_sveb=share,
+                                            early_sveb_rate=rate)
+    earliness, regular = ds.rr_long()[:, 0], ds.rr_irregular()[:, 0] < REGULAR_IRREGULARITY
+    local_rr = ds.rr_features()[:, 2]
+    n, s = ds.classes.index("N"), ds.classes.index("S")
+    promoted = kept = 0
+    for patient, params, model, rows in transfers:
+        threshold = float(params["early_sveb_threshold"])  # as without the rate: the rate is a further condition
+        train = (ds.record != patient) & (ds.label == n) & regular
+        assert threshold == pytest.approx(np.quantile(earliness[train], share), abs=1e-4)
+        assert {"rr", "rr_long", "rr_irregular"} <= set(model_input_names(model))
+        pred = np.argmax(model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0), 1)
+        inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+        plain = np.argmax(inner.predict(beat_source(ds).inputs(rows, model_input_names(inner)), verbose=0), 1)
+        early = (earliness[rows] < threshold - 1e-3) & regular[rows]
+        fast = local_rr[rows] < 60 / rate - 1e-3
+        np.testing.assert_array_equal(pred[early & fast & (plain == n)], s)
+        # early beats of a slower rhythm keep the model's call, N included
+        slow = local_rr[rows] >= 60 / rate
+        np.testing.assert_array_equal(pred[slow], plain[slow])
+        promoted += int((early & fast & (plain == n)).sum())
+        kept += int((early & slow & (plain == n)).sum())
+    assert promoted > 0 and kept > 0
+
+
 def test_recent_reference_ontime_reaches_training_and_evaluation(sequential, mitdb_dir, cache_root, monkeypatch):
     from dataclasses import replace
 

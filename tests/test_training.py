@@ -715,6 +715,43 @@ def test_early_promotion_hands_n_calls_to_s_only_for_early_beats_in_regular_rhyt
             promote_early(plain, *bad)
 
 
+@pytest.mark.parametrize("model_name", ["seed_cnn", "rr_cnn"])
+def test_early_promotion_with_fast_rr_leaves_early_beats_of_a_slow_rhythm_alone(model_name, tmp_path):
+    from dataclasses import replace
+
+    import keras
+
+    x, y, rr = toy_beats(300)
+    rng = np.random.default_rng(5)
+    rr = rr.copy()
+    rr[:, 2] = rng.uniform(0.3, 1.2, len(x))  # local mean RR (s): 200 to 50 beats a minute
+    rr_long = rng.uniform(0.4, 1.4, (len(x), 2)).astype(np.float32)
+    irregular = rng.uniform(0.0, 0.1, (len(x), 1)).astype(np.float32)
+    src = BeatSource(x, y, rr, rhythm={"rr_long": rr_long, "rr_irregular": irregular})
+    plain, _ = train_base(src, np.arange(len(x)), 3, replace(FAST, model=model_name))
+    fast = promote_early(plain, 0.8, 0.05, from_index=0, to_index=1, fast_rr=0.6)
+    assert set(model_input_names(fast)) == set(model_input_names(plain)) | {"rr", "rr_long", "rr_irregular"}
+    rows = np.arange(len(x))
+    before = np.argmax(plain.predict(src.inputs(rows, model_input_names(plain)), verbose=0), axis=1)
+    pred = predict_classes(fast, src, rows)
+    early = (rr_long[:, 0] < 0.8 - 1e-3) & (irregular[:, 0] < 0.05 - 1e-3)
+    quick, slow = rr[:, 2] < 0.6 - 1e-3, rr[:, 2] >= 0.6
+    # early beats of a fast rhythm: N calls become S, as without fast_rr
+    assert (early & quick & (before == 0)).sum() > 5
+    np.testing.assert_array_equal(pred[early & quick & (before == 0)], 1)
+    # early beats of a slow rhythm, which promote_early alone would hand to S, keep their calls
+    assert (early & slow & (before == 0)).sum() > 5
+    np.testing.assert_array_equal(pred[~(early & quick)], before[~(early & quick)])
+    alone = predict_classes(promote_early(plain, 0.8, 0.05, 0, 1), src, rows)
+    assert (alone[early & slow & (before == 0)] == 1).all()
+    path = tmp_path / "fast.keras"
+    fast.save(path)
+    np.testing.assert_array_equal(predict_classes(keras.models.load_model(path), src, rows), pred)
+    for bad in (-0.1, True, "0.6"):
+        with pytest.raises(ValueError, match="fast_rr"):
+            promote_early(plain, 0.8, 0.05, 0, 1, fast_rr=bad)
+
+
 def test_early_threshold_is_a_quantile_over_training_beats_of_the_class_in_regular_rhythm():
     rng = np.random.default_rng(1)
     n = 2000
@@ -866,6 +903,9 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("sveb_gate", 1, "sveb_gate"), ("sveb_gate", -0.5, "sveb_gate"), ("sveb_gate", "on", "sveb_gate"),
     ("sveb_regular", 1, "sveb_regular"), ("sveb_regular", -0.1, "sveb_regular"), ("sveb_regular", True, "sveb_regular"),
     ("early_sveb", 1, "early_sveb"), ("early_sveb", -0.1, "early_sveb"), ("early_sveb", True, "early_sveb"),
+    ("early_sveb_rate", -1, "early_sveb_rate"), ("early_sveb_rate", 301, "early_sveb_rate"),
+    ("early_sveb_rate", True, "early_sveb_rate"), ("early_sveb_rate", "100", "early_sveb_rate"),
+    ("early_sveb_rate", 100, "early_sveb_rate=100 acts only with early_sveb > 0"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
     ("lr_schedule", "step", "lr_schedule"),
