@@ -1,9 +1,9 @@
 """``classify``: a registered model applied to a record's beats, from its reference annotations or
 from a QRS detector, read back from a real store. The models come from a real (tiny) LOSO run whose
 models read every input classify makes (beat, RR, five-minute RR, the last RR intervals, recent beats,
-and through the rules the irregularity) and carry all three saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb`` with its heart-rate bound
-``early_sveb_rate``); they were trained
-on windows moved off the R peak (``augment_shift``), which acts on training alone. Their run band-passed
+and through the rules the irregularity) and carry all three saved-in rules (``sveb_gate``,
+``sveb_regular``, ``early_sveb`` with its heart-rate bound ``early_sveb_rate``); they were trained on
+windows moved off the R peak (``augment_shift``), which acts on training alone. Their run band-passed
 its records and put the R peak 16 samples past each window's middle (``window_offset``), both of which
 classify must repeat; their convolutions read a 128-sample core around the peak beside a context
 branch over the whole window (``core_window``), which the saved model carries."""
@@ -57,8 +57,7 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
                                                signal_filter="bandpass", window_offset=16),
                          train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
                                            sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, early_sveb_rate=60,
-                                           augment_shift=8,
-                                           core_window=128, epochs=1, finetune_epochs=1, seed=3))
+                                           augment_shift=8, core_window=128, epochs=1, finetune_epochs=1, seed=3))
         loso_run = run_loso(cfg)
         mp.delenv("MLFLOW_EXPERIMENT_ID")
         yield uri, loso_run, MlflowClient(uri)
