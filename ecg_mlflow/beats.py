@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from ecg_mlflow.labels import BEAT_SYMBOLS
 from ecg_mlflow.records import Record
@@ -139,6 +140,21 @@ def rr_average(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
         lo = np.maximum(0, k + 1 - beats)
         n = count[k + 1] - count[lo]
         out[rows] = np.where(n > 0, (total[k + 1] - total[lo]) / np.maximum(n, 1), np.nan)
+    return out
+
+
+def rr_median(record: np.ndarray, sample: np.ndarray, rr_prev: np.ndarray,
+              beats: int = RR_AVERAGE_BEATS) -> np.ndarray:
+    """Median of the (up to) ``beats`` intervals ending at each beat and the beats before it in the
+    same record (s), float64 ``(n,)``: :func:`rr_average` with the median for the mean. Runs of
+    tachycardia that fill less than half of the five minutes do not pull it down, so the rate
+    before a run stays the reference of a record with many runs (209). ``record``, ``sample``,
+    ``rr_prev``: ``(n,)`` per beat, rows in any order; NaN intervals are skipped, and NaN is
+    returned where a beat has none. It never looks ahead, nor into another record."""
+    out = np.full(len(record), np.nan)
+    for rows in _rows_by_record(record, sample, rr_prev, "rr_prev", beats):
+        # pandas' rolling median keeps a sorted window: about 30x faster than a median per window.
+        out[rows] = pd.Series(rr_prev[rows], dtype=np.float64).rolling(beats, min_periods=1).median().to_numpy()
     return out
 
 

@@ -148,6 +148,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-sveb-rate", type=number("early_sveb_rate"), default=d.early_sveb_rate,
                    help="0 = any rate; beats a minute (e.g. 100, tachycardia): early_sveb acts only where the "
                         "local heart rate (60 / local mean RR) is at least this")
+    p.add_argument("--early-reference", default=d.early_reference,
+                   help="what early_sveb reads the previous RR against: mean (the five-minute mean RR) or median "
+                        "(the five-minute median RR, which runs of tachycardia pull down less)")
     p.add_argument("--recent-reference", default=d.recent_reference,
                    help="recent_cnn reads each beat against the 20 beats before it (all) or the 20 before it "
                         "that came on time (ontime: previous RR at least 0.9 of the five-minute average)")
@@ -184,7 +187,7 @@ def train_config(a: argparse.Namespace):
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,
                        sveb_gate=a.sveb_gate, sveb_regular=a.sveb_regular, early_sveb=a.early_sveb,
-                       early_sveb_rate=a.early_sveb_rate,
+                       early_sveb_rate=a.early_sveb_rate, early_reference=a.early_reference.strip().lower(),
                        recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size,
                        width=a.width, core_window=a.core_window)
 

@@ -56,9 +56,9 @@ from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_bas
                                claim, config_for_resume, end_orphaned_runs, end_stale_children, loso_run,
                                parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
-from ecg_mlflow.training import (BeatSource, early_normal_rows, early_threshold, fine_tune, irregular_threshold,
-                                 model_input_names, predict_logits, premature_rows, premature_threshold, replay_rows,
-                                 train_base, visible_gpus)
+from ecg_mlflow.training import (EARLY_REFERENCES, BeatSource, early_normal_rows, early_threshold, fine_tune,
+                                 irregular_threshold, model_input_names, predict_logits, premature_rows,
+                                 premature_threshold, replay_rows, train_base, visible_gpus)
 
 
 def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
@@ -223,16 +223,21 @@ def gate_irregular_sveb(ds: BeatDataset, fold: Fold, model, share: float):
     return gate_irregular(model, threshold, code)
 
 
-def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float, rate: float = 0.0):
+def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float, rate: float = 0.0,
+                       reference: str = "mean"):
     """``model`` behind :func:`ecg_mlflow.models.promote_early` (N calls become S for beats early in a
     regular rhythm and, with ``rate`` > 0, at a local heart rate of at least ``rate`` beats a minute),
     its threshold the ``share`` quantile of the earliness of the fold's training N beats in regular
     rhythm (other subjects only); the threshold is logged to the active run as
-    ``early_sveb_threshold``."""
+    ``early_sveb_threshold``. ``reference``: earliness is the previous RR over the five-minute
+    ``mean`` or ``median`` RR (:data:`ecg_mlflow.training.EARLY_REFERENCES`)."""
     normal, sveb = ds.classes.index("N"), ds.classes.index("S")
-    threshold = early_threshold(ds.rr_long(), ds.rr_irregular(), ds.label, np.flatnonzero(fold.train), normal, share)
+    name = EARLY_REFERENCES[reference]
+    threshold = early_threshold(getattr(ds, name)(), ds.rr_irregular(), ds.label, np.flatnonzero(fold.train),
+                                normal, share)
     mlflow.log_param("early_sveb_threshold", round(threshold, 4))
-    return promote_early(model, threshold, REGULAR_IRREGULARITY, normal, sveb, fast_rr=60.0 / rate if rate else 0.0)
+    return promote_early(model, threshold, REGULAR_IRREGULARITY, normal, sveb, fast_rr=60.0 / rate if rate else 0.0,
+                         reference=name)
 
 
 def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
@@ -296,7 +301,8 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     if cfg.train.sveb_regular > 0:
         model = gate_irregular_sveb(ds, fold, model, cfg.train.sveb_regular)
     if cfg.train.early_sveb > 0:
-        model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb, cfg.train.early_sveb_rate)
+        model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb, cfg.train.early_sveb_rate,
+                                   cfg.train.early_reference)
     m, cm = _evaluate(ds, fold.test[record], model, src, f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))
     if cfg.registers:

@@ -138,7 +138,9 @@ RR_INPUTS: dict[str, tuple[str, ...]] = {"all": (), "relative": (), "long": ("rr
                                          "sequence": ("rr_long", "rr_sequence"),
                                          "lagged": ("rr_long", "rr_lagged")}
 # Each rhythm input's width; None: as many columns as its training features have (at least one).
-RHYTHM_WIDTHS: dict[str, int | None] = {"rr_long": 2, "rr_irregular": 1, "rr_sequence": None, "rr_lagged": 1}
+# "rr_median" (rr_long over the five-minute median RR) is read only by promote_early (early_reference).
+RHYTHM_WIDTHS: dict[str, int | None] = {"rr_long": 2, "rr_irregular": 1, "rr_sequence": None, "rr_lagged": 1,
+                                        "rr_median": 2}
 
 
 def _rr_input(rr, keep: tuple[int, ...]):
@@ -429,10 +431,11 @@ def gate_irregular(model: keras.Model, threshold: float, class_index: int) -> ke
 
 
 PROMOTED_NAME = "early_promotion"
+EARLY_INPUTS: tuple[str, ...] = ("rr_long", "rr_median")  # what promote_early reads the earliness from
 
 
 def promote_early(model: keras.Model, threshold: float, regular: float, from_index: int,
-                  to_index: int, fast_rr: float = 0.0) -> keras.Model:
+                  to_index: int, fast_rr: float = 0.0, reference: str = "rr_long") -> keras.Model:
     """``model`` with class ``from_index`` (N) handed to class ``to_index`` (SVEB) for every beat that
     comes early in a regular rhythm: where the previous RR over the average of about five minutes
     (``rr_long`` column 0) is below ``threshold`` and the rhythm before the beat is regular
@@ -447,7 +450,11 @@ def promote_early(model: keras.Model, threshold: float, regular: float, from_ind
     tachycardia every beat is S and comes early against the minutes before; a sinus rhythm back
     from a slower stretch (2:1 block, bradycardia) is early against them too, but not fast.
 
-    The returned model reads ``model``'s inputs plus ``rr_long`` ``(2,)`` and ``rr_irregular``
+    ``reference``: the input whose column 0 is the earliness, ``rr_long`` (previous RR over the
+    five-minute mean RR) or ``rr_median`` (over their median, which runs of tachycardia pull down
+    less); ``threshold`` is in its terms.
+
+    The returned model reads ``model``'s inputs plus ``reference`` ``(2,)`` and ``rr_irregular``
     ``(1,)`` (and ``rr`` ``(3,)`` with ``fast_rr``) and gives logits ``(batch, n_classes)``; it is
     built from built-in layers with fixed weights, so it saves, loads and serves as any other model."""
     n_classes = int(model.output.shape[-1])
@@ -458,11 +465,13 @@ def promote_early(model: keras.Model, threshold: float, regular: float, from_ind
         raise ValueError(f"from_index and to_index must differ, got {from_index} for both")
     if isinstance(fast_rr, bool) or not isinstance(fast_rr, (int, float)) or fast_rr < 0:
         raise ValueError(f"fast_rr must be 0 (any rate) or a local mean RR in seconds, got {fast_rr!r}")
-    inputs, logits = _wrapped(model, {"rr_long": 2, "rr_irregular": 1, **({"rr": 3} if fast_rr else {})})
+    if reference not in EARLY_INPUTS:
+        raise ValueError(f"reference must be one of {list(EARLY_INPUTS)}, got {reference!r}")
+    inputs, logits = _wrapped(model, {reference: 2, "rr_irregular": 1, **({"rr": 3} if fast_rr else {})})
     # 1 while the value is at least 1e-4 below its bound, 0 from the bound on: Dense + capped ReLU.
     first = np.zeros((2, 1), np.float32)
     first[0, 0] = -_STEP
-    early = _fixed_dense(1, first, np.array([threshold * _STEP], np.float32), "promote_early_step")(inputs["rr_long"])
+    early = _fixed_dense(1, first, np.array([threshold * _STEP], np.float32), "promote_early_step")(inputs[reference])
     early = layers.ReLU(max_value=1.0, name="promote_early", dtype="float32")(early)
     steady = _fixed_dense(1, np.full((1, 1), -_STEP, np.float32), np.array([regular * _STEP], np.float32),
                           "promote_regular_step")(inputs["rr_irregular"])

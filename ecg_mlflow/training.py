@@ -25,6 +25,9 @@ FINETUNE_LAYERS = ("head", "last", "all")
 PRECISIONS = ("auto", "float32", "mixed")
 LR_SCHEDULES = ("constant", "cosine")
 MAX_HEART_RATE = 300  # beats a minute: early_sveb_rate above any ventricular rate is a typo
+# What early_sveb reads a beat's previous RR against: the mean RR of about five minutes (rr_long) or
+# their median (rr_median), which runs of tachycardia filling less than half of them do not pull down.
+EARLY_REFERENCES: dict[str, str] = {"mean": "rr_long", "median": "rr_median"}
 RR_FEATURES = tuple(RR_COLUMNS)
 
 
@@ -68,6 +71,7 @@ class TrainConfig:
     # this share of the training subjects' N beats in regular rhythm
     early_sveb_rate: float = 0.0  # > 0 (beats a minute): early_sveb acts only where the local heart rate is at
     # least this (100: tachycardia), so a rhythm back from a slower stretch is not taken for a run of SVTA
+    early_reference: str = "mean"  # early_sveb reads the previous RR over the five-minute mean or median RR
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
@@ -140,6 +144,11 @@ class TrainConfig:
                              f"{MAX_HEART_RATE}, got {self.early_sveb_rate!r}")
         if self.early_sveb_rate > 0 and self.early_sveb == 0:
             raise ValueError(f"early_sveb_rate={self.early_sveb_rate} acts only with early_sveb > 0, got early_sveb=0")
+        if self.early_reference not in EARLY_REFERENCES:
+            raise ValueError(f"early_reference must be one of {list(EARLY_REFERENCES)}, got {self.early_reference!r}")
+        if self.early_reference != "mean" and self.early_sveb == 0:
+            raise ValueError(f"early_reference={self.early_reference!r} acts only with early_sveb > 0, "
+                             f"got early_sveb=0")
         if self.recent_reference not in RECENT_REFERENCES:
             raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, "
                              f"got {self.recent_reference!r}")
@@ -157,8 +166,8 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "sveb_regular", "early_sveb", "early_sveb_rate", "finetune_replay_early",
-                                    "finetune_premature")
+                                    "sveb_regular", "early_sveb", "early_sveb_rate", "early_reference",
+                                    "finetune_replay_early", "finetune_premature")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -429,10 +438,11 @@ def early_threshold(rr_long: np.ndarray, irregular: np.ndarray, labels: np.ndarr
                     class_code: int, share: float, regular: float = REGULAR_IRREGULARITY) -> float:
     """The earliness below which a beat in regular rhythm is no longer called class ``class_code``
     (N) under :func:`ecg_mlflow.models.promote_early`: the ``share`` quantile of previous RR over the
-    five-minute average (``rr_long[:, 0]``) over the beats of that class among ``rows`` (training
-    rows: never the held-out subject's) whose rhythm before is regular (``irregular`` below
-    ``regular``). So about ``share`` of those beats would be called S. ``rr_long`` ``(n, 2)``,
-    ``irregular`` ``(n, 1)`` or ``(n,)``, ``labels`` ``(n,)`` cover the whole table."""
+    five-minute average (``rr_long[:, 0]``; or over the five-minute median, when ``rr_median`` is
+    passed as ``rr_long``) over the beats of that class among ``rows`` (training rows: never the
+    held-out subject's) whose rhythm before is regular (``irregular`` below ``regular``). So about
+    ``share`` of those beats would be called S. ``rr_long`` ``(n, 2)``, ``irregular`` ``(n, 1)`` or
+    ``(n,)``, ``labels`` ``(n,)`` cover the whole table."""
     if not 0 < share < 1:
         raise ValueError(f"share must be in (0, 1), got {share!r}")
     rows = np.asarray(rows)

@@ -1,12 +1,13 @@
 """``classify``: a registered model applied to a record's beats, from its reference annotations or
 from a QRS detector, read back from a real store. The models come from a real (tiny) LOSO run whose
 models read every input classify makes (beat, RR, five-minute RR, the last RR intervals, recent beats,
-and through the rules the irregularity) and carry all three saved-in rules (``sveb_gate``,
-``sveb_regular``, ``early_sveb`` with its heart-rate bound ``early_sveb_rate``); they were trained on
-windows moved off the R peak (``augment_shift``), which acts on training alone. Their run band-passed
-its records and put the R peak 16 samples past each window's middle (``window_offset``), both of which
-classify must repeat; their convolutions read a 128-sample core around the peak beside a context
-branch over the whole window (``core_window``), which the saved model carries."""
+and through the rules the irregularity and the RR over the five-minute median) and carry all three
+saved-in rules (``sveb_gate``, ``sveb_regular``, ``early_sveb`` with its heart-rate bound
+``early_sveb_rate``, read against the five-minute median with ``early_reference=median``); they were
+trained on windows moved off the R peak (``augment_shift``), which acts on training alone. Their run
+band-passed its records and put the R peak 16 samples past each window's middle (``window_offset``),
+both of which classify must repeat; their convolutions read a 128-sample core around the peak beside a
+context branch over the whole window (``core_window``), which the saved model carries."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
                                                signal_filter="bandpass", window_offset=16),
                          train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
                                            sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, early_sveb_rate=60,
-                                           augment_shift=8, core_window=128, epochs=1, finetune_epochs=1, seed=3))
+                                           early_reference="median", augment_shift=8, core_window=128, epochs=1,
+                                           finetune_epochs=1, seed=3))
         loso_run = run_loso(cfg)
         mp.delenv("MLFLOW_EXPERIMENT_ID")
         yield uri, loso_run, MlflowClient(uri)
@@ -106,6 +108,7 @@ def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record)
             assert set(model_input_names(load_model(uri).model)) == set(INPUTS) - {"rr_lagged"}
             assert _nested_layer(load_model(uri).model, "core_crop").cropping == (32, 0)  # samples 32..159
             assert load_model(uri).model.get_layer("promote_fast_step")  # early_sveb's rate bound is saved in
+            assert "rr_median" in model_input_names(load_model(uri).model)  # and it reads the five-minute median
         done = classify(ClassifyConfig(record=record, model_uri=uri, data_dir=str(mitdb_dir)))
         run = client.get_run(done.run_id)
         assert run.data.params["beats"] == "annotations" and run.data.params["signal_filter"] == "bandpass"

@@ -248,6 +248,8 @@ BAD_PARAMETERS = [
     (["--label-scheme", "raw", "--early-sveb", "0.01"], "early_sveb"),
     (["--early-sveb", "0.002", "--early-sveb-rate", "-100"], "early_sveb_rate"),
     (["--early-sveb-rate", "100"], "early_sveb_rate"),  # without early_sveb it would do nothing
+    (["--early-sveb", "0.002", "--early-reference", "mode"], "early_reference"),
+    (["--early-reference", "median"], "early_reference"),  # without early_sveb it would do nothing
     (["--kernel-size", "0"], "kernel_size"),
     (["--kernel-size", "23"], "kernel_size"),  # three convolutions of 23 leave nothing of a 160-sample window
     (["--width", "9"], "width"),

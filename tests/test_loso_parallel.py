@@ -632,8 +632,9 @@ def test_sveb_regular_keeps_transfer_from_calling_s_after_an_irregular_rhythm(se
         np.testing.assert_allclose(logits[open_], plain[open_], rtol=1e-5, atol=1e-5)
 
 
-def test_early_sveb_makes_transfer_call_s_for_early_beats_in_regular_rhythm(sequential, mitdb_dir, cache_root,
-                                                                          monkeypatch):
+@pytest.mark.parametrize("reference, reads", [("mean", "rr_long"), ("median", "rr_median")])
+def test_early_sveb_makes_transfer_call_s_for_early_beats_in_regular_rhythm(reference, reads, sequential, mitdb_dir,
+                                                                          cache_root, monkeypatch):
     import keras
 
     from ecg_mlflow.beats import REGULAR_IRREGULARITY
@@ -641,16 +642,18 @@ def test_early_sveb_makes_transfer_call_s_for_early_beats_in_regular_rhythm(sequ
     from ecg_mlflow.models import model_input_names
 
     share = 0.2  # a threshold that many test beats pass, so it shows
-    ds, transfers = _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, early_sveb=share)
-    earliness, regular = ds.rr_long()[:, 0], ds.rr_irregular()[:, 0] < REGULAR_IRREGULARITY
+    ds, transfers = _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, early_sveb=share,
+                                            early_reference=reference)
+    earliness, regular = getattr(ds, reads)()[:, 0], ds.rr_irregular()[:, 0] < REGULAR_IRREGULARITY
+    other = (ds.rr_long() if reads == "rr_median" else ds.rr_median())[:, 0]
     n, s = ds.classes.index("N"), ds.classes.index("S")
-    checked = 0
+    checked = told_apart = 0
     for patient, params, model, rows in transfers:
         # the threshold comes from the other subjects' N beats in regular rhythm
         train = (ds.record != patient) & (ds.label == n) & regular
         threshold = float(params["early_sveb_threshold"])
         assert threshold == pytest.approx(np.quantile(earliness[train], share), abs=1e-4)
-        assert {"rr_long", "rr_irregular"} <= set(model_input_names(model))
+        assert {reads, "rr_irregular"} <= set(model_input_names(model))
         pred = np.argmax(model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0), 1)
         acts = (earliness[rows] < threshold - 1e-3) & regular[rows]
         assert acts.sum() > 20 and not (pred[acts] == n).any()
@@ -661,7 +664,9 @@ def test_early_sveb_makes_transfer_call_s_for_early_beats_in_regular_rhythm(sequ
         np.testing.assert_array_equal(pred[~acts & (earliness[rows] >= threshold)],
                                       plain[~acts & (earliness[rows] >= threshold)])
         checked += int((acts & (plain == n)).sum())
-    assert checked > 0
+        # beats the rule would treat otherwise had it read the other reference: the test tells them apart
+        told_apart += int((acts != ((other[rows] < threshold) & regular[rows]) & (plain == n)).sum())
+    assert checked > 0 and told_apart > 0
 
 
 def test_early_sveb_rate_keeps_early_sveb_to_beats_of_a_fast_rhythm(sequential, mitdb_dir, cache_root, monkeypatch):

@@ -13,6 +13,7 @@ import wfdb.io.download
 
 from ecg_mlflow import dataset as dataset_mod
 from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rhythm_at, rr_average, rr_intervals,
+                              rr_median,
                               rr_sequence,
                               rr_irregularity)
 from ecg_mlflow.dataset import (
@@ -184,6 +185,31 @@ def test_rr_average_looks_back_within_its_own_record_in_any_row_order():
         rr_average(record, sample, rr_prev, beats=0)
     with pytest.raises(ValueError, match="length"):
         rr_average(record, sample[:5], rr_prev)
+
+
+def test_rr_median_looks_back_within_its_own_record_in_any_row_order():
+    rng = np.random.default_rng(2)
+    record = np.array(["100"] * 12 + ["101"] * 8, dtype=object)
+    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 12)), np.cumsum(rng.integers(200, 400, 8))])
+    rr_prev = rng.uniform(0.5, 1.5, 20)
+    rr_prev[[0, 12, 5]] = np.nan  # each record's first beat, and a gap inside record 100
+    order = rng.permutation(20)
+    got = rr_median(record[order], sample[order], rr_prev[order], beats=5)[np.argsort(order)]
+    for start, stop in ((0, 12), (12, 20)):
+        for i in range(start, stop):
+            window = rr_prev[max(start, i - 4):i + 1]
+            window = window[np.isfinite(window)]
+            assert np.isnan(got[i]) if len(window) == 0 else got[i] == pytest.approx(np.median(window))
+    # a run of short intervals filling less than half of the window leaves the median at the rate
+    # before it, while the mean follows the run
+    steady = np.array([1.0] * 6 + [0.4] * 4)
+    one, at = np.array(["1"] * 10, dtype=object), np.arange(10)
+    assert rr_median(one, at, steady, beats=10)[-1] == 1.0
+    assert rr_average(one, at, steady, beats=10)[-1] == pytest.approx(0.76)
+    with pytest.raises(ValueError, match="beats"):
+        rr_median(record, sample, rr_prev, beats=0)
+    with pytest.raises(ValueError, match="length"):
+        rr_median(record, sample[:5], rr_prev)
 
 
 def test_rr_irregularity_reads_the_intervals_before_the_beats_own_within_its_record_in_any_row_order():
@@ -648,6 +674,14 @@ def test_early_marks_beats_short_against_the_local_mean_or_the_minutes_before(db
     for k in range(4):
         np.testing.assert_array_equal(seq[i + k] < 0.9, np.arange(8) == k)
     assert (seq[0] == 1.0).all()  # the first beat: no interval, so 1.0
+    # rr_median: rr_long over the five-minute median. Until the 0.6 s beats are half of those
+    # before, the median stays 0.8 s, so they read 0.75 against it and less early against the mean.
+    med = ds.rr_median()
+    assert med.shape == (len(ds), 2) and med.dtype == np.float32 and (med[0] == 1.0).all()
+    run = (t > 10.5) & (t < 14)
+    assert run.sum() >= 4
+    np.testing.assert_allclose(med[run, 0], 0.75, rtol=1e-3)
+    assert (ds.rr_long()[run, 0] > 0.76).all()
 
 
 def test_rr_lagged_reads_bigeminy_as_regular_and_scattered_intervals_as_irregular(db):

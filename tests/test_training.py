@@ -752,6 +752,35 @@ def test_early_promotion_with_fast_rr_leaves_early_beats_of_a_slow_rhythm_alone(
             promote_early(plain, 0.8, 0.05, 0, 1, fast_rr=bad)
 
 
+def test_early_promotion_reads_its_earliness_from_the_reference_input_it_is_given(tmp_path):
+    from dataclasses import replace
+
+    import keras
+
+    x, y, rr = toy_beats(300)
+    rng = np.random.default_rng(6)
+    rr_long, rr_median = (rng.uniform(0.4, 1.4, (len(x), 2)).astype(np.float32) for _ in range(2))
+    irregular = np.zeros((len(x), 1), np.float32)
+    src = BeatSource(x, y, rr, rhythm={"rr_long": rr_long, "rr_median": rr_median, "rr_irregular": irregular})
+    plain, _ = train_base(src, np.arange(len(x)), 3, replace(FAST, model="seed_cnn"))
+    rows = np.arange(len(x))
+    before = predict_classes(plain, src, rows)
+    median = promote_early(plain, 0.8, 0.05, 0, 1, reference="rr_median")
+    assert set(model_input_names(median)) == {"beat", "rr_median", "rr_irregular"}
+    pred = predict_classes(median, src, rows)
+    by_median, by_mean = rr_median[:, 0] < 0.8 - 1e-3, rr_long[:, 0] < 0.8 - 1e-3
+    # beats early against one reference only: the median's rule follows the median
+    assert (by_median & ~by_mean & (before == 0)).sum() > 5 and (by_mean & ~by_median & (before == 0)).sum() > 5
+    np.testing.assert_array_equal(pred[by_median & (before == 0)], 1)
+    late = rr_median[:, 0] >= 0.8
+    np.testing.assert_array_equal(pred[late], before[late])
+    path = tmp_path / "median.keras"
+    median.save(path)
+    np.testing.assert_array_equal(predict_classes(keras.models.load_model(path), src, rows), pred)
+    with pytest.raises(ValueError, match="reference"):
+        promote_early(plain, 0.8, 0.05, 0, 1, reference="rr_sequence")
+
+
 def test_early_threshold_is_a_quantile_over_training_beats_of_the_class_in_regular_rhythm():
     rng = np.random.default_rng(1)
     n = 2000
@@ -906,6 +935,8 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("early_sveb_rate", -1, "early_sveb_rate"), ("early_sveb_rate", 301, "early_sveb_rate"),
     ("early_sveb_rate", True, "early_sveb_rate"), ("early_sveb_rate", "100", "early_sveb_rate"),
     ("early_sveb_rate", 100, "early_sveb_rate=100 acts only with early_sveb > 0"),
+    ("early_reference", "mode", "early_reference"),
+    ("early_reference", "median", "early_reference='median' acts only with early_sveb > 0"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
     ("lr_schedule", "step", "lr_schedule"),
