@@ -167,49 +167,33 @@ def test_rr_intervals_match_a_direct_computation():
         assert [len(a) for a in out] == [n, n, n]
 
 
-def test_rr_average_looks_back_within_its_own_record_in_any_row_order():
+@pytest.mark.parametrize("average, statistic", [(rr_average, np.mean), (rr_median, np.median)])
+def test_rr_average_and_median_look_back_within_their_own_record_in_any_row_order(average, statistic):
     rng = np.random.default_rng(1)
     record = np.array(["100"] * 12 + ["101"] * 8, dtype=object)
     sample = np.concatenate([np.cumsum(rng.integers(200, 400, 12)), np.cumsum(rng.integers(200, 400, 8))])
     rr_prev = rng.uniform(0.5, 1.5, 20)
     rr_prev[[0, 12, 5]] = np.nan  # each record's first beat, and a gap inside record 100
     order = rng.permutation(20)  # rows shuffled: the result follows each row, not its position
-    got = rr_average(record[order], sample[order], rr_prev[order], beats=4)[np.argsort(order)]
+    got = average(record[order], sample[order], rr_prev[order], beats=4)[np.argsort(order)]
     for start, stop in ((0, 12), (12, 20)):
         for i in range(start, stop):
             window = rr_prev[max(start, i - 3):i + 1]
             window = window[np.isfinite(window)]
-            assert np.isnan(got[i]) if len(window) == 0 else got[i] == pytest.approx(window.mean())
+            assert np.isnan(got[i]) if len(window) == 0 else got[i] == pytest.approx(statistic(window))
     assert np.isnan(got[12])  # never the last beats of record 100
     with pytest.raises(ValueError, match="beats"):
-        rr_average(record, sample, rr_prev, beats=0)
+        average(record, sample, rr_prev, beats=0)
     with pytest.raises(ValueError, match="length"):
-        rr_average(record, sample[:5], rr_prev)
+        average(record, sample[:5], rr_prev)
 
 
-def test_rr_median_looks_back_within_its_own_record_in_any_row_order():
-    rng = np.random.default_rng(2)
-    record = np.array(["100"] * 12 + ["101"] * 8, dtype=object)
-    sample = np.concatenate([np.cumsum(rng.integers(200, 400, 12)), np.cumsum(rng.integers(200, 400, 8))])
-    rr_prev = rng.uniform(0.5, 1.5, 20)
-    rr_prev[[0, 12, 5]] = np.nan  # each record's first beat, and a gap inside record 100
-    order = rng.permutation(20)
-    got = rr_median(record[order], sample[order], rr_prev[order], beats=5)[np.argsort(order)]
-    for start, stop in ((0, 12), (12, 20)):
-        for i in range(start, stop):
-            window = rr_prev[max(start, i - 4):i + 1]
-            window = window[np.isfinite(window)]
-            assert np.isnan(got[i]) if len(window) == 0 else got[i] == pytest.approx(np.median(window))
-    # a run of short intervals filling less than half of the window leaves the median at the rate
-    # before it, while the mean follows the run
+def test_rr_median_stays_at_the_rate_before_a_run_that_fills_less_than_half_of_its_window():
+    # while the mean follows the run
     steady = np.array([1.0] * 6 + [0.4] * 4)
     one, at = np.array(["1"] * 10, dtype=object), np.arange(10)
     assert rr_median(one, at, steady, beats=10)[-1] == 1.0
     assert rr_average(one, at, steady, beats=10)[-1] == pytest.approx(0.76)
-    with pytest.raises(ValueError, match="beats"):
-        rr_median(record, sample, rr_prev, beats=0)
-    with pytest.raises(ValueError, match="length"):
-        rr_median(record, sample[:5], rr_prev)
 
 
 def test_rr_irregularity_reads_the_intervals_before_the_beats_own_within_its_record_in_any_row_order():
