@@ -13,9 +13,7 @@ import wfdb.io.download
 
 from ecg_mlflow import dataset as dataset_mod
 from ecg_mlflow.beats import (RR_LOCAL_BEATS, extract_beats, recent_median, rhythm_at, rr_average, rr_intervals,
-                              rr_median,
-                              rr_sequence,
-                              rr_irregularity)
+                              rr_irregularity, rr_median, rr_sequence)
 from ecg_mlflow.dataset import (
     PrepareConfig, include_paced_from_param, load, prepare, select_records, window_from_param,
     window_offset_from_param, summary_html,
