@@ -49,16 +49,16 @@ from ecg_mlflow.beats import REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import BeatDataset, log_to_mlflow, prepare
 from ecg_mlflow.executors import FoldOutcome, FoldTask
 from ecg_mlflow.experiment import HEADLINE, VARIANTS, BaseModel, LosoConfig, PatientResult
-from ecg_mlflow.models import gate_irregular, gate_premature, promote_early
+from ecg_mlflow.models import EARLY_REFERENCES, gate_irregular, gate_premature, promote_early
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, check_not_running,
                                claim, config_for_resume, end_orphaned_runs, end_stale_children, loso_run,
                                parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
-from ecg_mlflow.training import (EARLY_REFERENCES, BeatSource, early_normal_rows, early_threshold, fine_tune,
-                                 irregular_threshold, model_input_names, predict_logits, premature_rows,
-                                 premature_threshold, replay_rows, train_base, visible_gpus)
+from ecg_mlflow.training import (BeatSource, early_normal_rows, early_threshold, fine_tune, irregular_threshold,
+                                 model_input_names, predict_logits, premature_rows, premature_threshold, replay_rows,
+                                 train_base, visible_gpus)
 
 
 def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
@@ -201,40 +201,43 @@ def evaluate_no_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseMod
     return PatientResult(record, "no_transfer", mlflow.active_run().info.run_id, m, cm)
 
 
-def gate_sveb(ds: BeatDataset, fold: Fold, model, share: float):
+# The three transfer rules below read their rhythm features from the dataset's beat source
+# (src.rhythm_np), made once per dataset, not again for every fold.
+def gate_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float):
     """``model`` behind :func:`ecg_mlflow.models.gate_premature`, its threshold the ``share``
     quantile of the earliness of the fold's training S beats (other subjects only); the threshold
     is logged to the active run as ``sveb_gate_threshold``."""
     code = ds.classes.index("S")
-    threshold = premature_threshold(ds.rr_features(), ds.rr_long(), ds.label, np.flatnonzero(fold.train),
-                                    code, share)
+    threshold = premature_threshold(src.rhythm_np["rr"], src.rhythm_np["rr_long"], ds.label,
+                                    np.flatnonzero(fold.train), code, share)
     mlflow.log_param("sveb_gate_threshold", round(threshold, 4))
     return gate_premature(model, threshold, code)
 
 
-def gate_irregular_sveb(ds: BeatDataset, fold: Fold, model, share: float):
+def gate_irregular_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float):
     """``model`` behind :func:`ecg_mlflow.models.gate_irregular` (no S calls where the rhythm before a
     beat is irregular), its threshold the ``share`` quantile of the irregularity before the fold's
     training S beats (other subjects only); the threshold is logged to the active run as
     ``sveb_regular_threshold``."""
     code = ds.classes.index("S")
-    threshold = irregular_threshold(ds.rr_irregular()[:, 0], ds.label, np.flatnonzero(fold.train), code, share)
+    threshold = irregular_threshold(src.rhythm_np["rr_irregular"][:, 0], ds.label, np.flatnonzero(fold.train),
+                                    code, share)
     mlflow.log_param("sveb_regular_threshold", round(threshold, 4))
     return gate_irregular(model, threshold, code)
 
 
-def promote_early_sveb(ds: BeatDataset, fold: Fold, model, share: float, rate: float = 0.0,
+def promote_early_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float, rate: float = 0.0,
                        reference: str = "mean"):
     """``model`` behind :func:`ecg_mlflow.models.promote_early` (N calls become S for beats early in a
     regular rhythm and, with ``rate`` > 0, at a local heart rate of at least ``rate`` beats a minute),
     its threshold the ``share`` quantile of the earliness of the fold's training N beats in regular
     rhythm (other subjects only); the threshold is logged to the active run as
     ``early_sveb_threshold``. ``reference``: earliness is the previous RR over the five-minute
-    ``mean`` or ``median`` RR (:data:`ecg_mlflow.training.EARLY_REFERENCES`)."""
+    ``mean`` or ``median`` RR (:data:`ecg_mlflow.models.EARLY_REFERENCES`)."""
     normal, sveb = ds.classes.index("N"), ds.classes.index("S")
     name = EARLY_REFERENCES[reference]
-    threshold = early_threshold(getattr(ds, name)(), ds.rr_irregular(), ds.label, np.flatnonzero(fold.train),
-                                normal, share)
+    threshold = early_threshold(src.rhythm_np[name], src.rhythm_np["rr_irregular"], ds.label,
+                                np.flatnonzero(fold.train), normal, share)
     mlflow.log_param("early_sveb_threshold", round(threshold, 4))
     return promote_early(model, threshold, REGULAR_IRREGULARITY, normal, sveb, fast_rr=60.0 / rate if rate else 0.0,
                          reference=name)
@@ -297,11 +300,11 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     model, _ = fine_tune(base.model, src, rows, cfg.train, on_epoch=tracking.log_epoch_metrics,
                          rhythm_idx=rhythm_rows)
     if cfg.train.sveb_gate > 0:
-        model = gate_sveb(ds, fold, model, cfg.train.sveb_gate)
+        model = gate_sveb(ds, src, fold, model, cfg.train.sveb_gate)
     if cfg.train.sveb_regular > 0:
-        model = gate_irregular_sveb(ds, fold, model, cfg.train.sveb_regular)
+        model = gate_irregular_sveb(ds, src, fold, model, cfg.train.sveb_regular)
     if cfg.train.early_sveb > 0:
-        model = promote_early_sveb(ds, fold, model, cfg.train.early_sveb, cfg.train.early_sveb_rate,
+        model = promote_early_sveb(ds, src, fold, model, cfg.train.early_sveb, cfg.train.early_sveb_rate,
                                    cfg.train.early_reference)
     m, cm = _evaluate(ds, fold.test[record], model, src, f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))

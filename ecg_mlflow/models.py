@@ -431,7 +431,10 @@ def gate_irregular(model: keras.Model, threshold: float, class_index: int) -> ke
 
 
 PROMOTED_NAME = "early_promotion"
-EARLY_INPUTS: tuple[str, ...] = ("rr_long", "rr_median")  # what promote_early reads the earliness from
+# What promote_early reads the earliness from, by the name of the early_reference option: previous RR
+# over the mean RR of about five minutes (rr_long) or over their median (rr_median), which runs of
+# tachycardia filling less than half of them do not pull down.
+EARLY_REFERENCES: dict[str, str] = {"mean": "rr_long", "median": "rr_median"}
 
 
 def promote_early(model: keras.Model, threshold: float, regular: float, from_index: int,
@@ -465,8 +468,8 @@ def promote_early(model: keras.Model, threshold: float, regular: float, from_ind
         raise ValueError(f"from_index and to_index must differ, got {from_index} for both")
     if isinstance(fast_rr, bool) or not isinstance(fast_rr, (int, float)) or fast_rr < 0:
         raise ValueError(f"fast_rr must be 0 (any rate) or a local mean RR in seconds, got {fast_rr!r}")
-    if reference not in EARLY_INPUTS:
-        raise ValueError(f"reference must be one of {list(EARLY_INPUTS)}, got {reference!r}")
+    if reference not in EARLY_REFERENCES.values():
+        raise ValueError(f"reference must be one of {list(EARLY_REFERENCES.values())}, got {reference!r}")
     inputs, logits = _wrapped(model, {reference: 2, "rr_irregular": 1, **({"rr": 3} if fast_rr else {})})
     # 1 while the value is at least 1e-4 below its bound, 0 from the bound on: Dense + capped ReLU.
     first = np.zeros((2, 1), np.float32)

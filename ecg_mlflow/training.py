@@ -17,17 +17,14 @@ import keras
 import tensorflow as tf
 
 from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
-from ecg_mlflow.models import (MODELS, RR_COLUMNS, RHYTHM_WIDTHS, RR_INPUTS, build_ensemble, build_model, check_width,
-                               ensemble_members, model_input_names, transfer_copy)
+from ecg_mlflow.models import (EARLY_REFERENCES, MODELS, RR_COLUMNS, RHYTHM_WIDTHS, RR_INPUTS, build_ensemble,
+                               build_model, check_width, ensemble_members, model_input_names, transfer_copy)
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "last", "all")
 PRECISIONS = ("auto", "float32", "mixed")
 LR_SCHEDULES = ("constant", "cosine")
 MAX_HEART_RATE = 300  # beats a minute: early_sveb_rate above any ventricular rate is a typo
-# What early_sveb reads a beat's previous RR against: the mean RR of about five minutes (rr_long) or
-# their median (rr_median), which runs of tachycardia filling less than half of them do not pull down.
-EARLY_REFERENCES: dict[str, str] = {"mean": "rr_long", "median": "rr_median"}
 RR_FEATURES = tuple(RR_COLUMNS)
 
 
@@ -72,6 +69,7 @@ class TrainConfig:
     early_sveb_rate: float = 0.0  # > 0 (beats a minute): early_sveb acts only where the local heart rate is at
     # least this (100: tachycardia), so a rhythm back from a slower stretch is not taken for a run of SVTA
     early_reference: str = "mean"  # early_sveb reads the previous RR over the five-minute mean or median RR
+    # (models.EARLY_REFERENCES)
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
