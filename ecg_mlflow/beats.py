@@ -32,6 +32,12 @@ RR_AVERAGE_BEATS = 300  # average RR over about five minutes (de Chazal et al. 2
 RR_IRREGULAR_BEATS = 16  # rhythm irregularity over the successive RR differences of about the last 12 s
 RR_SEQUENCE_BEATS = 8  # rr_features="sequence": the previous RR of a beat and of the 7 beats before it
 FIBRILLATION_LAGS = (1, 2, 3)  # rr_features=lagged: changes over these lags; bigeminy and trigeminy repeat at 2 and 3
+# sveb_af: the atrial activity before a beat is read from the part of the window 0.25 s to 0.05 s before
+# the R peak (the P wave in sinus rhythm, f or F waves in atrial fibrillation or flutter), every second
+# sample, averaged over this many beats before it; a detector learns the reference rhythms below from it.
+ATRIAL_BEATS = 4
+ATRIAL_SPAN_S = (0.25, 0.05)
+ATRIAL_RHYTHMS: tuple[str, ...] = ("AFIB", "AFL")
 # Below this irregularity (rr_irregularity) the rhythm before a beat counts as regular: sinus rhythm
 # reads about 0.01-0.05 there, atrial fibrillation 0.15-0.3 (early_sveb, models.promote_early).
 REGULAR_IRREGULARITY = 0.05
@@ -251,6 +257,38 @@ def _preceding_medians(xs: np.ndarray, beats: int, chunk: int) -> np.ndarray:
         j1 = min(len(xs) + 1, j0 + chunk)
         view = np.lib.stride_tricks.sliding_window_view(xs[j0 - beats:j1 - 1], beats, axis=0)
         out[j0:j1] = np.median(view, axis=-1)
+    return out
+
+
+def atrial_span(r_peak: int, fs: float) -> slice:
+    """The samples of a beat window that :func:`atrial_activity` reads: from :data:`ATRIAL_SPAN_S`\[0]
+    to :data:`ATRIAL_SPAN_S`\[1] seconds before the R peak at index ``r_peak``, every second sample;
+    at least the window's first sample when the R peak sits closer to the start than that."""
+    start = max(0, r_peak - round(ATRIAL_SPAN_S[0] * fs))
+    stop = max(start + 1, r_peak - round(ATRIAL_SPAN_S[1] * fs))
+    return slice(start, stop, 2)
+
+
+def atrial_activity(record: np.ndarray, sample: np.ndarray, x: np.ndarray, r_peak: int, fs: float,
+                    beats: int = ATRIAL_BEATS) -> np.ndarray:
+    """What the atria did before each beat, float32 ``(n, k + 1)``: columns ``0 .. k - 1`` the
+    mean, over the (up to) ``beats`` beats before it in the same record, of the first lead's
+    :func:`atrial_span` of their windows (``k`` samples); column ``k`` how much those beats differ
+    there (the standard deviation across them, averaged over the span). In sinus rhythm the same P
+    wave comes before every beat: a clear mean, a small spread. In atrial fibrillation the f waves
+    fall anywhere, in flutter the F waves cover the whole span. The beat's own window is left out,
+    so a premature beat's own P wave never counts. ``x``: ``(n, window, leads)``,
+    ``record``/``sample``: ``(n,)``, rows in any order. Zeros where there is no beat before (the
+    spread: fewer than two). It never looks ahead, nor into another record."""
+    if x.ndim != 3 or not 0 <= r_peak < x.shape[1]:
+        raise ValueError(f"x must be (n, window, leads) with the R peak inside the window, got {x.shape} "
+                         f"and r_peak {r_peak}")
+    span = x[:, atrial_span(r_peak, fs), 0].astype(np.float64)
+    out = np.zeros((len(x), span.shape[1] + 1), dtype=np.float32)
+    for rows in _rows_by_record(record, sample, x, "x", beats):
+        before = pd.DataFrame(span[rows]).shift(1).rolling(beats, min_periods=1)
+        out[rows, :-1] = np.nan_to_num(before.mean().to_numpy())
+        out[rows, -1] = np.nan_to_num(before.std().to_numpy().mean(axis=1))
     return out
 
 

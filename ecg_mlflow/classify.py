@@ -41,7 +41,8 @@ from ecg_mlflow.splits import FINETUNE, TEST, subject_of
 
 BEATS: tuple[str, ...] = ("auto", "annotations", "detect")
 # The inputs made here.
-INPUTS: tuple[str, ...] = ("beat", "rr", "rr_long", "rr_irregular", "rr_sequence", "rr_lagged", "rr_median", "recent")
+INPUTS: tuple[str, ...] = ("beat", "rr", "rr_long", "rr_irregular", "rr_sequence", "rr_lagged", "rr_median", "atrial",
+                           "recent")
 MATCH_S = 0.15  # EC57's beat-by-beat comparison: a detection within 150 ms of a reference beat matches it
 ANNOTATOR_OUT = "pred"  # <record>.pred: the calls as a WFDB annotation file
 CLASSIFY_ROLE = "classify"

@@ -151,6 +151,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-reference", default=d.early_reference,
                    help="what early_sveb reads the previous RR against: mean (the five-minute mean RR) or median "
                         "(the five-minute median RR, which runs of tachycardia pull down less)")
+    p.add_argument("--sveb-af", type=number("sveb_af"), default=d.sveb_af,
+                   help="0 = off; q in (0, 1): transfer calls no S where a detector of atrial fibrillation and "
+                        "flutter, trained on the training subjects' rhythm annotations, reads the rhythm before the "
+                        "beat so, at a threshold that would take S from q of their S beats")
     p.add_argument("--recent-reference", default=d.recent_reference,
                    help="recent_cnn reads each beat against the 20 beats before it (all) or the 20 before it "
                         "that came on time (ontime: previous RR at least 0.9 of the five-minute average)")
@@ -188,6 +192,7 @@ def train_config(a: argparse.Namespace):
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,
                        sveb_gate=a.sveb_gate, sveb_regular=a.sveb_regular, early_sveb=a.early_sveb,
                        early_sveb_rate=a.early_sveb_rate, early_reference=a.early_reference.strip().lower(),
+                       sveb_af=a.sveb_af,
                        recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size,
                        width=a.width, core_window=a.core_window)
 

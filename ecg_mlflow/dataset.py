@@ -222,6 +222,14 @@ class BeatDataset:
         fibrillation raises it."""
         return self.rr_irregular(lags=beats_mod.FIBRILLATION_LAGS)
 
+    def atrial(self) -> np.ndarray:
+        """What the atria did before each beat, float32 ``(n, k + 1)``: the mean of the first lead
+        0.25 s to 0.05 s before the R peak over the four beats before it (every second sample, ``k``
+        of them) and how much those beats differ there (:func:`ecg_mlflow.beats.atrial_activity`).
+        A clear P wave in sinus rhythm, f or F waves in atrial fibrillation or flutter: what
+        ``sveb_af``'s detector reads, with the irregularity inputs."""
+        return beats_mod.atrial_activity(self.record, self.sample, self.x, self.r_peak, self.meta.get("fs", TARGET_FS))
+
     def rr_sequence(self) -> np.ndarray:
         """The last eight RR intervals up to each beat, newest first, each over the average RR of
         the (up to) 300 beats before (about five minutes), float32 ``(n, 8)``

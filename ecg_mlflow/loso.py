@@ -45,20 +45,20 @@ from mlflow import MlflowClient
 from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
-from ecg_mlflow.beats import REGULAR_IRREGULARITY
+from ecg_mlflow.beats import ATRIAL_RHYTHMS, REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import BeatDataset, log_to_mlflow, prepare
 from ecg_mlflow.executors import FoldOutcome, FoldTask
 from ecg_mlflow.experiment import HEADLINE, VARIANTS, BaseModel, LosoConfig, PatientResult
-from ecg_mlflow.models import EARLY_REFERENCES, gate_irregular, gate_premature, promote_early
+from ecg_mlflow.models import EARLY_REFERENCES, gate_irregular, gate_premature, promote_early, veto_atrial
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, check_not_running,
                                claim, config_for_resume, end_orphaned_runs, end_stale_children, loso_run,
                                parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
-from ecg_mlflow.training import (BeatSource, early_normal_rows, early_threshold, fine_tune, irregular_threshold,
-                                 model_input_names, predict_logits, premature_rows, premature_threshold, replay_rows,
-                                 train_base, visible_gpus)
+from ecg_mlflow.training import (BeatSource, atrial_threshold, early_normal_rows, early_threshold, fine_tune,
+                                 fit_atrial_detector, irregular_threshold, model_input_names, predict_logits,
+                                 premature_rows, premature_threshold, replay_rows, train_base, visible_gpus)
 
 
 def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
@@ -243,19 +243,39 @@ def promote_early_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, shar
                          reference=name)
 
 
+def veto_atrial_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float, seed: int):
+    """``model`` behind :func:`ecg_mlflow.models.veto_atrial` (no S calls where the rhythm before a beat
+    reads as atrial fibrillation or flutter), its detector trained on the fold's training subjects'
+    beats against their reference rhythm (other subjects only), its threshold the ``1 - share``
+    quantile of the detector's logits over their S beats; the threshold is logged to the active run
+    as ``sveb_af_threshold``. Folds with the same training subjects (``base_folds``) share one
+    detector, trained once per process."""
+    train = np.flatnonzero(fold.train)
+    cache = src.__dict__.setdefault("_atrial_detectors", {})
+    key = (train.tobytes(), seed)
+    if key not in cache:
+        cache.clear()  # one base fold's detector at a time: folds of one group come one after another
+        cache[key] = fit_atrial_detector(src, train, np.isin(ds.rhythm, ATRIAL_RHYTHMS), seed)
+    code = ds.classes.index("S")
+    threshold = atrial_threshold(cache[key], src, ds.label, train, code, share)
+    mlflow.log_param("sveb_af_threshold", round(threshold, 4))
+    return veto_atrial(model, cache[key], threshold, code)
+
+
 def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
     """``finetune_premature`` makes S beats of the AAMI scheme's N and S rows: refuse it under another
-    scheme. ``sveb_gate``, ``sveb_regular`` and ``early_sveb`` act on the AAMI scheme's S class and set their
-    thresholds from each fold's training S beats (``sveb_gate``, ``sveb_regular``) or N beats in regular
-    rhythm (``early_sveb``): refuse
-    them (``ValueError`` naming the parameter) before any training when the scheme is another or a
-    fold's training subjects have no such beat."""
+    scheme. ``sveb_gate``, ``sveb_regular``, ``early_sveb`` and ``sveb_af`` act on the AAMI scheme's S class
+    and set their thresholds from each fold's training S beats (``sveb_gate``, ``sveb_regular``,
+    ``sveb_af``) or N beats in regular rhythm (``early_sveb``); ``sveb_af`` also trains a detector on
+    their beats in and out of atrial fibrillation or flutter: refuse them (``ValueError`` naming the
+    parameter) before any training when the scheme is another or a fold's training subjects have no
+    such beats."""
     if cfg.train.finetune_premature > 0 and ds.meta["label_scheme"] != "aami":
         raise ValueError(f"finetune_premature={cfg.train.finetune_premature} needs label_scheme=aami (its N and S "
                          f"classes), got {ds.meta['label_scheme']!r}")
     irregular = ds.rr_irregular()[:, 0] if cfg.train.early_sveb > 0 else None
     for name, share, cls in (("sveb_gate", cfg.train.sveb_gate, "S"), ("sveb_regular", cfg.train.sveb_regular, "S"),
-                             ("early_sveb", cfg.train.early_sveb, "N")):
+                             ("early_sveb", cfg.train.early_sveb, "N"), ("sveb_af", cfg.train.sveb_af, "S")):
         if share <= 0:
             continue
         if ds.meta["label_scheme"] != "aami":
@@ -270,6 +290,12 @@ def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None
             if not usable.any():
                 raise ValueError(f"{name}={share}: the training subjects of fold {fold.subject} "
                                  f"have no {what} to set the threshold from; add records or set {name}=0")
+            atrial = np.isin(ds.rhythm[fold.train], ATRIAL_RHYTHMS) if name == "sveb_af" else None
+            if atrial is not None and (atrial.all() or not atrial.any()):
+                raise ValueError(f"{name}={share}: the training subjects of fold {fold.subject} have "
+                                 f"{'only' if atrial.any() else 'no'} beats in atrial fibrillation or flutter "
+                                 f"(reference rhythm {' or '.join(ATRIAL_RHYTHMS)}) to train its detector on; "
+                                 f"add records or set {name}=0")
 
 
 def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg: LosoConfig,
@@ -306,6 +332,8 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     if cfg.train.early_sveb > 0:
         model = promote_early_sveb(ds, src, fold, model, cfg.train.early_sveb, cfg.train.early_sveb_rate,
                                    cfg.train.early_reference)
+    if cfg.train.sveb_af > 0:  # last: no rule above calls S in fibrillation or flutter
+        model = veto_atrial_sveb(ds, src, fold, model, cfg.train.sveb_af, cfg.train.seed)
     m, cm = _evaluate(ds, fold.test[record], model, src, f"{record} transfer")
     model_uri = tracking.log_keras_model(model, src.inputs(ft_idx[:8], model_input_names(model)))
     if cfg.registers:

@@ -138,9 +138,10 @@ RR_INPUTS: dict[str, tuple[str, ...]] = {"all": (), "relative": (), "long": ("rr
                                          "sequence": ("rr_long", "rr_sequence"),
                                          "lagged": ("rr_long", "rr_lagged")}
 # Each rhythm input's width; None: as many columns as its training features have (at least one).
-# "rr_median" (rr_long over the five-minute median RR) is read only by promote_early (early_reference).
+# "rr_median" (rr_long over the five-minute median RR) is read only by promote_early (early_reference);
+# "atrial" (what the atria did before the beat, its width set by the window) only by veto_atrial (sveb_af).
 RHYTHM_WIDTHS: dict[str, int | None] = {"rr_long": 2, "rr_irregular": 1, "rr_sequence": None, "rr_lagged": 1,
-                                        "rr_median": 2}
+                                        "rr_median": 2, "atrial": None}
 
 
 def _rr_input(rr, keep: tuple[int, ...]):
@@ -506,6 +507,66 @@ def promote_early(model: keras.Model, threshold: float, regular: float, from_ind
     out = layers.Add(name="promoted_logits", dtype="float32")(
         [logits, layers.Multiply(name="promote_where", dtype="float32")([change, spread])])
     return keras.Model(inputs, out, name=PROMOTED_NAME)
+
+
+ATRIAL_DETECTOR_NAME = "atrial_detector"
+# What the detector of atrial fibrillation and flutter reads: the atrial activity before the beat and
+# three views of the rhythm (RR features, irregularity, irregularity that bigeminy leaves low).
+ATRIAL_INPUTS: tuple[str, ...] = ("atrial", "rr", "rr_irregular", "rr_lagged")
+ATRIAL_HIDDEN = 16
+
+
+def build_atrial_detector(train: dict[str, np.ndarray]) -> keras.Model:
+    """A small network that tells whether the rhythm before a beat is atrial fibrillation or flutter:
+    it reads the inputs :data:`ATRIAL_INPUTS` names, each ``(width,)``, and gives one logit
+    ``(batch, 1)``. ``train``: the training features of each of them, ``(n, width)``, which set the
+    widths and the normalisation; the weights are to be trained
+    (:func:`ecg_mlflow.training.fit_atrial_detector`)."""
+    missing = [n for n in ATRIAL_INPUTS if n not in train or np.ndim(train[n]) != 2 or len(train[n]) == 0]
+    if missing:
+        raise ValueError(f"the atrial detector needs training features (n > 0, width) for {missing}")
+    inputs = {n: keras.Input(shape=(train[n].shape[1],), name=n) for n in ATRIAL_INPUTS}
+    mean, variance = lead_stats(np.concatenate([train[n] for n in ATRIAL_INPUTS], axis=1)[:, None, :])
+    x = layers.Concatenate(name="atrial_features")([inputs[n] for n in ATRIAL_INPUTS])
+    x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="atrial_normalize")(x)
+    x = layers.Dense(ATRIAL_HIDDEN, activation="relu", name="atrial_dense")(x)
+    return keras.Model(inputs, layers.Dense(1, name="atrial_logit")(x), name=ATRIAL_DETECTOR_NAME)
+
+
+ATRIAL_VETOED_NAME = "atrial_veto"
+
+
+def veto_atrial(model: keras.Model, detector: keras.Model, threshold: float, class_index: int) -> keras.Model:
+    """``model`` with class ``class_index`` (SVEB) ruled out for every beat whose rhythm before
+    ``detector`` (:func:`build_atrial_detector`, trained) reads as atrial fibrillation or flutter:
+    where its logit is above ``threshold``, that class's logit is lowered by 1e4, so the beat takes
+    the best of the other classes. In fibrillation and flutter the annotators call the beats N, and
+    the early, irregular beats there are most of the transfer models' false S calls. Unlike
+    :func:`gate_irregular`, which reads the irregularity alone, the detector also reads the atria's
+    activity before the beat, which frequent premature beats in sinus rhythm leave alone.
+
+    The returned model reads ``model``'s inputs plus ``detector``'s and gives logits
+    ``(batch, n_classes)``; the detector is part of it, frozen, and the veto is built from built-in
+    layers with fixed weights, so it saves, loads and serves as any other model."""
+    n_classes = int(model.output.shape[-1])
+    if not 0 <= class_index < n_classes:
+        raise ValueError(f"class_index must be in [0, {n_classes}), got {class_index}")
+    if detector.name != ATRIAL_DETECTOR_NAME or int(detector.output.shape[-1]) != 1:
+        raise ValueError(f"detector must be an {ATRIAL_DETECTOR_NAME} with one logit (build_atrial_detector), "
+                         f"got {detector.name!r} with output {detector.output.shape}")
+    widths = {n: int(detector.input[n].shape[-1]) for n in ATRIAL_INPUTS}
+    inputs, logits = _wrapped(model, widths)
+    detector.trainable = False
+    score = detector({n: inputs[n] for n in ATRIAL_INPUTS})
+    # 0 while the logit is <= threshold, 1 once it is 1e-4 above: a step made of Dense + capped ReLU.
+    atrial = _fixed_dense(1, np.full((1, 1), _STEP, np.float32), np.array([-threshold * _STEP], np.float32),
+                          "atrial_step")(score)
+    atrial = layers.ReLU(max_value=1.0, name="atrial_veto_on", dtype="float32")(atrial)
+    penalty = np.zeros((1, n_classes), np.float32)
+    penalty[0, class_index] = -_STEP
+    out = layers.Add(name="atrial_vetoed_logits", dtype="float32")(
+        [logits, _fixed_dense(n_classes, penalty, None, "atrial_penalty")(atrial)])
+    return keras.Model(inputs, out, name=ATRIAL_VETOED_NAME)
 
 
 def ensemble_members(model: keras.Model) -> list[keras.Model]:

@@ -17,8 +17,9 @@ import keras
 import tensorflow as tf
 
 from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
-from ecg_mlflow.models import (EARLY_REFERENCES, MODELS, RR_COLUMNS, RHYTHM_WIDTHS, RR_INPUTS, build_ensemble,
-                               build_model, check_width, ensemble_members, model_input_names, transfer_copy)
+from ecg_mlflow.models import (ATRIAL_INPUTS, EARLY_REFERENCES, MODELS, RR_COLUMNS, RHYTHM_WIDTHS, RR_INPUTS,
+                               build_atrial_detector, build_ensemble, build_model, check_width, ensemble_members,
+                               model_input_names, transfer_copy)
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "last", "all")
@@ -70,6 +71,8 @@ class TrainConfig:
     # least this (100: tachycardia), so a rhythm back from a slower stretch is not taken for a run of SVTA
     early_reference: str = "mean"  # early_sveb reads the previous RR over the five-minute mean or median RR
     # (models.EARLY_REFERENCES)
+    sveb_af: float = 0.0  # > 0: transfer calls no S where a detector of atrial fibrillation and flutter, trained on
+    # the training subjects' rhythm annotations, reads the rhythm so; this share of their S beats would be vetoed
     recent_reference: str = "all"  # recent_cnn reads each beat against the 20 beats before it (all) or
     # the 20 before it that came on time (ontime), so a run of early beats is not its own reference
     kernel_size: int = 3  # the convolutions' kernel (samples at 360 Hz); 3 is the seed notebook's
@@ -132,7 +135,7 @@ class TrainConfig:
         if isinstance(self.finetune_blend, bool) or not isinstance(self.finetune_blend, (int, float)) \
                 or not 0 < self.finetune_blend <= 1:
             raise ValueError(f"finetune_blend must be a number in (0, 1], got {self.finetune_blend!r}")
-        for name in ("sveb_gate", "sveb_regular", "early_sveb"):  # the transfer rules: off, or a share
+        for name in ("sveb_gate", "sveb_regular", "early_sveb", "sveb_af"):  # the transfer rules: off, or a share
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
                 raise ValueError(f"{name} must be 0 (off) or a share in (0, 1), got {v!r}")
@@ -164,7 +167,7 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "sveb_regular", "early_sveb", "early_sveb_rate", "early_reference",
+                                    "sveb_regular", "early_sveb", "early_sveb_rate", "early_reference", "sveb_af",
                                     "finetune_replay_early", "finetune_premature")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -208,7 +211,8 @@ class BeatSource:
     by its record, so no per-beat copy of the templates is made); recent: ``(n, window, leads)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`), a function that makes it on first
     use (only models that read ``recent`` pay for it), or None; rhythm: the extra rhythm inputs by
-    name, each ``(n, width)``: ``rr_long``, ``rr_irregular``, ``rr_sequence``, ``rr_lagged``, as the
+    name, each ``(n, width)``: ``rr_long``, ``rr_irregular``, ``rr_sequence``, ``rr_lagged``, ``rr_median``,
+    ``atrial``, as the
     :class:`ecg_mlflow.dataset.BeatDataset` methods of those names make them (any of them may be
     left out; a model that reads one that is missing is refused by name).
     """
@@ -451,6 +455,38 @@ def early_threshold(rr_long: np.ndarray, irregular: np.ndarray, labels: np.ndarr
     return float(np.quantile(rr_long[rows, 0], share))
 
 
+ATRIAL_EPOCHS = 4  # the detector is small and its training beats many: a few passes settle it
+
+
+def fit_atrial_detector(source: "BeatSource", rows: np.ndarray, target: np.ndarray, seed: int,
+                        epochs: int = ATRIAL_EPOCHS, batch_size: int = 512) -> keras.Model:
+    """:func:`ecg_mlflow.models.build_atrial_detector` trained on rows ``rows`` of ``source`` (training
+    rows: never the held-out subject's) to tell the beats of ``target`` (bool ``(n,)`` over the whole
+    table: the reference rhythm is atrial fibrillation or flutter) from the others, with binary
+    cross-entropy, Adam and seed ``seed``. ``ValueError`` when ``rows`` hold no beat of either kind."""
+    rows = np.asarray(rows)
+    y = np.asarray(target, dtype=bool)[rows]
+    if y.all() or not y.any():
+        raise ValueError(f"the atrial detector needs training beats both in atrial fibrillation or flutter and "
+                         f"out of it, got {int(y.sum())} of {len(y)} in it")
+    seed_everything(seed)
+    x = source.inputs(rows, ATRIAL_INPUTS)
+    detector = build_atrial_detector(x)
+    detector.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    detector.fit(x, y.astype(np.float32), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
+    return detector
+
+
+def atrial_threshold(detector: keras.Model, source: "BeatSource", labels: np.ndarray, rows: np.ndarray,
+                     class_code: int, share: float) -> float:
+    """The detector logit above which :func:`ecg_mlflow.models.veto_atrial` rules class ``class_code``
+    (SVEB) out: the ``1 - share`` quantile of ``detector``'s logits over the beats of that class among
+    ``rows`` (training rows only), so about ``share`` of them would lose it. ``labels`` ``(n,)``
+    covers the whole table."""
+    rows = _rows_of_class(labels, rows, class_code, share, "atrial veto")
+    return float(np.quantile(predict_logits(detector, source, rows)[:, 0], 1 - share))
+
+
 def replay_rows(labels: np.ndarray, train_idx: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Rows to mix into a patient's fine-tune set: up to ``per_class`` beats of every class, drawn
     without replacement (seeded) from ``train_idx`` — the rows the base model was trained on, so
@@ -683,7 +719,7 @@ def predict_logits(model: keras.Model, x, idx: np.ndarray | None = None, batch_s
     same values as ``model.predict``, in batches of ``batch_size``."""
     if isinstance(x, BeatSource):
         x = x.inputs(np.asarray(idx), model_input_names(model))
-    n = len(x["beat"]) if isinstance(x, dict) else len(x)
+    n = len(x["beat"] if "beat" in x else next(iter(x.values()))) if isinstance(x, dict) else len(x)
     x = keras.tree.map_structure(lambda v: np.asarray(v, dtype=np.float32), x)  # no copy when already float32
     forward = _forward(model, x)
     if n == 0:
