@@ -5,7 +5,7 @@ makes false S calls in another). :func:`blend` loads, for every patient, each LO
 (no transfer) and transfer model from the tracking store, lets each predict the patient's test
 beats from the inputs its own run prepared (window, RR features, recent reference), and calls each
 beat the class of the **mean softmax probability** over the runs. Probabilities, not logits: a gated
-model (``sveb_gate``, ``sveb_regular``, ``early_sveb``) moves one logit by 1e4, which would swamp a
+model (``sveb_gate``, ``sveb_regular``, ``early_sveb``, ``sveb_af``) moves one logit by 1e4, which would swamp a
 mean of logits.
 
 Beats are matched by record and annotation sample. A beat that one run's window could not hold

@@ -250,6 +250,9 @@ BAD_PARAMETERS = [
     (["--early-sveb-rate", "100"], "early_sveb_rate"),  # without early_sveb it would do nothing
     (["--early-sveb", "0.002", "--early-reference", "mode"], "early_reference"),
     (["--early-reference", "median"], "early_reference"),  # without early_sveb it would do nothing
+    (["--sveb-af", "1"], "sveb_af"),
+    (["--label-scheme", "raw", "--sveb-af", "0.02"], "sveb_af"),  # raw labels have no S class to veto
+    (["--sveb-af", "0.02"], "sveb_af"),  # 100 and 101 have no atrial fibrillation to train its detector on
     (["--kernel-size", "0"], "kernel_size"),
     (["--kernel-size", "23"], "kernel_size"),  # three convolutions of 23 leave nothing of a 160-sample window
     (["--width", "9"], "width"),

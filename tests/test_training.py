@@ -937,6 +937,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("early_sveb_rate", 100, "early_sveb_rate=100 acts only with early_sveb > 0"),
     ("early_reference", "mode", "early_reference"),
     ("early_reference", "median", "early_reference='median' acts only with early_sveb > 0"),
+    ("sveb_af", 1, "sveb_af"), ("sveb_af", -0.1, "sveb_af"), ("sveb_af", True, "sveb_af"),
     ("recent_reference", "normal", "recent_reference"), ("recent_reference", "ontime", "recent_reference"),
     ("kernel_size", 0, "kernel_size"), ("kernel_size", 2.5, "kernel_size"), ("kernel_size", True, "kernel_size"),
     ("lr_schedule", "step", "lr_schedule"),
