@@ -371,6 +371,21 @@ def _wrapped(model: keras.Model, extra: dict[str, int]) -> tuple[dict, object]:
     return inputs, model({n: inputs[n] for n in inner} if isinstance(model.input, dict) else inputs["beat"])
 
 
+def _ruled_out_above(logits, value, threshold: float, class_index: int, names: tuple[str, str, str, str]):
+    """``logits`` ``(batch, n_classes)`` with class ``class_index``'s lowered by 1e4 wherever ``value``
+    ``(batch, 1)`` is above ``threshold``. The step is 0 while the value is <= threshold and 1 once it
+    is 1e-4 above: Dense + capped ReLU, built-in layers with fixed weights. ``names``: the layers'
+    names (step, its capped ReLU, the penalty, the sum), kept as each rule has always saved them."""
+    step, on, penalty_name, out = names
+    n_classes = int(logits.shape[-1])
+    above = _fixed_dense(1, np.full((1, 1), _STEP, np.float32), np.array([-threshold * _STEP], np.float32),
+                         step)(value)
+    above = layers.ReLU(max_value=1.0, name=on, dtype="float32")(above)
+    penalty = np.zeros((1, n_classes), np.float32)
+    penalty[0, class_index] = -_STEP
+    return layers.Add(name=out, dtype="float32")([logits, _fixed_dense(n_classes, penalty, None, penalty_name)(above)])
+
+
 def gate_premature(model: keras.Model, threshold: float, class_index: int) -> keras.Model:
     """``model`` with class ``class_index`` (SVEB) ruled out for every beat that does not come early:
     where the previous RR over the local mean RR (``rr`` column 0) and the previous RR over the
@@ -392,14 +407,8 @@ def gate_premature(model: keras.Model, threshold: float, class_index: int) -> ke
     early_local = _fixed_dense(1, first, None, "gate_rr_prev")(inputs["rr"])
     early_long = _fixed_dense(1, first[:2], None, "gate_rr_prev_long")(inputs["rr_long"])
     earliest = layers.Minimum(name="gate_earliest", dtype="float32")([early_local, early_long])
-    # 0 while earliest <= threshold, 1 once it is 1e-4 above: a step made of Dense + capped ReLU.
-    late = _fixed_dense(1, np.full((1, 1), _STEP, np.float32), np.array([-threshold * _STEP], np.float32),
-                        "gate_step")(earliest)
-    late = layers.ReLU(max_value=1.0, name="gate_late", dtype="float32")(late)
-    penalty = np.zeros((1, n_classes), np.float32)
-    penalty[0, class_index] = -_STEP
-    out = layers.Add(name="gated_logits", dtype="float32")([logits, _fixed_dense(n_classes, penalty, None,
-                                                                                 "gate_penalty")(late)])
+    out = _ruled_out_above(logits, earliest, threshold, class_index,
+                           ("gate_step", "gate_late", "gate_penalty", "gated_logits"))
     return keras.Model(inputs, out, name=GATED_NAME)
 
 
@@ -420,14 +429,8 @@ def gate_irregular(model: keras.Model, threshold: float, class_index: int) -> ke
     if not 0 <= class_index < n_classes:
         raise ValueError(f"class_index must be in [0, {n_classes}), got {class_index}")
     inputs, logits = _wrapped(model, {"rr_irregular": 1})
-    # 0 while irregularity <= threshold, 1 once it is 1e-4 above: a step made of Dense + capped ReLU.
-    irregular = _fixed_dense(1, np.full((1, 1), _STEP, np.float32), np.array([-threshold * _STEP], np.float32),
-                             "irregular_step")(inputs["rr_irregular"])
-    irregular = layers.ReLU(max_value=1.0, name="irregular_gate_on", dtype="float32")(irregular)
-    penalty = np.zeros((1, n_classes), np.float32)
-    penalty[0, class_index] = -_STEP
-    out = layers.Add(name="irregular_gated_logits", dtype="float32")(
-        [logits, _fixed_dense(n_classes, penalty, None, "irregular_penalty")(irregular)])
+    out = _ruled_out_above(logits, inputs["rr_irregular"], threshold, class_index,
+                           ("irregular_step", "irregular_gate_on", "irregular_penalty", "irregular_gated_logits"))
     return keras.Model(inputs, out, name=IRREGULAR_GATED_NAME)
 
 
@@ -558,14 +561,8 @@ def veto_atrial(model: keras.Model, detector: keras.Model, threshold: float, cla
     inputs, logits = _wrapped(model, widths)
     detector.trainable = False
     score = detector({n: inputs[n] for n in ATRIAL_INPUTS})
-    # 0 while the logit is <= threshold, 1 once it is 1e-4 above: a step made of Dense + capped ReLU.
-    atrial = _fixed_dense(1, np.full((1, 1), _STEP, np.float32), np.array([-threshold * _STEP], np.float32),
-                          "atrial_step")(score)
-    atrial = layers.ReLU(max_value=1.0, name="atrial_veto_on", dtype="float32")(atrial)
-    penalty = np.zeros((1, n_classes), np.float32)
-    penalty[0, class_index] = -_STEP
-    out = layers.Add(name="atrial_vetoed_logits", dtype="float32")(
-        [logits, _fixed_dense(n_classes, penalty, None, "atrial_penalty")(atrial)])
+    out = _ruled_out_above(logits, score, threshold, class_index,
+                           ("atrial_step", "atrial_veto_on", "atrial_penalty", "atrial_vetoed_logits"))
     return keras.Model(inputs, out, name=ATRIAL_VETOED_NAME)
 
 

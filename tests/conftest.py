@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -85,4 +86,29 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def loso_in_fresh_store(tmp: Path, experiment: str, cfg):
+    """A LOSO run of ``cfg`` (:class:`ecg_mlflow.experiment.LosoConfig`) in this process, in a fresh
+    SQLite store under ``tmp`` (the cwd meanwhile, so artifacts land there), in a new experiment
+    ``experiment``; yields (tracking URI, LOSO run id, client) with the store still the current one,
+    and resets the tracking URI after."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ecg_mlflow.loso import run_loso
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(k, raising=False)
+        mlflow.set_tracking_uri(uri)
+        mp.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient(uri).create_experiment(experiment))
+        loso_run = run_loso(cfg)
+        mp.delenv("MLFLOW_EXPERIMENT_ID")
+        yield uri, loso_run, MlflowClient(uri)
     mlflow.set_tracking_uri(None)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import mlflow
-from mlflow import MlflowClient
-
+from conftest import loso_in_fresh_store
 from ecg_mlflow.beats import ATRIAL_BEATS, ATRIAL_RHYTHMS, atrial_activity, atrial_span
 from ecg_mlflow.dataset import PrepareConfig
 from ecg_mlflow.models import (ATRIAL_DETECTOR_NAME, ATRIAL_INPUTS, build_atrial_detector, build_model,
@@ -126,25 +124,12 @@ RECORDS, HOLDOUT, SHARE = "100,201,203", "201", 0.3
 def store(tmp_path_factory, mitdb_dir, cache_root):
     """A LOSO run with ``sveb_af`` in a fresh store, in this process; yields (uri, run id, client, cfg)."""
     from ecg_mlflow.experiment import LosoConfig
-    from ecg_mlflow.loso import run_loso
     from ecg_mlflow.training import TrainConfig
 
-    tmp = tmp_path_factory.mktemp("atrial")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(k, raising=False)
-        mlflow.set_tracking_uri(uri)
-        mp.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient(uri).create_experiment("atrial-test"))
-        cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=RECORDS,
-                                               cache_dir=str(cache_root / "beats")),
-                         train=TrainConfig(sveb_af=SHARE, epochs=1, finetune_epochs=1, seed=3), holdout=HOLDOUT)
-        loso_run = run_loso(cfg)
-        mp.delenv("MLFLOW_EXPERIMENT_ID")
-        yield uri, loso_run, MlflowClient(uri), cfg
-    mlflow.set_tracking_uri(None)
+    cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=RECORDS, cache_dir=str(cache_root / "beats")),
+                     train=TrainConfig(sveb_af=SHARE, epochs=1, finetune_epochs=1, seed=3), holdout=HOLDOUT)
+    with loso_in_fresh_store(tmp_path_factory.mktemp("atrial"), "atrial-test", cfg) as (uri, loso_run, client):
+        yield uri, loso_run, client, cfg
 
 
 def test_loso_vetoes_s_where_its_detector_trained_on_the_other_subjects_reads_fibrillation(store, mitdb_dir):

@@ -21,7 +21,7 @@ import wfdb
 import mlflow
 from mlflow import MlflowClient
 
-from conftest import REPO, entry_env, run_script_in_process
+from conftest import REPO, entry_env, loso_in_fresh_store, run_script_in_process
 from ecg_mlflow.classify import ANNOTATOR_OUT, INPUTS, ClassifyConfig, ClassifyError, classify, load_model, match_beats
 from ecg_mlflow.dataset import PrepareConfig
 from ecg_mlflow.labels import BEAT_SYMBOLS
@@ -41,29 +41,17 @@ FINETUNE_MINUTES = 5.0
 def store(tmp_path_factory, mitdb_dir, cache_root):
     """A LOSO run over RECORDS in a fresh store, in this process; yields (uri, LOSO run id, client)."""
     from ecg_mlflow.experiment import LosoConfig
-    from ecg_mlflow.loso import run_loso
     from ecg_mlflow.training import TrainConfig
 
-    tmp = tmp_path_factory.mktemp("classify")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(k, raising=False)
-        mlflow.set_tracking_uri(uri)
-        mp.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient(uri).create_experiment("classify-test"))
-        cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
-                                               finetune_minutes=FINETUNE_MINUTES, cache_dir=str(cache_root / "beats"),
-                                               signal_filter="bandpass", window_offset=16),
-                         train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
-                                           sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, early_sveb_rate=60,
-                                           early_reference="median", augment_shift=8, core_window=128, epochs=1,
-                                           finetune_epochs=1, seed=3))
-        loso_run = run_loso(cfg)
-        mp.delenv("MLFLOW_EXPERIMENT_ID")
-        yield uri, loso_run, MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
+    cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=",".join(RECORDS),
+                                           finetune_minutes=FINETUNE_MINUTES, cache_dir=str(cache_root / "beats"),
+                                           signal_filter="bandpass", window_offset=16),
+                     train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
+                                       sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, early_sveb_rate=60,
+                                       early_reference="median", augment_shift=8, core_window=128, epochs=1,
+                                       finetune_epochs=1, seed=3))
+    with loso_in_fresh_store(tmp_path_factory.mktemp("classify"), "classify-test", cfg) as store:
+        yield store
 
 
 def _variant(client, loso_run: str, record: str, variant: str):
