@@ -126,7 +126,8 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
     from ecg_mlflow.experiment import LosoConfig
     from ecg_mlflow.training import TrainConfig
 
-    cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=RECORDS, cache_dir=str(cache_root / "beats")),
+    cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(mitdb_dir), records=RECORDS,
+                                           cache_dir=str(cache_root / "beats")),
                      train=TrainConfig(sveb_af=SHARE, epochs=1, finetune_epochs=1, seed=3), holdout=HOLDOUT)
     with loso_in_fresh_store(tmp_path_factory.mktemp("atrial"), "atrial-test", cfg) as (uri, loso_run, client):
         yield uri, loso_run, client, cfg
