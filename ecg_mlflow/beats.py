@@ -261,8 +261,8 @@ def _preceding_medians(xs: np.ndarray, beats: int, chunk: int) -> np.ndarray:
 
 
 def atrial_span(r_peak: int, fs: float) -> slice:
-    """The samples of a beat window that :func:`atrial_activity` reads: from :data:`ATRIAL_SPAN_S`\[0]
-    to :data:`ATRIAL_SPAN_S`\[1] seconds before the R peak at index ``r_peak``, every second sample;
+    """The samples of a beat window that :func:`atrial_activity` reads: from ``ATRIAL_SPAN_S[0]``
+    to ``ATRIAL_SPAN_S[1]`` seconds before the R peak at index ``r_peak``, every second sample;
     at least the window's first sample when the R peak sits closer to the start than that."""
     start = max(0, r_peak - round(ATRIAL_SPAN_S[0] * fs))
     stop = max(start + 1, r_peak - round(ATRIAL_SPAN_S[1] * fs))

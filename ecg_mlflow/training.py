@@ -211,10 +211,9 @@ class BeatSource:
     by its record, so no per-beat copy of the templates is made); recent: ``(n, window, leads)``
     (:meth:`ecg_mlflow.dataset.BeatDataset.recent_template`), a function that makes it on first
     use (only models that read ``recent`` pay for it), or None; rhythm: the extra rhythm inputs by
-    name, each ``(n, width)``: ``rr_long``, ``rr_irregular``, ``rr_sequence``, ``rr_lagged``, ``rr_median``,
-    ``atrial``, as the
-    :class:`ecg_mlflow.dataset.BeatDataset` methods of those names make them (any of them may be
-    left out; a model that reads one that is missing is refused by name).
+    name, each ``(n, width)``: ``rr_long``, ``rr_irregular``, ``rr_sequence``, ``rr_lagged``,
+    ``rr_median``, ``atrial``, as the :class:`ecg_mlflow.dataset.BeatDataset` methods of those names
+    make them (any of them may be left out; a model that reads one that is missing is refused by name).
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, rr: np.ndarray | None = None,
@@ -456,8 +455,8 @@ def early_threshold(rr_long: np.ndarray, irregular: np.ndarray, labels: np.ndarr
 
 
 # The detector's passes over the training subjects' beats. Four left it unsure of fibrillation in
-# subjects it had not seen (it fired on 9 % of 202's fibrillation beats, 41 % after 30 passes:
-# docs/experiments.md, thirty-eighth round).
+# subjects it had not seen (fitted without 201 and 202, it fired on 16 % of their fibrillation beats,
+# 41 % after 30 passes: docs/experiments.md, thirty-eighth round).
 ATRIAL_EPOCHS = 30
 
 
