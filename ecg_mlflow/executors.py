@@ -96,7 +96,7 @@ class ExecConfig:
     def resolved_threads(self) -> int:
         """Threads per fold: ``threads`` when set; else TensorFlow's own default (every core) for
         ``sequential`` (0), and the cores shared out among the workers for ``local`` and ``ray``.
-        Call it on a :func:`resolve`\ d configuration (``auto`` is not an executor of its own)."""
+        Call it on a configuration from :func:`resolve` (``auto`` is not an executor of its own)."""
         if self.executor == "auto":
             raise ValueError("executor 'auto' has no thread count until resolved (executors.resolve)")
         # 0 for sequential: leave TensorFlow's own default alone (fold_threads: every core).
@@ -509,7 +509,7 @@ def concurrent_store(tracking_uri: str, cfg: ExecConfig) -> Iterator[str]:
 
 
 def describe(cfg: ExecConfig) -> str:
-    """Where and how a :func:`resolve`\ d configuration runs its folds, in words."""
+    """Where and how a configuration from :func:`resolve` runs its folds, in words."""
     n = cfg.resolved_threads
     threads = f"{n} TensorFlow thread(s) per fold" if n else "TensorFlow's own thread count (every core)"
     if cfg.executor == "local":

@@ -1,7 +1,7 @@
 """Max pooling for training on a CPU: the same values and gradients as ``MaxPool1D``, faster.
 
-TensorFlow's CPU kernel for the gradient of max pooling (``MaxPoolGrad``) takes about a third of
-a base model's training step here, more than any convolution. :class:`WindowMax1D` computes the
+TensorFlow's CPU kernel for the gradient of max pooling (``MaxPoolGrad``) took about a third of
+a base model's training step on a 2-core CPU, more than any convolution (docs/speed.md). :class:`WindowMax1D` computes the
 same forward values and the same gradient (all of it to the first maximum of each window, as
 ``MaxPoolGrad`` gives it) from elementwise ops, which cost a few microseconds a beat.
 
