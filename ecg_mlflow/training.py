@@ -590,16 +590,14 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedu
     optimizer = keras.optimizers.Adam(learning_rate)
     if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients would underflow
+    loss = keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=focal_gamma, from_logits=True) \
+        if focal_gamma > 0 else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    settings = dict(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile,
+                    steps_per_execution=STEPS_PER_EXECUTION)
+    model.compile(**settings)  # the model keeps the compile configuration and the optimizer it saves
     twin = training_twin(model)
-    for m in dict.fromkeys((model, twin)):  # model keeps the compile config and the optimizer it saves
-        m.compile(
-            optimizer=optimizer,
-            loss=keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=focal_gamma, from_logits=True)
-            if focal_gamma > 0 else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            jit_compile=jit_compile,
-            steps_per_execution=STEPS_PER_EXECUTION,
-        )
+    if twin is not model:
+        twin.compile(**settings)
     return twin
 
 

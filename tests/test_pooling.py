@@ -12,7 +12,7 @@ from ecg_mlflow.models import build_model
 from ecg_mlflow.pooling import WindowMax1D, training_twin, window_max
 from ecg_mlflow.training import STEPS_PER_EXECUTION, BeatSource, TrainConfig, seed_everything, train_base
 
-from tests.test_training import WINDOW, toy_beats
+from test_training import WINDOW, toy_beats
 
 
 @pytest.mark.parametrize("pool, steps", [(2, 16), (2, 11), (3, 10), (4, 23), (1, 5)])
