@@ -17,8 +17,10 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 venv: $(BIN)/.installed
 
 ## The main job: the whole leave-one-subject-out experiment on the embedded store sqlite:///mlflow.db.
-# P adds parameters, e.g. make loso P="-P records=100,101,200 -P epochs=1".
+# P adds parameters, e.g. make loso P="-P records=100,101,200 -P epochs=1". It first checks that
+# the tracking server answers: `mlflow run` would retry one that is down for about four minutes.
 loso: venv
+	$(BIN)/python -m ecg_mlflow.tracking
 	PATH="$(abspath $(BIN)):$$PATH" mlflow run . -e loso --env-manager local --experiment-name ecg-loso $(P)
 
 ## The test suite (the same command CI runs). Test files run in parallel, one per core (at most

@@ -1,6 +1,11 @@
 """MLflow logging helpers: reachability check, epoch metrics, confusion matrices, Keras models.
 
 Every function logs to the active run; the run tree itself is built by :mod:`ecg_mlflow.loso`.
+
+``python -m ecg_mlflow.tracking`` checks that the tracking server of ``MLFLOW_TRACKING_URI``
+answers (exit status 2 and one line naming it when it does not). ``make loso`` asks it first:
+``mlflow run`` creates its run before an entry point starts, and MLflow's client retries an
+unreachable server for about four minutes before it gives up.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import contextlib
 import json
 import os
 import shlex
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -148,3 +154,11 @@ def log_text_file(text: str, path: str) -> None:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+if __name__ == "__main__":
+    try:
+        print(f"tracking store: {check_tracking_server()}")
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -3,6 +3,7 @@ left in the store and the registry is read back and checked against the data."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -304,6 +305,27 @@ def test_unreachable_tracking_server_is_named_before_work(tmp_path, mitdb_dir, c
     assert proc.returncode == 2
     assert uri in proc.stderr.strip().splitlines()[-1] and "unreachable" in proc.stderr
 
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_loso_stops_at_an_unreachable_tracking_server_before_mlflow_run(tmp_path, mitdb_dir, cache_root):
+    # `mlflow run` creates its run first and MLflow's client retries a server that is down for
+    # minutes; make loso asks `python -m ecg_mlflow.tracking` first. make echoes each command it
+    # runs, so `mlflow run` missing from its output means it never started.
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    venv = Path(sys.prefix)
+    proc = subprocess.run(["make", "-C", str(REPO), "-o", str(venv / "bin" / ".installed"), "loso", f"VENV={venv}",
+                           "P=-P records=100"], cwd=tmp_path,
+                          env=entry_env(uri, mitdb_dir, cache_root, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"error: tracking server {uri} is unreachable" in proc.stderr
+    assert "ecg_mlflow.tracking" in proc.stdout and "mlflow run" not in proc.stdout, proc.stdout
+    # the same check passes a store that is there, and names it
+    ok = subprocess.run([sys.executable, "-m", "ecg_mlflow.tracking"], env=entry_env(f"sqlite:///{tmp_path}/m.db",
+                        mitdb_dir, cache_root), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"tracking store: sqlite:///{tmp_path}/m.db", ok.stderr
+    assert not (tmp_path / "m.db").exists()  # asking creates no store
 
 def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tracking_uri, mitdb_dir, cache_root, monkeypatch,
                                                                  capsys):
