@@ -478,7 +478,9 @@ def fit_atrial_detector(source: "BeatSource", rows: np.ndarray, target: np.ndarr
     detector.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy(from_logits=True),
                      steps_per_execution=STEPS_PER_EXECUTION)
     detector.fit(x, y.astype(np.float32), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
-    return detector
+    # The same layers as an uncompiled model: one that embeds the compiled detector (veto_atrial)
+    # would save its optimizer too, which loading cannot restore (Keras warns and skips it).
+    return keras.Model(detector.input, detector.output, name=detector.name)
 
 
 def atrial_threshold(detector: keras.Model, source: "BeatSource", labels: np.ndarray, rows: np.ndarray,
