@@ -306,7 +306,6 @@ def test_unreachable_tracking_server_is_named_before_work(tmp_path, mitdb_dir, c
     assert uri in proc.stderr.strip().splitlines()[-1] and "unreachable" in proc.stderr
 
 
-
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_loso_stops_at_an_unreachable_tracking_server_before_mlflow_run(tmp_path, mitdb_dir, cache_root):
     # `mlflow run` creates its run first and MLflow's client retries a server that is down for
@@ -326,6 +325,7 @@ def test_make_loso_stops_at_an_unreachable_tracking_server_before_mlflow_run(tmp
                         mitdb_dir, cache_root), cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.strip() == f"tracking store: sqlite:///{tmp_path}/m.db", ok.stderr
     assert not (tmp_path / "m.db").exists()  # asking creates no store
+
 
 def test_train_base_then_transfer_compose_and_refuse_a_leaky_base(tracking_uri, mitdb_dir, cache_root, monkeypatch,
                                                                  capsys):
