@@ -1,9 +1,10 @@
 """Max pooling for training on a CPU: the same values and gradients as ``MaxPool1D``, faster.
 
 TensorFlow's CPU kernel for the gradient of max pooling (``MaxPoolGrad``) took about a third of
-a base model's training step on a 2-core CPU, more than any convolution (docs/speed.md). :class:`WindowMax1D` computes the
-same forward values and the same gradient (all of it to the first maximum of each window, as
-``MaxPoolGrad`` gives it) from elementwise ops, which cost a few microseconds a beat.
+a base model's training step on a 2-core CPU, more than any convolution (docs/speed.md).
+:class:`WindowMax1D` computes the same forward values and the same gradient (all of it to the
+first maximum of each window, as ``MaxPoolGrad`` gives it) from elementwise ops, which cost a few
+microseconds a beat.
 
 It is for training only and is never saved: :func:`training_twin` gives a model whose max-pooling
 layers are ``WindowMax1D`` and whose every other layer *is* the model's own (shared, not copied),
@@ -36,15 +37,15 @@ def window_max(x: tf.Tensor, pool: int) -> tf.Tensor:
             out = tf.maximum(out, part)
 
         def grad(g):
-            taken, pieces = None, []
+            zeros, taken, pieces = tf.zeros_like(g), None, []
             for j, part in enumerate(parts):
                 if j == pool - 1:  # the last step of a window takes what the others did not
-                    pieces.append(tf.where(taken, tf.zeros_like(g), g) if pool > 1 else g)
+                    pieces.append(tf.where(taken, zeros, g) if pool > 1 else g)
                     break
                 hit = tf.equal(part, out)
                 hit = hit if taken is None else tf.logical_and(hit, tf.logical_not(taken))
                 taken = hit if taken is None else tf.logical_or(taken, hit)
-                pieces.append(tf.where(hit, g, tf.zeros_like(g)))
+                pieces.append(tf.where(hit, g, zeros))
             d = tf.reshape(tf.concat(pieces, axis=-1), (-1, width * pool, channels))
             return d if steps == width * pool else tf.pad(d, [[0, 0], [0, steps - width * pool], [0, 0]])
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO as ROOT
 SOURCES = sorted(p for folder in ("ecg_mlflow", "entrypoints", "bench", "tests") for p in (ROOT / folder).glob("*.py"))
 
 
