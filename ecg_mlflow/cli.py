@@ -61,6 +61,17 @@ def number(name: str) -> Callable[[str], float]:
     return parse
 
 
+def share(name: str) -> Callable[[str], float]:
+    """A share from 0 to 1 (``0.9`` for 90 %)."""
+    def parse(text: str) -> float:
+        value = number(name)(text)
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a share from 0 to 1 (0.9 for 90 %), got {text!r}")
+        return value
+
+    return parse
+
+
 def boolean(name: str) -> Callable[[str], bool]:
     def parse(text: str) -> bool:
         value = text.strip().lower()

@@ -342,14 +342,17 @@ def plan_table(runs: list[PlannedRun], candidates: list[dict[str, str]]) -> pd.D
 
 def nested(candidates: str, common: str = "", data_dir: str = "", records: str = "all", folds: str = "4",
            scoring_base_folds: int = 4, reuse: str = "experiment", n_boot: int = 10_000, seed: int = 0,
-           seeds: str = "") -> SelectResult:
+           seeds: str = "", min_share: float = 0.0) -> SelectResult:
     """Plan, reuse or run, and choose (see the module docstring). ``seed`` seeds the bootstrap;
     ``seeds`` (e.g. ``'42,7,123'``) runs the whole plan under each seed, and a candidate then
-    replaces the first only if it scores higher under each (:func:`ecg_mlflow.selection.choose`).
+    replaces the first only if it scores higher under each (:func:`ecg_mlflow.selection.choose`);
+    ``min_share`` > 0 asks it also to be higher in that share of paired subject resamples.
     Bad input raises :class:`NestedError` before any run is written; returns the ``select``
     result, logged in the active run (the one ``mlflow run`` made) or a new one."""
     if reuse not in REUSE:
         raise NestedError(f"reuse must be one of {list(REUSE)}, got {reuse!r}")
+    if not 0 <= min_share <= 1:
+        raise NestedError(f"min_share must be a share of resamples from 0 to 1 (0.9 for 90 %), got {min_share!r}")
     sets = parse_candidates(candidates)
     shared = parse_options(common, "common")
     run_seeds = parse_seeds(seeds, sets, shared)
@@ -362,7 +365,8 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
         parent_id, experiment_id = active.info.run_id, active.info.experiment_id
         logged = client.get_run(parent_id).data.params
         params = {"candidates": candidates, "common": common, "data_dir": data_dir, "records": records,
-                  "folds": folds, "scoring_base_folds": scoring_base_folds, "reuse": reuse, "seeds": seeds}
+                  "folds": folds, "scoring_base_folds": scoring_base_folds, "reuse": reuse, "seeds": seeds,
+                  "min_share": min_share}
         mlflow.log_params({k: v for k, v in params.items() if k not in logged})
         mlflow.set_tag(NESTED_TAG, "true")
         claim(parent_id)
@@ -396,6 +400,7 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
             return ",".join("/".join("+".join(r.run_id for r in runs if (r.role, r.candidate, r.seed) == (role, i, sd))
                                      for sd in order) for i in range(len(sets)))
 
-        result = select(entries("figures"), folds=folds, n_boot=n_boot, seed=seed, scored_on=entries("scoring"))
+        result = select(entries("figures"), folds=folds, n_boot=n_boot, seed=seed, scored_on=entries("scoring"),
+                        min_share=min_share)
         mlflow.log_text(plan_table(runs, sets).to_csv(index=False), "nested_plan.csv")
     return result

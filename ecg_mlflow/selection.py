@@ -47,6 +47,11 @@ many candidates under one seed carries that draw's luck; so a candidate then rep
 in a fold only if it scores higher under each seed (:func:`choose`). Counts are pooled over the
 seeds, and the estimate is also reported per seed.
 
+A gain that rests on a few subjects: with ``min_share`` a candidate must also be higher than
+candidate 0 in at least that share of paired resamples of the subjects it is scored on, under each
+seed (:func:`resample_shares`, ``compare``'s "resamples higher" on those subjects); the bootstrap
+makes that clause again within each resample (:func:`choice_bootstrap`).
+
 The choice is guarded, not the candidates: an option set that was itself tuned on some subjects'
 test figures carries that into any estimate it enters.
 """
@@ -140,6 +145,9 @@ class Selection:
     ``(n_folds, n_candidates, n_replicas, n_subjects, 8)`` (zero for the fold's own subjects), folds
     in the order of ``folds``; what :func:`choice_bootstrap` makes the choice again on.
     replica_counts: ``(n_candidates, n_replicas, n_subjects, 8)``, each replica's own counts.
+    min_share: the share of paired resamples a candidate had to be higher in (0: no such clause);
+    with it ``folds`` also holds ``share_<i>`` (candidate ``i``'s smallest share over the replicas)
+    and, with several replicas, ``share_<i>_<k>``.
     """
 
     folds: pd.DataFrame
@@ -147,6 +155,7 @@ class Selection:
     counts: np.ndarray
     scoring: np.ndarray
     replica_counts: np.ndarray
+    min_share: float = 0.0
 
     @property
     def pooled(self) -> np.ndarray:
@@ -207,17 +216,41 @@ def fold_rows(runs: list[ScoringRun], outside: list[str], fold: set[str], what: 
     return rows, verdict
 
 
-def choose(scores: np.ndarray) -> np.ndarray:
+def choose(scores: np.ndarray, shares: np.ndarray | None = None, min_share: float = 0.0) -> np.ndarray:
     """The rule applied to candidates' scores ``(n_candidates, n_replicas, ...)`` (any trailing axes,
     e.g. resamples): a candidate replaces candidate 0 (the incumbent) only if it scores higher under
     every replica (each seed); of those that do, the largest mean score wins, the first of equals.
     Undefined scores (NaN, ``-inf``) never score higher. With one replica this is the plain largest
-    score, ties to the first listed. Returns the chosen index per trailing position ``(...)``."""
+    score, ties to the first listed. With ``min_share`` > 0 a candidate must also be higher in at
+    least that share of paired subject resamples under every replica: ``shares`` has the shape of
+    ``scores`` (:func:`resample_shares`; a NaN share never passes). Returns the chosen index per
+    trailing position ``(...)``."""
     scores = np.where(np.isfinite(scores), scores, -np.inf)
     higher = np.all(scores[1:] > scores[:1], axis=1)  # (n_candidates - 1, ...)
+    if min_share > 0:
+        higher &= np.all(np.asarray(shares)[1:] >= min_share, axis=1)
     mean = np.where(higher, scores[1:].mean(axis=1), -np.inf)
     best = np.argmax(mean, axis=0) + 1  # the first of equals
     return np.where(higher.any(axis=0), best, 0)
+
+
+def resample_shares(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per candidate and replica, the share of paired subject resamples in which it scores higher
+    than candidate 0 under the same replica, of the resamples where both scores are defined (as
+    ``compare``'s "resamples higher"); NaN for candidate 0 and where no resample defines both.
+
+    rows: counts per subject ``(n_candidates, n_replicas, n_subjects, 8)``; weights: how often each
+    subject is drawn, ``(..., n_boot, n_subjects)`` (:func:`~ecg_mlflow.uncertainty.resample_weights`).
+    Returns ``(n_candidates, n_replicas, ...)``.
+    """
+    # Sums of whole counts are exact in float64, and matmul is far faster than an integer einsum.
+    summed = np.moveaxis(np.tensordot(weights.astype(np.float64), rows.astype(np.float64), axes=([-1], [2])),
+                         (-3, -2), (0, 1))  # (n_cand, n_rep, ..., n_boot, 8)
+    s = uncertainty.rates(summed)[RULE]
+    d = s[1:] - s[:1]
+    defined = np.isfinite(d).sum(axis=-1)
+    share = np.where(defined > 0, (d > 0).sum(axis=-1) / np.maximum(defined, 1), np.nan)
+    return np.concatenate([np.full_like(share[:1], np.nan), share])
 
 
 def _replicas(x: list) -> list[list]:
@@ -225,7 +258,8 @@ def _replicas(x: list) -> list[list]:
     return [[c] if isinstance(c, pd.DataFrame) or (c and isinstance(c[0], ScoringRun)) else list(c) for c in x]
 
 
-def cross_fitted_choice(tables: list, folds: dict[str, list[str]], scored: list | None = None) -> Selection:
+def cross_fitted_choice(tables: list, folds: dict[str, list[str]], scored: list | None = None,
+                        min_share: float = 0.0, n_boot: int = N_BOOT, seed: int = 0) -> Selection:
     """Choose a candidate per fold on the subjects outside it and pool the choices' counts.
 
     tables: per candidate, EC57 counts by subject (index ``subject``, columns
@@ -235,8 +269,12 @@ def cross_fitted_choice(tables: list, folds: dict[str, list[str]], scored: list 
     (:func:`subject_folds`). scored: per candidate (and replica), the runs a choice is scored on
     (:func:`fold_counts`); default: ``tables`` themselves, base-model training not known.
     The choice per fold is :func:`choose`; a fold's subjects take the chosen candidate's counts,
-    summed over its replicas.
+    summed over its replicas. With ``min_share`` > 0 a candidate must also be higher than candidate 0
+    in that share of ``n_boot`` paired resamples of the subjects outside the fold (drawn with
+    ``seed``, as ``compare`` draws a run's subjects), under every replica.
     """
+    if not 0 <= min_share <= 1:
+        raise SelectError(f"min_share must be a share of resamples from 0 to 1, got {min_share!r}")
     if len(tables) < 2:
         raise SelectError(f"a choice needs at least two candidates, got {len(tables)}")
     tables = _replicas(tables)
@@ -278,19 +316,26 @@ def cross_fitted_choice(tables: list, folds: dict[str, list[str]], scored: list 
         if not np.isfinite(scores).all(axis=1).any():
             raise SelectError(f"fold {name}: no candidate has all four statistics defined on the subjects "
                               "outside it" + (" under every replica" if n_rep > 1 else "") + ", so none can be chosen")
-        best = int(choose(scores))
+        shares, share_cols = None, {}
+        if min_share > 0:
+            weights = uncertainty.resample_weights(len(outside), n_boot, seed)
+            shares = resample_shares(scoring[f][:, :, at], weights)  # (n_cand, n_rep)
+            share_cols = {f"share_{i}": float(shares[i].min()) for i in range(1, len(tables))}
+            if n_rep > 1:
+                share_cols.update({f"share_{i}_{k}": shares[i, k] for i in range(1, len(tables)) for k in range(n_rep)})
+        best = int(choose(scores, shares, min_share))
         per_replica = {f"score_{i}_{k}": scores[i, k] for i in range(len(tables)) for k in range(n_rep)} \
             if n_rep > 1 else {}
         rows_of_folds.append({"fold": name, "subjects": " ".join(members), "chosen": best,
                               **{f"score_{i}": float(np.mean(scores[i])) for i in range(len(tables))},
-                              **per_replica, "scored_without_fold": max(verdicts, key=_WORSE.get)})
+                              **per_replica, **share_cols, "scored_without_fold": max(verdicts, key=_WORSE.get)})
         chosen_of.update({s: (name, best) for s in members})
     per_subject = pd.DataFrame(
         [{"subject": s, "fold": chosen_of[s][0], "chosen": chosen_of[s][1],
           **dict(zip(EC57_COUNTS, counts[chosen_of[s][1], pos[s]].tolist()))} for s in subjects]
     ).set_index("subject")
     return Selection(folds=pd.DataFrame(rows_of_folds).set_index("fold"), per_subject=per_subject, counts=counts,
-                     scoring=scoring, replica_counts=replica_counts)
+                     scoring=scoring, replica_counts=replica_counts, min_share=min_share)
 
 
 @dataclass
@@ -309,14 +354,37 @@ class ChoiceBootstrap:
         return (self.chosen == sel.folds.chosen.to_numpy()[None, :]).mean(axis=0)
 
 
-def choice_bootstrap(sel: Selection, weights: np.ndarray) -> ChoiceBootstrap:
+INNER_BOOT = 200  # resamples within each resample for the share clause (a share of 0.9 to within about 2 %)
+_CHUNK = 250  # outer resamples whose inner resamples are summed at once (memory)
+
+
+def _shares_within(scoring: np.ndarray, outer: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """:func:`resample_shares` made again within each outer resample: per outer row of ``outer``
+    ``(n_boot, n_subjects)`` (zero for the fold's own subjects), :data:`INNER_BOOT` resamples of the
+    subjects it drew outside the fold, as many as it drew. Returns ``(n_cand, n_rep, n_boot)``."""
+    n_boot = outer.shape[0]
+    drawn = outer.sum(axis=1)
+    out = np.full((*scoring.shape[:2], n_boot), np.nan)
+    for start in range(0, n_boot, _CHUNK):
+        stop = min(start + _CHUNK, n_boot)
+        inner = np.zeros((stop - start, INNER_BOOT, outer.shape[1]), np.int64)
+        for j, b in enumerate(range(start, stop)):
+            if drawn[b]:
+                inner[j] = rng.multinomial(drawn[b], outer[b] / drawn[b], size=INNER_BOOT)
+        out[..., start:stop] = resample_shares(scoring, inner)
+    return out
+
+
+def choice_bootstrap(sel: Selection, weights: np.ndarray, seed: int = 0) -> ChoiceBootstrap:
     """The whole procedure on each resample of subjects: ``weights`` ``(n_boot, n_subjects)``
     (:func:`ecg_mlflow.uncertainty.resample_weights`, subjects in the order of ``per_subject``).
 
     In a resample every candidate (each replica) is scored again on the fold's outside subjects as
     drawn (a subject drawn twice counts twice, one not drawn not at all); :func:`choose` picks, as on
     the data (candidate 0 where none scores higher); the fold's subjects as drawn then take the
-    winner's counts.
+    winner's counts. Where the choice had a share clause (``sel.min_share``), each resample's shares
+    come from :data:`INNER_BOOT` resamples of what it drew outside the fold (a double bootstrap,
+    seeded with ``seed`` and the fold's position).
     """
     n_boot = weights.shape[0]
     counts = np.zeros((n_boot, len(EC57_COUNTS)), np.int64)
@@ -324,7 +392,11 @@ def choice_bootstrap(sel: Selection, weights: np.ndarray) -> ChoiceBootstrap:
     fold_of = sel.per_subject.fold.to_numpy()
     for f, name in enumerate(sel.folds.index):
         scores = uncertainty.rates(np.einsum("bs,crsk->crbk", weights, sel.scoring[f]))[RULE]  # (n_cand, n_rep, n_boot)
-        best = choose(scores)
+        shares = None
+        if sel.min_share > 0:
+            outside = np.where(fold_of == name, 0, weights)
+            shares = _shares_within(sel.scoring[f], outside, np.random.default_rng([seed, f]))
+        best = choose(scores, shares, sel.min_share)
         chosen[:, f] = best
         members = fold_of == name
         for i in np.unique(best):
@@ -360,7 +432,7 @@ def estimate_table(sel: Selection, labels: list[str], n_boot: int = N_BOOT, seed
     (``<stat>_vs_0``, ``..._vs_0_ci_low/high``). Rates are fractions. The choice's intervals make
     the choice again in every resample (:func:`choice_bootstrap`), which is returned beside."""
     weights = uncertainty.resample_weights(len(sel.per_subject), n_boot, seed)
-    boot = choice_bootstrap(sel, weights)
+    boot = choice_bootstrap(sel, weights, seed)
     rows = []
     chosen = sel.folds.chosen.value_counts()
     for name, counts, n_folds, resampled in [
@@ -386,12 +458,16 @@ def _pct(x: float) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
 
-def rule_text(seeds: list[str]) -> str:
-    """The rule :func:`choose` applies, in words, for these replicas' seeds."""
+def rule_text(seeds: list[str], min_share: float = 0.0) -> str:
+    """The rule :func:`choose` applies, in words, for these replicas' seeds and share clause."""
     text = f"largest {RULE} of the four gross {VARIANT} statistics"
     if len(seeds) > 1:
         text += (", and a candidate replaces candidate [0] only if it is higher under each of seeds "
                  f"{', '.join(seeds)} (then the largest mean over the seeds wins)")
+    if min_share > 0:
+        text += ((" and" if len(seeds) > 1 else ", and a candidate replaces candidate [0] only if it is higher")
+                 + f" in at least {100 * min_share:g} % of paired resamples of the subjects it is scored on"
+                 + (" under each seed" if len(seeds) > 1 else ""))
     return text
 
 
@@ -406,7 +482,8 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict
     ``blind_to`` (:func:`blind_records`) is listed where a fold was not scored blind to its subjects;
     with several replicas (``seeds``) the figures are pooled over them and the estimate is also given per seed."""
     seeds = seeds or [""]
-    lines = [f"=== Cross-fitted choice over {len(sel.folds)} folds ({folds}), rule: {rule_text(seeds)} ===",
+    lines = [f"=== Cross-fitted choice over {len(sel.folds)} folds ({folds}), rule: "
+             f"{rule_text(seeds, sel.min_share)} ===",
              f"{'':3} {'VEB Se':>14} {'VEB +P':>14} {'SVEB Se':>14} {'SVEB +P':>14} {'smallest':>14}  folds  candidate"]
     for i, r in table.iterrows():
         cells = [f"{_pct(r[k])} ({_pct(r[k + '_ci_low'])}–{_pct(r[k + '_ci_high'])})" for k in uncertainty.STATISTICS]
@@ -434,7 +511,10 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict
     if len(sel.folds) <= FEW_FOLDS:  # name the subjects only where the folds are few
         for name, r in sel.folds.iterrows():
             again = "" if kept is None else f" (made again in {100 * r.kept:.0f}% of resamples)"
-            lines.append(f"  {name}: [{r.chosen}] for {r.subjects}{again}")
+            shares = ", ".join(f"[{i}] {_pct(r[f'share_{i}'])}%" for i in range(1, len(sel.counts))) \
+                if sel.min_share > 0 else ""
+            lines.append(f"  {name}: [{r.chosen}] for {r.subjects}{again}"
+                         + (f"; higher than [0] in {shares} of paired resamples" if shares else ""))
     else:
         for i in counts.index:
             if i != counts.idxmax():
@@ -548,18 +628,21 @@ def check_replicas(ids: list[list[str]], runs: list[list[LosoRun]], what: str) -
 
 
 def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: int = 0, scored_on: str = "",
-           echo: bool = True) -> SelectResult:
+           min_share: float = 0.0, echo: bool = True) -> SelectResult:
     """Cross-fitted choice among candidate LOSO runs (comma-separated, ``a+b`` pools, ``a/b/c``
     replicas: the candidate's options under other seeds, see :func:`choose`); ``scored_on``: the
     runs each candidate is scored on, one entry per candidate in the same order and form (its
-    ``+``-joined runs may overlap in patients, see :func:`fold_counts`; '' = the candidates' own runs).
-    Logs a ``select`` run (tag ``ecg.role=select``) with ``choices.csv``, ``per_subject.csv``,
-    ``estimate.csv``, ``estimate.json`` and ``summary.txt``. Everything is validated before the run
-    is written."""
+    ``+``-joined runs may overlap in patients, see :func:`fold_counts`; '' = the candidates' own runs);
+    ``min_share``: the share of paired subject resamples a candidate must be higher in as well
+    (:func:`cross_fitted_choice`; 0 = no such clause). Logs a ``select`` run (tag
+    ``ecg.role=select``) with ``choices.csv``, ``per_subject.csv``, ``estimate.csv``,
+    ``estimate.json`` and ``summary.txt``. Everything is validated before the run is written."""
     if not isinstance(n_boot, int) or n_boot < 1:
         raise SelectError(f"bootstrap must be a positive whole number of resamples, got {n_boot!r}")
     if not isinstance(seed, int) or seed < 0:
         raise SelectError(f"seed must be a non-negative whole number, got {seed!r}")
+    if not 0 <= min_share <= 1:
+        raise SelectError(f"min_share must be a share of resamples from 0 to 1 (0.9 for 90 %), got {min_share!r}")
     ids = parse_run_ids(loso_runs)
     if len(ids) < 2:
         raise SelectError(f"loso_runs: a choice needs at least two candidates (comma-separated), got {ids}")
@@ -604,7 +687,7 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     runs = [cand[0] for cand in runs_of]  # the first replica names each candidate
     tables = [[subject_count_table(r, VARIANT) for r in cand] for cand in runs_of]
     plan = subject_folds(list(tables[0][0].index), folds)
-    sel = cross_fitted_choice(tables, plan, scoring)
+    sel = cross_fitted_choice(tables, plan, scoring, min_share, n_boot, seed)
     labels = candidate_labels(ids, runs)
     table, boot = estimate_table(sel, labels, n_boot, seed)
     sel.folds["kept"] = boot.kept(sel)
@@ -620,7 +703,7 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
                          "scored_without_fold": ",".join(sorted(set(sel.folds.scored_without_fold)))})
         logged = MlflowClient().get_run(run_id).data.params
         params = {"loso_runs": ",".join(ids), "folds": folds, "bootstrap": n_boot, "seed": seed,
-                  "scored_on": scored_on}
+                  "scored_on": scored_on, "min_share": min_share}
         mlflow.log_params({k: v for k, v in params.items() if k not in logged})  # `mlflow run` logged its own
         last = table.iloc[-1]
         metrics = {f"selected_{k}{suffix}": float(last[f"{k}{suffix}"]) for k in uncertainty.STATISTICS
@@ -630,7 +713,8 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
         sel.folds.to_csv(out / "choices.csv")
         sel.per_subject.to_csv(out / "per_subject.csv")
         table.to_csv(out / "estimate.csv", index=False)
-        doc = {"folds": folds, "rule": rule_text(seeds), "seeds": seeds if len(seeds) > 1 else None,
+        doc = {"folds": folds, "rule": rule_text(seeds, min_share), "seeds": seeds if len(seeds) > 1 else None,
+               "min_share": min_share,
                "candidates": labels, "scored_on": score_ids,
                "scored_without_fold": sel.folds.scored_without_fold.to_dict(),
                "choice_kept_in_resamples": sel.folds.kept.round(4).to_dict(),

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="",
                    help="LOSO seeds, comma-separated (e.g. 42,7,123): every run of the plan once per seed, and a "
                         "candidate replaces the first only if it scores higher under each; '' = the options' seed")
+    p.add_argument("--min-share", type=cli.share("min_share"), default=0.0,
+                   help="a candidate must also be higher than the first in at least this share of paired subject "
+                        "resamples of the subjects it is scored on, under each seed (0.9: 90 %%); 0 = no such clause")
     return p.parse_args(argv)
 
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nested(a.candidates, common=a.common, data_dir=a.data_dir, records=a.records, folds=a.folds,
                scoring_base_folds=a.scoring_base_folds, reuse=a.reuse.strip().lower(), n_boot=a.bootstrap, seed=a.seed,
-               seeds=a.seeds)
+               seeds=a.seeds, min_share=a.min_share)
     except PlanRunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import argparse  # noqa: E402
 
-from ecg_mlflow.cli import whole_number  # noqa: E402
+from ecg_mlflow.cli import share, whole_number  # noqa: E402
 from ecg_mlflow.analysis import N_BOOT, CompareError  # noqa: E402
 from ecg_mlflow.selection import select  # noqa: E402
 
@@ -32,13 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=whole_number("bootstrap", minimum=1), default=N_BOOT,
                    help="bootstrap resamples for the confidence intervals")
     p.add_argument("--seed", type=whole_number("seed", minimum=0), default=0, help="seed of the bootstrap")
+    p.add_argument("--min-share", type=share("min_share"), default=0.0,
+                   help="a candidate must also be higher than the first in at least this share of paired subject "
+                        "resamples of the subjects it is scored on, under each seed (0.9: 90 %%); 0 = no such clause")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
-        select(loso_runs=a.loso_runs, folds=a.folds, n_boot=a.bootstrap, seed=a.seed, scored_on=a.scored_on)
+        select(loso_runs=a.loso_runs, folds=a.folds, n_boot=a.bootstrap, seed=a.seed, scored_on=a.scored_on,
+               min_share=a.min_share)
     except CompareError as exc:  # bad input: one line naming the culprit, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

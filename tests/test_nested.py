@@ -199,6 +199,11 @@ def test_bad_input_exits_2_and_writes_nothing(tracking_uri, data_env, monkeypatc
     code, err = run_script_in_process(SCRIPT, [*argv[:1], "; epochs=2", *argv[2:], "--reuse", "sometimes"],
                                       monkeypatch, capsys)
     assert code == 2 and "reuse must be one of ['experiment', 'all', 'none']" in err, err
+    code, err = run_script_in_process(SCRIPT, [*argv[:1], "; epochs=2", *argv[2:], "--min-share", "90"],
+                                      monkeypatch, capsys)
+    assert code == 2 and "min_share must be a share from 0 to 1 (0.9 for 90 %), got '90'" in err, err
+    with pytest.raises(N.NestedError, match="min_share must be a share of resamples from 0 to 1"):
+        N.nested("; epochs=2", common=COMMON, records=RECORDS, folds="2", scoring_base_folds=2, min_share=-0.5)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
@@ -396,18 +401,22 @@ def test_nested_runs_the_plan_resumes_by_reuse_and_matches_select(tmp_path, mitd
     newest = client.get_model_version_by_alias("ecg-transfer-118", "newest")
     assert client.get_run(newest.run_id).data.tags["mlflow.parentRunId"] == figures[1]
 
-    # 3. through `mlflow run`: every run reused, nothing trained, the same estimate
+    # 3. through `mlflow run`: every run reused, nothing trained, the same estimate; a share clause of
+    # 1 % reaches select and, as a candidate higher on the data is higher in far more resamples than
+    # that, leaves the choice as it was
     n_loso = len(_loso_runs(client, exp))
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "nested", "--env-manager", "local",
            "--experiment-name", "nested-test", "-P", f"candidates={E2E_CANDIDATES}", "-P", f"common={COMMON}",
-           "-P", f"records={E2E_RECORDS}", "-P", "folds=2", "-P", "scoring_base_folds=2"]
+           "-P", f"records={E2E_RECORDS}", "-P", "folds=2", "-P", "scoring_base_folds=2", "-P", "min_share=0.01"]
     env.pop("MLFLOW_EXPERIMENT_NAME")
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "6 LOSO runs, 6 reused, 0 to run" in proc.stdout
     assert len(_loso_runs(client, exp)) == n_loso
     third = _nested_runs(client, exp)[4]
-    assert _estimate(client, third.info.run_id) == estimate
+    with_clause = _estimate(client, third.info.run_id)
+    assert with_clause.pop("min_share") == 0.01 and "in at least 1 % of paired resamples" in with_clause.pop("rule")
+    assert with_clause == {k: v for k, v in estimate.items() if k not in ("min_share", "rule")}
 
     # 4. under seeds 7 and 8: the seed-7 runs are the ones above (reused), the seed-8 ones are made
     # (candidate 1 again on candidate 0's base models), and a candidate must score higher under both

@@ -252,6 +252,60 @@ def test_a_candidate_replaces_the_first_only_if_higher_under_every_seed():
                                                           [[S.ScoringRun(t, {}) for t in steady[:2]]]])
 
 
+def test_the_share_clause_keeps_out_a_gain_that_rests_on_one_subject():
+    """``min_share``: a candidate higher only through one subject is higher in the resamples that draw
+    that subject and ties in the rest; one higher on every subject is higher in all of them."""
+    subjects = [str(100 + i) for i in range(22)]
+    plan = {"g1": subjects[:11], "g2": subjects[11:]}  # 105 is in g1, so it scores g2's choice
+    usual = row((95, 5, 1), (70, 30, 1))  # SVEB Se (0.70) is the smallest statistic on any subjects
+    incumbent = counts_table({s: usual for s in subjects})
+    narrow = counts_table({s: row((95, 5, 1), (100, 0, 1)) if s == "105" else usual for s in subjects})
+    broad = counts_table({s: row((95, 5, 1), (72, 28, 1)) for s in subjects})
+    plain = S.cross_fitted_choice([incumbent, narrow], plan)
+    assert plain.folds.chosen.tolist() == [0, 1] and "share_1" not in plain.folds  # g1: a tie, g2: higher
+    sel = S.cross_fitted_choice([incumbent, narrow], plan, min_share=0.9, n_boot=N_BOOT, seed=3)
+    assert sel.folds.chosen.tolist() == [0, 0]
+    # The share is that of the resamples of g1's subjects drawing 105, and compare's "resamples higher".
+    weights = U.resample_weights(11, N_BOOT, 3)
+    share = sel.folds.loc["g2", "share_1"]
+    assert share == pytest.approx((weights[:, subjects.index("105")] > 0).mean())
+    assert 0.5 < share < 0.8
+    rows = [t.loc[plan["g1"]].to_numpy() for t in (incumbent, narrow)]
+    assert share == pytest.approx(U.paired_interval(*rows, weights)["smallest"]["share_b_higher"])
+    assert sel.folds.loc["g1", "share_1"] == 0  # a tie in every resample of g2's subjects
+    assert S.cross_fitted_choice([incumbent, narrow], plan, min_share=share, n_boot=N_BOOT,
+                                 seed=3).folds.chosen.tolist() == [0, 1]  # at the share it passes
+    wide = S.cross_fitted_choice([incumbent, narrow, broad], plan, min_share=0.9, n_boot=N_BOOT)
+    assert wide.folds.chosen.tolist() == [2, 2] and (wide.folds.share_2 == 1).all()
+    # The interval makes the whole choice again, the clause included, within each resample: without
+    # the clause g2 takes the narrow candidate whenever a resample draws 105; with it, only where a
+    # resample draws 105 so often that most resamples of it do too.
+    drawn = U.resample_weights(len(subjects), 400, 2)[:, subjects.index("105")]
+    took = {}
+    for clause in (0.0, 0.9):
+        sel = S.cross_fitted_choice([incumbent, narrow], plan, min_share=clause, n_boot=N_BOOT)
+        _, boot = S.estimate_table(sel, ["a", "b"], n_boot=400, seed=2)
+        assert (boot.chosen[drawn == 0, 1] == 0).all()
+        took[clause] = boot.chosen[:, 1] == 1
+    assert (took[0.0] == (drawn > 0)).all()
+    assert took[0.9].mean() < 0.5 * took[0.0].mean() and not (took[0.9] & ~took[0.0]).any()
+    assert drawn[took[0.9]].mean() > drawn[took[0.0] & ~took[0.9]].mean()  # drawn more often where it passes
+    _, boot = S.estimate_table(wide, ["a", "b", "c"], n_boot=400, seed=2)
+    assert (boot.chosen != 0).all()  # the broad gain passes in every resample (or the narrow one beats it)
+    with pytest.raises(S.SelectError, match="min_share must be a share of resamples from 0 to 1, got 1.5"):
+        S.cross_fitted_choice([incumbent, narrow], plan, min_share=1.5)
+
+
+def test_the_share_clause_holds_under_every_seed():
+    scores = np.array([[[0.70], [0.70]], [[0.75], [0.72]], [[0.80], [0.71]]])  # (candidate, seed, fold)
+    shares = np.array([[[np.nan], [np.nan]], [[0.95], [0.91]], [[0.99], [0.60]]])
+    assert S.choose(scores).tolist() == [2]  # the larger mean, higher under both seeds
+    assert S.choose(scores, shares, 0.9).tolist() == [1]  # 2 is not higher often enough under the second
+    assert S.choose(scores, shares, 0.92).tolist() == [0]
+    shares[1, 1, 0] = np.nan  # no resample where both are defined: never passes
+    assert S.choose(scores, shares, 0.5).tolist() == [2]
+
+
 def test_candidates_must_hold_the_same_subjects():
     good = row((90, 10, 5), (80, 20, 10))
     a, b = counts_table({"x": good, "y": good}), counts_table({"x": good, "z": good})
@@ -502,6 +556,39 @@ def test_select_over_seeds_applies_the_rule_and_reports_each_seed(tracking_uri, 
     S.select(f"{ids[0][0]}/{older},{ids[1][0]}/{ids[1][1]}", folds="2", n_boot=N_BOOT, echo=False)
 
 
+def test_select_applies_the_share_clause_and_logs_the_shares(tracking_uri, capsys):
+    """``min_share``: each fold's shares recomputed here from the confusion matrices on the same
+    resamples, the choice by the rule with the clause, and the clause in the logged rule."""
+    cands = _candidates()
+    ids = [log_loso(c, params={"label_scheme": "aami", "sveb_gate": str(i)}) for i, c in enumerate(cands)]
+    res = S.select(",".join(ids), n_boot=N_BOOT, seed=4, min_share=0.9)
+    counts = [by_subject(c) for c in cands]
+    subjects = sorted(counts[0])
+    passed = []
+    for s in subjects:
+        others = [t for t in subjects if t != s]
+        rows = np.array([[[c[t] for t in others]] for c in counts])  # (candidate, seed, subject, 8)
+        shares = S.resample_shares(rows, U.resample_weights(len(others), N_BOOT, 4))
+        scores = np.array([[S.score(rows[i, 0].sum(axis=0))] for i in range(len(cands))])
+        fold = res.selection.folds.loc[s]
+        assert [fold.share_1, fold.share_2] == pytest.approx(shares[1:, 0].tolist(), nan_ok=True)
+        assert fold.chosen == int(S.choose(scores, shares, 0.9))
+        passed.append(int(S.choose(scores)) != fold.chosen)
+    assert any(passed)  # somewhere the clause keeps out the candidate the plain rule takes
+    path = Path(mlflow.artifacts.download_artifacts(run_id=res.run_id))
+    choices = pd.read_csv(path / "choices.csv", dtype={"fold": str}).set_index("fold")
+    assert choices.share_2.tolist() == pytest.approx(res.selection.folds.share_2.tolist(), nan_ok=True)
+    doc = json.loads((path / "estimate.json").read_text())
+    assert doc["min_share"] == 0.9 and "in at least 90 % of paired resamples" in doc["rule"]
+    assert MlflowClient().get_run(res.run_id).data.params["min_share"] == "0.9"
+    out = capsys.readouterr().out
+    assert "in at least 90 % of paired resamples" in out
+    assert f"  100: [{res.selection.folds.loc['100', 'chosen']}] for 100 (made again in" in out
+    assert f"higher than [0] in [1] {100 * res.selection.folds.loc['100', 'share_1']:.1f}%, [2] " in out
+    with pytest.raises(S.SelectError, match="min_share must be a share of resamples from 0 to 1"):
+        S.select(",".join(ids), min_share=-0.1)
+
+
 def test_bad_input_is_refused_before_anything_is_written(tracking_uri):
     cands = _candidates()
     first, second = log_loso(cands[0]), log_loso(cands[1])
@@ -545,4 +632,7 @@ def test_mlflow_run_select_end_to_end_and_a_bad_run(tracking_uri):
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, str(script), "--loso-runs", ",".join(ids), "--min-share", "90"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2 and "min_share must be a share from 0 to 1 (0.9 for 90 %), got '90'" in proc.stderr
     assert len(mlflow.search_runs(search_all_experiments=True)) == before
