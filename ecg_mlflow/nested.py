@@ -62,7 +62,8 @@ from ecg_mlflow.experiment import LosoConfig
 from ecg_mlflow.loso import preflight
 from ecg_mlflow.resume import (FAILED_TAG, base_settings, claim, config_of_run, end_orphaned_runs, ran_threads,
                                run_settings)
-from ecg_mlflow.selection import FEW_FOLDS, SelectError, SelectResult, blind_records, select, subject_folds
+from ecg_mlflow.selection import (FEW_FOLDS, SelectError, SelectResult, blind_records, check_min_share, select,
+                                  subject_folds)
 from ecg_mlflow.splits import subject_of
 from ecg_mlflow.tracking import logged_value
 
@@ -351,8 +352,7 @@ def nested(candidates: str, common: str = "", data_dir: str = "", records: str =
     result, logged in the active run (the one ``mlflow run`` made) or a new one."""
     if reuse not in REUSE:
         raise NestedError(f"reuse must be one of {list(REUSE)}, got {reuse!r}")
-    if not 0 <= min_share <= 1:
-        raise NestedError(f"min_share must be a share of resamples from 0 to 1 (0.9 for 90 %), got {min_share!r}")
+    check_min_share(min_share, NestedError)
     sets = parse_candidates(candidates)
     shared = parse_options(common, "common")
     run_seeds = parse_seeds(seeds, sets, shared)

@@ -216,6 +216,12 @@ def fold_rows(runs: list[ScoringRun], outside: list[str], fold: set[str], what: 
     return rows, verdict
 
 
+def check_min_share(min_share: float, error: type[SelectError] = SelectError) -> None:
+    """Refuse, naming it, a ``min_share`` that is not a share of resamples."""
+    if not 0 <= min_share <= 1:
+        raise error(f"min_share must be a share of resamples from 0 to 1, got {min_share!r} (0.9 for 90 %)")
+
+
 def choose(scores: np.ndarray, shares: np.ndarray | None = None, min_share: float = 0.0) -> np.ndarray:
     """The rule applied to candidates' scores ``(n_candidates, n_replicas, ...)`` (any trailing axes,
     e.g. resamples): a candidate replaces candidate 0 (the incumbent) only if it scores higher under
@@ -273,8 +279,7 @@ def cross_fitted_choice(tables: list, folds: dict[str, list[str]], scored: list 
     in that share of ``n_boot`` paired resamples of the subjects outside the fold (drawn with
     ``seed``, as ``compare`` draws a run's subjects), under every replica.
     """
-    if not 0 <= min_share <= 1:
-        raise SelectError(f"min_share must be a share of resamples from 0 to 1, got {min_share!r}")
+    check_min_share(min_share)
     if len(tables) < 2:
         raise SelectError(f"a choice needs at least two candidates, got {len(tables)}")
     tables = _replicas(tables)
@@ -641,8 +646,7 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
         raise SelectError(f"bootstrap must be a positive whole number of resamples, got {n_boot!r}")
     if not isinstance(seed, int) or seed < 0:
         raise SelectError(f"seed must be a non-negative whole number, got {seed!r}")
-    if not 0 <= min_share <= 1:
-        raise SelectError(f"min_share must be a share of resamples from 0 to 1 (0.9 for 90 %), got {min_share!r}")
+    check_min_share(min_share)  # before any run is read
     ids = parse_run_ids(loso_runs)
     if len(ids) < 2:
         raise SelectError(f"loso_runs: a choice needs at least two candidates (comma-separated), got {ids}")
