@@ -89,6 +89,9 @@ class TrainConfig:
     # "this patient's beat shape, come early" as S rather than "another subject's beat shape"
     focal_gamma: float = 0.0  # > 0: focal loss (Lin et al. 2017), each beat's cross-entropy times (1 - p)^gamma with p
     # the probability of its true class, so beats already classified well weigh less; base training and fine-tuning
+    ema: float = 0.0  # > 0: each training ends on the exponential moving average of its weights over its steps
+    # (from the first step's on), with this momentum (0.99: about the last 100 steps), not on the last step's weights;
+    # base training and fine-tuning
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -115,6 +118,8 @@ class TrainConfig:
                 or not 0 <= self.focal_gamma <= MAX_FOCAL_GAMMA:
             raise ValueError(f"focal_gamma must be a number in [0, {MAX_FOCAL_GAMMA}] (0: cross-entropy), "
                              f"got {self.focal_gamma!r}")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be 0 (off) or a momentum in (0, 1), e.g. 0.99, got {self.ema!r}")
         for name in ("learning_rate", "finetune_learning_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < 10:
@@ -578,18 +583,20 @@ STEPS_PER_EXECUTION = 16
 
 
 def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedule: str = "constant",
-             steps: int = 0, focal_gamma: float = 0.0) -> keras.Model:
+             steps: int = 0, focal_gamma: float = 0.0, ema: float = 0.0) -> keras.Model:
     """Adam at ``learning_rate``; with ``schedule="cosine"`` the rate decays along half a cosine to 0
     over ``steps`` optimizer steps (all of the training's epochs). The loss is cross-entropy on
     integer labels, or with ``focal_gamma`` > 0 the focal loss on one-hot labels
     (:meth:`BeatSource.dataset` ``one_hot``). Built-in schedule and losses: a saved model loads
-    without custom objects.
+    without custom objects. With ``ema`` > 0 Adam keeps an exponential moving average of the
+    weights (momentum ``ema``, from the first step's weights on), and ``fit`` leaves the weights at
+    that average when it ends.
 
     Returns the model to fit: :func:`ecg_mlflow.pooling.training_twin` of ``model``, compiled with
     the same optimizer, so that fitting it trains ``model`` with the same numbers, faster on a CPU."""
     if schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(steps), 1))
-    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer = keras.optimizers.Adam(learning_rate, use_ema=ema > 0, ema_momentum=ema or 0.99)
     if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients would underflow
     loss = keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=focal_gamma, from_logits=True) \
@@ -648,7 +655,7 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
                         core_window=cfg.core_window, r_peak=source.r_peak)
     names = model_input_names(model)
     fitted = _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule,
-                      cfg.epochs * -(-len(idx) // cfg.batch_size), cfg.focal_gamma)
+                      cfg.epochs * -(-len(idx) // cfg.batch_size), cfg.focal_gamma, cfg.ema)
     batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift,
                              one_hot=n_classes if cfg.focal_gamma > 0 else 0)
     hist = fitted.fit(batches, epochs=cfg.epochs, verbose=0, shuffle=False,
@@ -681,7 +688,7 @@ def _fine_tune_one(base: keras.Model, source: "BeatSource", idx: np.ndarray, cfg
     seed_everything(seed, deterministic_ops=not cfg.jit_compile)
     model = transfer_copy(base, cfg.finetune_layers)
     fitted = _compile(model, cfg.finetune_learning_rate, cfg.jit_compile, cfg.lr_schedule,
-                      cfg.finetune_epochs * -(-len(idx) // cfg.finetune_batch_size), cfg.focal_gamma)
+                      cfg.finetune_epochs * -(-len(idx) // cfg.finetune_batch_size), cfg.focal_gamma, cfg.ema)
     n_classes = int(model.output.shape[-1])
     batches = source.dataset(idx, cfg.finetune_batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift,
                              rhythm_idx=rhythm_idx, one_hot=n_classes if cfg.focal_gamma > 0 else 0)

@@ -257,6 +257,36 @@ def test_focal_loss_weighs_each_beat_by_how_wrong_it_is_and_a_saved_model_loads(
     assert hist["loss"][0] < plain_hist["loss"][0]  # the same start, each beat's loss scaled down
 
 
+def test_ema_ends_each_training_on_the_moving_average_of_its_steps_weights(tmp_path):
+    import keras
+
+    x, y, rr = toy_beats()
+    source = BeatSource(x, y, rr)
+    # One step an epoch (batch 200 of 200 beats): a run of k epochs ends on the weights of step k
+    # of the longer runs, so the plain runs of 1 .. 6 epochs give each step's weights.
+    one_step = TrainConfig(**{**FAST.__dict__, "batch_size": 200, "epochs": 6, "dropout": 0.0})
+    steps = [train_base(source, np.arange(200), 3, TrainConfig(**{**one_step.__dict__, "epochs": k}))[0]
+             .get_layer("logits").kernel.numpy() for k in range(1, 7)]
+    m = 0.8
+    averaged, _ = train_base(source, np.arange(200), 3, TrainConfig(**{**one_step.__dict__, "ema": m}))
+    by_hand = steps[0].astype(np.float64)  # the average starts at the first step's weights
+    for w in steps[1:]:
+        by_hand = m * by_hand + (1 - m) * w
+    got = averaged.get_layer("logits").kernel.numpy()
+    np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, steps[-1], atol=1e-4)  # not the last step's weights
+    averaged.save(tmp_path / "ema.keras")  # Adam's own option: loads without custom objects
+    loaded = keras.models.load_model(tmp_path / "ema.keras")
+    np.testing.assert_array_equal(loaded.get_layer("logits").kernel.numpy(), got)
+    # Fine-tuning averages too: the same base, other head weights than without it, the rest frozen.
+    tuned_plain, _ = fine_tune(averaged, source, np.arange(200, 260), one_step)
+    tuned, _ = fine_tune(averaged, source, np.arange(200, 260), TrainConfig(**{**one_step.__dict__, "ema": m}))
+    assert tuned.optimizer.use_ema and not tuned_plain.optimizer.use_ema
+    assert not np.allclose(tuned.get_layer("logits").kernel.numpy(), tuned_plain.get_layer("logits").kernel.numpy(),
+                           atol=1e-4)
+    np.testing.assert_array_equal(tuned.get_layer("conv1").kernel.numpy(), averaged.get_layer("conv1").kernel.numpy())
+
+
 def test_width_multiplies_every_convolutions_filters_and_transfer_keeps_them():
     x, y, rr = toy_beats()
     source = BeatSource(x, y, rr)
@@ -946,6 +976,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
     ("finetune_premature", -1, "finetune_premature"), ("finetune_premature", 2.5, "finetune_premature"),
     ("focal_gamma", -0.5, "focal_gamma"), ("focal_gamma", 11, "focal_gamma"), ("focal_gamma", True, "focal_gamma"),
+    ("ema", 1, "ema"), ("ema", -0.1, "ema"), ("ema", True, "ema"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
