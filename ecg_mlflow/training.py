@@ -596,7 +596,7 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedu
     the same optimizer, so that fitting it trains ``model`` with the same numbers, faster on a CPU."""
     if schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(steps), 1))
-    optimizer = keras.optimizers.Adam(learning_rate, use_ema=ema > 0, ema_momentum=ema or 0.99)
+    optimizer = keras.optimizers.Adam(learning_rate, use_ema=ema > 0, ema_momentum=ema or 0.99)  # 0.99 unused when off
     if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients would underflow
     loss = keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=focal_gamma, from_logits=True) \
