@@ -53,8 +53,9 @@ class TrainConfig:
     precision: str = "auto"  # float32 | mixed (float16 compute, float32 weights and logits) | auto: mixed on a GPU
     finetune_replay: int = 75  # beats per class from the base-training subjects mixed into the fine-tune set
     # (75 chosen on both halves of the subjects, README "Choosing options across halves")
-    rr_features: str = "all"  # all | relative: leave out the local mean RR in s (the heart rate) | long: add RR over ~5 min
-    # | irregular: long plus the rhythm's irregularity before the beat | sequence: long plus the last 8 RR intervals
+    rr_features: str = "all"  # all | relative: leave out the local mean RR in s (the heart rate)
+    # | long: add RR over ~5 min | irregular: long plus the rhythm's irregularity before the beat
+    # | sequence: long plus the last 8 RR intervals
     # | lagged: long plus an irregularity over lags 1-3 (bigeminy reads regular, atrial fibrillation irregular)
     dropout: float = 0.5  # dropout rate on the flattened beat features while training (never on the RR features)
     # (0.5 chosen on both halves of the subjects, README "Choosing options across halves")
@@ -99,66 +100,46 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
 
-        whole("epochs", 1)
-        whole("batch_size", 1)
-        whole("finetune_epochs", 1)
-        whole("finetune_batch_size", 1)
-        whole("seed", 0)
-        whole("finetune_replay", 0)
-        whole("finetune_replay_early", 0)
-        whole("finetune_premature", 0)
-        whole("ensemble", 1)
-        whole("kernel_size", 1)
-        whole("augment_shift", 0)
-        whole("core_window", 0)
+        def number(name: str, lo: float, hi: float, ends: str = "[]", expected: str = "") -> None:
+            """A real number (not a bool) from ``lo`` to ``hi``, each end closed ("[", "]") or open."""
+            v = getattr(self, name)
+            inside = isinstance(v, (int, float)) and not isinstance(v, bool) \
+                and (lo <= v if ends[0] == "[" else lo < v) and (v <= hi if ends[1] == "]" else v < hi)
+            if not inside:
+                expected = expected or f"a number in {ends[0]}{lo}, {hi}{ends[1]}"
+                raise ValueError(f"{name} must be {expected}, got {v!r}")
+
+        def one_of(name: str, options) -> None:
+            v = getattr(self, name)
+            if v not in options:
+                raise ValueError(f"{name} must be one of {list(options)}, got {v!r}")
+
+        for name, lo in (("epochs", 1), ("batch_size", 1), ("finetune_epochs", 1), ("finetune_batch_size", 1),
+                         ("seed", 0), ("finetune_replay", 0), ("finetune_replay_early", 0),
+                         ("finetune_premature", 0), ("ensemble", 1), ("kernel_size", 1), ("augment_shift", 0),
+                         ("core_window", 0)):
+            whole(name, lo)
         check_width(self.width)
-        if isinstance(self.augment, bool) or not isinstance(self.augment, (int, float)) or not 0 <= self.augment <= 1:
-            raise ValueError(f"augment must be a number in [0, 1], got {self.augment!r}")
-        if isinstance(self.focal_gamma, bool) or not isinstance(self.focal_gamma, (int, float)) \
-                or not 0 <= self.focal_gamma <= MAX_FOCAL_GAMMA:
-            raise ValueError(f"focal_gamma must be a number in [0, {MAX_FOCAL_GAMMA}] (0: cross-entropy), "
-                             f"got {self.focal_gamma!r}")
-        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
-            raise ValueError(f"ema must be 0 (off) or a momentum in (0, 1), e.g. 0.99, got {self.ema!r}")
-        for name in ("learning_rate", "finetune_learning_rate"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v < 10:
-                raise ValueError(f"{name} must be a number in (0, 10), got {v!r}")
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}")
-        if self.class_weight not in CLASS_WEIGHTS:
-            raise ValueError(f"class_weight must be one of {list(CLASS_WEIGHTS)}, got {self.class_weight!r}")
-        if self.finetune_layers not in FINETUNE_LAYERS:
-            raise ValueError(f"finetune_layers must be one of {list(FINETUNE_LAYERS)}, got {self.finetune_layers!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.rr_features not in RR_FEATURES:
-            raise ValueError(f"rr_features must be one of {list(RR_FEATURES)}, got {self.rr_features!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if isinstance(self.finetune_blend, bool) or not isinstance(self.finetune_blend, (int, float)) \
-                or not 0 < self.finetune_blend <= 1:
-            raise ValueError(f"finetune_blend must be a number in (0, 1], got {self.finetune_blend!r}")
+        number("augment", 0, 1)
+        number("focal_gamma", 0, MAX_FOCAL_GAMMA, expected=f"a number in [0, {MAX_FOCAL_GAMMA}] (0: cross-entropy)")
+        number("ema", 0, 1, "[)", expected="0 (off) or a momentum in (0, 1), e.g. 0.99")
+        number("learning_rate", 0, 10, "()")
+        number("finetune_learning_rate", 0, 10, "()")
+        number("dropout", 0, 1, "[)")
+        number("finetune_blend", 0, 1, "(]")
         for name in ("sveb_gate", "sveb_regular", "early_sveb", "sveb_af"):  # the transfer rules: off, or a share
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-                raise ValueError(f"{name} must be 0 (off) or a share in (0, 1), got {v!r}")
-        if isinstance(self.early_sveb_rate, bool) or not isinstance(self.early_sveb_rate, (int, float)) \
-                or not 0 <= self.early_sveb_rate <= MAX_HEART_RATE:
-            raise ValueError(f"early_sveb_rate must be 0 (any rate) or a heart rate in beats a minute, at most "
-                             f"{MAX_HEART_RATE}, got {self.early_sveb_rate!r}")
+            number(name, 0, 1, "[)", expected="0 (off) or a share in (0, 1)")
+        number("early_sveb_rate", 0, MAX_HEART_RATE,
+               expected=f"0 (any rate) or a heart rate in beats a minute, at most {MAX_HEART_RATE}")
+        for name, options in (("model", MODELS), ("class_weight", CLASS_WEIGHTS), ("finetune_layers", FINETUNE_LAYERS),
+                              ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("rr_features", RR_FEATURES),
+                              ("early_reference", EARLY_REFERENCES), ("recent_reference", RECENT_REFERENCES)):
+            one_of(name, options)
         if self.early_sveb_rate > 0 and self.early_sveb == 0:
             raise ValueError(f"early_sveb_rate={self.early_sveb_rate} acts only with early_sveb > 0, got early_sveb=0")
-        if self.early_reference not in EARLY_REFERENCES:
-            raise ValueError(f"early_reference must be one of {list(EARLY_REFERENCES)}, got {self.early_reference!r}")
         if self.early_reference != "mean" and self.early_sveb == 0:
             raise ValueError(f"early_reference={self.early_reference!r} acts only with early_sveb > 0, "
                              f"got early_sveb=0")
-        if self.recent_reference not in RECENT_REFERENCES:
-            raise ValueError(f"recent_reference must be one of {list(RECENT_REFERENCES)}, "
-                             f"got {self.recent_reference!r}")
         if self.recent_reference != "all" and self.model != "recent_cnn":
             raise ValueError(f"recent_reference={self.recent_reference!r} acts only on model=recent_cnn, "
                              f"got model={self.model!r}")

@@ -977,6 +977,9 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("finetune_premature", -1, "finetune_premature"), ("finetune_premature", 2.5, "finetune_premature"),
     ("focal_gamma", -0.5, "focal_gamma"), ("focal_gamma", 11, "focal_gamma"), ("focal_gamma", True, "focal_gamma"),
     ("ema", 1, "ema"), ("ema", -0.1, "ema"), ("ema", True, "ema"),
+    # a bool is no rate, though Python counts True as 1
+    ("learning_rate", True, "learning_rate"), ("finetune_learning_rate", True, "finetune_learning_rate"),
+    ("finetune_learning_rate", "0.1", "finetune_learning_rate"), ("dropout", True, "dropout"),
 ])
 def test_config_validation_names_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
