@@ -257,14 +257,16 @@ def test_focal_loss_weighs_each_beat_by_how_wrong_it_is_and_a_saved_model_loads(
     assert hist["loss"][0] < plain_hist["loss"][0]  # the same start, each beat's loss scaled down
 
 
-def test_ema_ends_each_training_on_the_moving_average_of_its_steps_weights(tmp_path):
+# mixed: the loss-scale optimizer a GPU run gets wraps Adam, and must pass the average on (float16 runs on a CPU too)
+@pytest.mark.parametrize("precision", ["float32", "mixed"])
+def test_ema_ends_each_training_on_the_moving_average_of_its_steps_weights(tmp_path, precision):
     import keras
 
     x, y, rr = toy_beats()
     source = BeatSource(x, y, rr)
     # One step an epoch (batch 200 of 200 beats): a run of k epochs ends on the weights of step k
     # of the longer runs, so the plain runs of 1 .. 6 epochs give each step's weights.
-    one_step = TrainConfig(**{**FAST.__dict__, "batch_size": 200, "epochs": 6, "dropout": 0.0})
+    one_step = TrainConfig(**{**FAST.__dict__, "batch_size": 200, "epochs": 6, "dropout": 0.0, "precision": precision})
     steps = [train_base(source, np.arange(200), 3, TrainConfig(**{**one_step.__dict__, "epochs": k}))[0]
              .get_layer("logits").kernel.numpy() for k in range(1, 7)]
     m = 0.8
@@ -281,7 +283,8 @@ def test_ema_ends_each_training_on_the_moving_average_of_its_steps_weights(tmp_p
     # Fine-tuning averages too: the same base, other head weights than without it, the rest frozen.
     tuned_plain, _ = fine_tune(averaged, source, np.arange(200, 260), one_step)
     tuned, _ = fine_tune(averaged, source, np.arange(200, 260), TrainConfig(**{**one_step.__dict__, "ema": m}))
-    assert tuned.optimizer.use_ema and not tuned_plain.optimizer.use_ema
+    inner = (lambda o: getattr(o, "inner_optimizer", o))  # mixed: Adam inside the loss-scale optimizer
+    assert inner(tuned.optimizer).use_ema and not inner(tuned_plain.optimizer).use_ema
     assert not np.allclose(tuned.get_layer("logits").kernel.numpy(), tuned_plain.get_layer("logits").kernel.numpy(),
                            atol=1e-4)
     np.testing.assert_array_equal(tuned.get_layer("conv1").kernel.numpy(), averaged.get_layer("conv1").kernel.numpy())
