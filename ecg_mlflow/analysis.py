@@ -401,10 +401,16 @@ def subject_count_table(run: LosoRun, variant: str) -> pd.DataFrame:
     return pd.DataFrame(counts, index=pd.Index(subjects, name="subject"), columns=list(EC57_COUNTS))
 
 
-def _aligned_counts(tables: list[pd.DataFrame]) -> list[np.ndarray]:
-    """Count tables on the union of their subjects (a subject a table lacks counts zero)."""
+def _aligned_counts(tables: list[pd.DataFrame]) -> tuple[list[str], list[np.ndarray]]:
+    """The union of the tables' subjects (sorted), and each count table on them (a subject a table
+    lacks counts zero)."""
     subjects = sorted(set().union(*(t.index for t in tables)))
-    return [t.reindex(subjects, fill_value=0).to_numpy() for t in tables]
+    return subjects, [t.reindex(subjects, fill_value=0).to_numpy() for t in tables]
+
+
+def _subject_at(subjects: list[str], row: int) -> str:
+    """:func:`uncertainty.without_one`'s row as a subject id; ``""`` for its "none" (-1)."""
+    return subjects[row] if row >= 0 else ""
 
 
 def gross_ci_table(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0, level: float = CI_LEVEL) -> pd.DataFrame:
@@ -412,8 +418,10 @@ def gross_ci_table(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0, level: flo
     :data:`~ecg_mlflow.uncertainty.STATISTICS` (index): for each variant ``v`` ``gross_v``,
     ``ci_low_v``, ``ci_high_v``; then ``diff`` (transfer - no transfer), ``diff_ci_low``,
     ``diff_ci_high`` and ``share_transfer_higher`` (share of resamples where transfer is higher),
-    all on the same resamples of the run's subjects (:func:`uncertainty.resample_weights`)."""
-    nt, tr = _aligned_counts([subject_count_table(run, v) for v in VARIANTS])
+    all on the same resamples of the run's subjects (:func:`uncertainty.resample_weights`); and
+    ``diff_without_one`` with ``without_subject``: the difference with the one subject left out
+    whose absence brings it nearest to zero (:func:`uncertainty.without_one`)."""
+    subjects, (nt, tr) = _aligned_counts([subject_count_table(run, v) for v in VARIANTS])
     weights = uncertainty.resample_weights(len(nt), n_boot, seed)
     paired = uncertainty.paired_interval(nt, tr, weights, level)
     out = pd.DataFrame(index=pd.Index(uncertainty.STATISTICS, name="statistic"))
@@ -422,8 +430,9 @@ def gross_ci_table(run: LosoRun, n_boot: int = N_BOOT, seed: int = 0, level: flo
         for j, col in enumerate((f"gross_{v}", f"ci_low_{v}", f"ci_high_{v}")):
             out[col] = [ci[k][j] for k in out.index]
     for col, key in (("diff", "diff"), ("diff_ci_low", "ci_low"), ("diff_ci_high", "ci_high"),
-                     ("share_transfer_higher", "share_b_higher")):
+                     ("share_transfer_higher", "share_b_higher"), ("diff_without_one", "without_one")):
         out[col] = [paired[k][key] for k in out.index]
+    out["without_subject"] = [_subject_at(subjects, paired[k]["without_one_at"]) for k in out.index]
     return out
 
 
@@ -432,8 +441,10 @@ class RunDifferences:
     """Each later LOSO run against the first, on the same patients (:func:`run_differences`).
 
     table: one row per (``run``, ``variant``, ``statistic``): ``first`` and ``this`` (gross values),
-    ``diff`` (this - first), ``ci_low``, ``ci_high`` (paired subject bootstrap) and
-    ``share_higher`` (share of resamples where this run is higher). skipped: why a run has no rows.
+    ``diff`` (this - first), ``ci_low``, ``ci_high`` (paired subject bootstrap), ``share_higher``
+    (share of resamples where this run is higher), and ``diff_without_one`` with ``without_subject``
+    (the difference without the one subject it rests on most, :func:`uncertainty.without_one`).
+    skipped: why a run has no rows.
     """
 
     table: pd.DataFrame
@@ -458,12 +469,14 @@ def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int 
                            f"{' ...' if len(only) > 8 else ''}): no paired difference")
             continue
         for v in VARIANTS:
-            c0, ci = _aligned_counts([first_counts[v], subject_count_table(a.run, v)])
+            subjects, (c0, ci) = _aligned_counts([first_counts[v], subject_count_table(a.run, v)])
             weights = uncertainty.resample_weights(len(c0), n_boot, seed)
             for k, d in uncertainty.paired_interval(c0, ci, weights, level).items():
                 rows.append({"run": i, "loso_run_id": a.run.run_id, "variant": v, "statistic": k,
                              "first": d["a"], "this": d["b"], "diff": d["diff"], "ci_low": d["ci_low"],
-                             "ci_high": d["ci_high"], "share_higher": d["share_b_higher"]})
+                             "ci_high": d["ci_high"], "share_higher": d["share_b_higher"],
+                             "diff_without_one": d["without_one"],
+                             "without_subject": _subject_at(subjects, d["without_one_at"])})
     return RunDifferences(pd.DataFrame(rows), skipped)
 
 

@@ -169,7 +169,13 @@ def display_gross_ci(a: Analysis) -> pd.DataFrame:
     out[f"Δ {level}% CI"] = [_ci(lo, hi, signed=True) for lo, hi in zip(g.diff_ci_low, g.diff_ci_high)]
     out["resamples T > NT"] = [_num(100 * x, ".1f") + " %" if not math.isnan(x) else "—"
                                for x in g.share_transfer_higher]
+    out["Δ without one subject"] = _without_one(g.diff_without_one, g.without_subject)
     return out
+
+
+def _without_one(diffs: pd.Series, subjects: pd.Series) -> list[str]:
+    """``+1.21 (209)``: the difference in points without the subject it rests on most."""
+    return [f"{_pct(d, signed=True)} ({s})" if s else "—" for d, s in zip(diffs, subjects)]
 
 
 def display_run_differences(d: RunDifferences, analyses: list[Analysis]) -> pd.DataFrame:
@@ -184,6 +190,7 @@ def display_run_differences(d: RunDifferences, analyses: list[Analysis]) -> pd.D
         "this run (%)": t["this"].map(_pct), "Δ (pp)": t["diff"].map(lambda x: _pct(x, signed=True)),
         f"Δ {level}% CI": [_ci(lo, hi, signed=True) for lo, hi in zip(t.ci_low, t.ci_high)],
         "resamples higher": [_num(100 * x, ".1f") + " %" if not math.isnan(x) else "—" for x in t.share_higher],
+        "Δ without one subject": _without_one(t.diff_without_one, t.without_subject),
     }).set_index(["run", "variant", "statistic"])
 
 

@@ -10,6 +10,10 @@ Two runs on the same patients (two option sets, or transfer and no transfer) are
 the same resamples, so the interval of their difference is a paired one: it is far narrower
 than the two intervals side by side when both runs err on the same records.
 
+A paired difference can also rest on one subject: a gain in SVEB Se made of one record's runs of
+tachycardia. :func:`paired_interval` therefore gives the difference with each subject left out in
+turn, and names the subject whose absence brings it nearest to zero (or past it).
+
 Counts are arrays whose last axis holds :data:`ecg_mlflow.metrics.EC57_COUNTS` in that order
 (``veb_tp, veb_fn, veb_fp, veb_tn, sveb_tp, ...``).
 """
@@ -104,19 +108,48 @@ def paired_interval(counts_a: np.ndarray, counts_b: np.ndarray, weights: np.ndar
 
     counts_a, counts_b: ``(n_subjects, 8)``, row ``i`` of both the same subject; resampled_b: ``b``'s
     summed counts per resample where they are not ``weights @ counts_b`` (see :func:`gross_interval`). Per statistic:
-    ``a``, ``b``, ``diff`` (b - a), ``ci_low``, ``ci_high`` of the difference, and ``share_b_higher``,
-    the share of resamples (where both are defined) in which ``b`` is higher.
+    ``a``, ``b``, ``diff`` (b - a), ``ci_low``, ``ci_high`` of the difference, ``share_b_higher``,
+    the share of resamples (where both are defined) in which ``b`` is higher, and ``without_one``,
+    the difference with one subject left out: the subject (row ``without_one_at``) whose absence
+    moves it furthest towards zero or past it (see :func:`without_one`).
     """
     a, b = np.asarray(counts_a, dtype=np.int64), np.asarray(counts_b, dtype=np.int64)
     if a.shape != b.shape:
         raise ValueError(f"paired counts must have one shape (the same subjects), got {a.shape} and {b.shape}")
     pa, pb = rates(a.sum(axis=0)), rates(b.sum(axis=0))
     ba, bb = rates(weights @ a), rates(weights @ b if resampled_b is None else resampled_b)
+    left_out = without_one(a, b)
     out = {}
     for k in STATISTICS:
         d = bb[k] - ba[k]
         ok = np.isfinite(d)
         lo, hi = _percentiles(d, level)
         out[k] = {"a": float(pa[k]), "b": float(pb[k]), "diff": float(pb[k] - pa[k]), "ci_low": lo, "ci_high": hi,
-                  "share_b_higher": float((d[ok] > 0).mean()) if ok.any() else np.nan}
+                  "share_b_higher": float((d[ok] > 0).mean()) if ok.any() else np.nan,
+                  "without_one": left_out[k][0], "without_one_at": left_out[k][1]}
+    return out
+
+
+def without_one(counts_a: np.ndarray, counts_b: np.ndarray) -> dict[str, tuple[float, int]]:
+    """How much of ``b - a`` one subject carries, per statistic of :data:`STATISTICS`.
+
+    counts_a, counts_b: ``(n_subjects, 8)``, row ``i`` of both the same subject. The difference
+    ``b - a`` of the gross statistic is taken again with each subject left out in turn (a
+    jackknife); returned is the one nearest to zero, or furthest past it, on the side of the
+    full difference, and the row of the subject left out: ``(difference, row)``. ``(NaN, -1)``
+    where the full difference is zero or undefined, or no subject can be left out with both
+    statistics still defined (a single subject, say).
+    """
+    a, b = np.asarray(counts_a, dtype=np.int64), np.asarray(counts_b, dtype=np.int64)
+    full_a, full_b = rates(a.sum(axis=0)), rates(b.sum(axis=0))
+    la, lb = rates(a.sum(axis=0) - a), rates(b.sum(axis=0) - b)  # row i: subject i left out
+    out = {}
+    for k in STATISTICS:
+        side = np.sign(full_b[k] - full_a[k])
+        d = lb[k] - la[k]
+        if not np.isfinite(side) or side == 0 or not np.isfinite(d).any():
+            out[k] = (np.nan, -1)
+            continue
+        i = int(np.nanargmin(side * d))
+        out[k] = (float(d[i]), i)
     return out

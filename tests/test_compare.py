@@ -211,6 +211,8 @@ def test_gross_statistics_carry_subject_bootstrap_intervals(tracking_uri, cms):
     paired = U.paired_interval(counts["no_transfer"].to_numpy(), counts["transfer"].to_numpy(), weights)
     assert g.at["sveb_ppv", "diff_ci_low"] == pytest.approx(paired["sveb_ppv"]["ci_low"])
     assert g.at["sveb_ppv", "share_transfer_higher"] == pytest.approx(paired["sveb_ppv"]["share_b_higher"])
+    assert g.at["sveb_ppv", "diff_without_one"] == pytest.approx(paired["sveb_ppv"]["without_one"])
+    assert g.at["sveb_ppv", "without_subject"] == counts["transfer"].index[paired["sveb_ppv"]["without_one_at"]]
     assert (g.ci_high_transfer - g.ci_low_transfer).max() > 0.01  # five subjects leave real intervals
     # Logged, written and shown as computed.
     metrics = MlflowClient().get_run(res.run_id).data.metrics
@@ -239,6 +241,12 @@ def test_runs_on_the_same_patients_are_compared_with_the_first(tracking_uri, cms
     a0, a1 = (a.aggregate.at["sveb_ppv", "gross_transfer"] for a in res.analyses[:2])
     assert row["first"] == pytest.approx(a0) and row["this"] == pytest.approx(a1)
     assert row["diff"] == pytest.approx(a1 - a0) and row.ci_high < 0 and row.share_higher == 0
+    # Every patient lost alike, so leaving one out still loses; the one left out is named.
+    assert row.diff_without_one < 0 and row.without_subject in set(res.analyses[0].per_patient.index)
+    assert C.display_run_differences(res.differences, res.analyses).loc[("[1] candidate", "transfer", "SVEB +P"),
+                                                                        "Δ without one subject"] == \
+        f"{100 * row.diff_without_one:+.1f} ({row.without_subject})"
+    assert t[t.statistic == "veb_se"].without_subject.eq("").all()  # no difference: nobody to name
     assert (t[t.statistic == "veb_se"]["diff"] == 0).all()
     nt = t[t.variant == "no_transfer"]
     assert (nt["diff"] == 0).all() and (nt.ci_low == 0).all() and (nt.ci_high == 0).all()

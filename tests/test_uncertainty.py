@@ -113,3 +113,36 @@ def test_paired_interval():
         assert got[k]["a"] == pytest.approx(slow_stat(a, k)) and got[k]["b"] == pytest.approx(slow_stat(b, k))
     with pytest.raises(ValueError, match="same subjects"):
         U.paired_interval(a, b[:5], w)
+
+
+def test_without_one_names_the_subject_a_difference_rests_on():
+    a = np.tile([50, 2, 1, 1000, 30, 100, 3, 1000], (20, 1))
+    # b finds 90 more of subject 7's S beats and nothing else changes: all of the gain is 7's.
+    b = a.copy()
+    b[7, 4:6] = [120, 10]
+    got = U.without_one(a, b)
+    assert got["sveb_se"] == (0.0, 7)
+    assert math.isnan(got["veb_se"][0]) and got["veb_se"][1] == -1  # no difference: nobody to name
+    assert U.paired_interval(a, b, U.resample_weights(20, 50, 0))["sveb_se"]["without_one_at"] == 7
+    # The same 90 beats spread over the twenty subjects: leaving any one out keeps most of the gain.
+    spread = a.copy()
+    spread[:, 4] += 4
+    spread[:, 5] -= 4
+    spread[:10, 4] += 1
+    spread[:10, 5] -= 1
+    diff = slow_stat(spread, "sveb_se") - slow_stat(a, "sveb_se")
+    kept, row = U.without_one(a, spread)["sveb_se"]
+    assert 0.9 * diff < kept < diff and row < 10  # one of the subjects that gained most
+    # A loss: the leave-one-out difference nearest to zero is the largest one.
+    loss, row = U.without_one(b, a)["sveb_se"]
+    assert (loss, row) == (0.0, 7)
+    # Against the plain recipe on random counts: every subject left out in turn, through metrics.
+    a, b = random_counts(12, 5), random_counts(12, 6)
+    got = U.without_one(a, b)
+    for k in U.STATISTICS:
+        side = np.sign(slow_stat(b, k) - slow_stat(a, k))
+        d = np.array([slow_stat(np.delete(b, i, 0), k) - slow_stat(np.delete(a, i, 0), k) for i in range(12)])
+        i = int(np.nanargmin(side * d))
+        assert got[k] == (pytest.approx(d[i]), i), k
+    # One subject: nothing is left when it is left out.
+    assert all(v[1] == -1 and math.isnan(v[0]) for v in U.without_one(a[:1], b[:1]).values())
