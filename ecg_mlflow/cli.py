@@ -122,6 +122,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=number("ema"), default=d.ema,
                    help="0 = off; m in (0, 1), e.g. 0.99: each training ends on the exponential moving average of "
                         "its weights (momentum m), in base training and fine-tuning")
+    p.add_argument("--subject-balance", type=number("subject_balance"), default=d.subject_balance,
+                   help="0 = off; p in (0, 1]: in base training a beat's loss weight inside its class goes as its "
+                        "subject's count of that class to the power -p (1: each subject weighs the same)")
     p.add_argument("--finetune-premature", type=whole_number("finetune_premature"), default=d.finetune_premature,
                    help="made-up S beats added to each patient's fine-tune set: its own fine-tune N beats read with "
                         "the rhythm of S beats from the base-training subjects (0 = none)")
@@ -201,6 +204,7 @@ def train_config(a: argparse.Namespace):
                        lr_schedule=a.lr_schedule.strip().lower(),
                        finetune_replay=a.finetune_replay, finetune_replay_early=a.finetune_replay_early,
                        finetune_premature=a.finetune_premature, focal_gamma=a.focal_gamma, ema=a.ema,
+                       subject_balance=a.subject_balance,
                        rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,

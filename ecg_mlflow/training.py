@@ -93,6 +93,9 @@ class TrainConfig:
     ema: float = 0.0  # > 0: each training ends on the exponential moving average of its weights over its steps
     # (from the first step's on), with this momentum (0.99: about the last 100 steps), not on the last step's weights;
     # base training and fine-tuning
+    subject_balance: float = 0.0  # > 0: in base training a beat's loss weight inside its class goes as its subject's
+    # count of that class to the power -subject_balance (1: each subject weighs the same in each class), so a class
+    # is not learnt as the look of the one or two subjects that hold most of its beats (232: half the S beats)
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -123,6 +126,7 @@ class TrainConfig:
         number("augment", 0, 1)
         number("focal_gamma", 0, MAX_FOCAL_GAMMA, expected=f"a number in [0, {MAX_FOCAL_GAMMA}] (0: cross-entropy)")
         number("ema", 0, 1, "[)", expected="0 (off) or a momentum in (0, 1), e.g. 0.99")
+        number("subject_balance", 0, 1, expected="a power in [0, 1] (0: off, 1: subjects weigh alike)")
         number("learning_rate", 0, 10, "()")
         number("finetune_learning_rate", 0, 10, "()")
         number("dropout", 0, 1, "[)")
@@ -283,14 +287,16 @@ class BeatSource:
 
     def dataset(self, idx: np.ndarray, batch_size: int, seed: int, names: tuple[str, ...] = ("beat",),
                 shuffle: bool = True, augment: float = 0.0, shift: int = 0,
-                rhythm_idx: np.ndarray | None = None, one_hot: int = 0) -> tf.data.Dataset:
+                rhythm_idx: np.ndarray | None = None, one_hot: int = 0,
+                weights: np.ndarray | None = None) -> tf.data.Dataset:
         """Batches ``(inputs, y)`` of rows ``idx``, reshuffled every epoch with ``seed``; with
         ``augment`` > 0 the waveforms are perturbed afresh every epoch (:func:`augment_waveforms`), with
         ``shift`` > 0 each beat's window moves by up to that many samples (:func:`shift_beats`).
         ``rhythm_idx`` ``(len(idx),)``: the rows whose rhythm inputs (every input but the waveforms,
         :data:`WAVEFORM_INPUTS`) and label each example takes; by default its own, ``idx``.
         ``one_hot`` > 0: labels ``(batch, one_hot)`` one-hot rather than ``(batch,)`` class codes
-        (Keras's focal loss takes no integer labels)."""
+        (Keras's focal loss takes no integer labels). ``weights`` ``(len(self),)``: a loss weight per
+        row of the source; the batches are then ``(inputs, y, weight)``."""
         t = self._t()
         if "recent" in names and "recent" not in t and self._recent_np() is not None:
             t["recent"] = tf.constant(self._recent_np())
@@ -299,6 +305,9 @@ class BeatSource:
             raise ValueError(f"this beat source has no {missing} input")
         if rhythm_idx is not None and np.shape(rhythm_idx) != np.shape(idx):
             raise ValueError(f"rhythm_idx must match idx in shape {np.shape(idx)}, got {np.shape(rhythm_idx)}")
+        if weights is not None and np.shape(weights) != (len(self),):
+            raise ValueError(f"weights must hold one per row of the source, ({len(self)},), got {np.shape(weights)}")
+        row_weight = None if weights is None else tf.constant(np.asarray(weights, dtype=np.float32))
         # Without rhythm_idx the pipeline is the one it always was, so runs repeat to the bit.
         rows = np.asarray(idx, dtype=np.int64) if rhythm_idx is None else \
             np.stack([np.asarray(idx, dtype=np.int64), np.asarray(rhythm_idx, dtype=np.int64)], axis=1)
@@ -316,7 +325,8 @@ class BeatSource:
                 if shift > 0:  # seed + 3: augment_waveforms draws with seed .. seed + 2
                     feats["beat"] = shift_beats(feats["beat"], shift, tf.stack([draw, seed + 3]))
             y = tf.gather(t["y"], r)
-            return (feats["beat"] if names == ("beat",) else feats), (tf.one_hot(y, one_hot) if one_hot else y)
+            out = (feats["beat"] if names == ("beat",) else feats), (tf.one_hot(y, one_hot) if one_hot else y)
+            return out if row_weight is None else (*out, tf.gather(row_weight, r))
 
         ds = ds.batch(batch_size)
         if augment > 0 or shift > 0:  # one seed per batch, new every epoch, the same sequence for the same seed
@@ -387,6 +397,24 @@ def class_weights(y: np.ndarray, n_classes: int, how: str) -> dict[int, float] |
         w[present] = np.sqrt(w[present])
     w[present] /= (w[present] * counts[present]).sum() / counts[present].sum()
     return {int(c): float(w[c]) for c in range(n_classes)}
+
+
+def subject_weights(labels: np.ndarray, groups: np.ndarray, power: float) -> np.ndarray:
+    """Loss weights float32 ``(n,)`` that even out subjects inside each class: a beat of class ``c``
+    from subject ``s`` weighs ``n_cs ** -power``, ``n_cs`` that subject's beats of class ``c`` among
+    these, scaled so that each class's weights add up to its count (so :func:`class_weights` acts on
+    top as before). ``labels``, ``groups`` (the subject of each beat): ``(n,)``. ``power`` 0 gives
+    ones; 1 gives each subject the same total weight in each class it has beats of."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if labels.shape != groups.shape or labels.ndim != 1:
+        raise ValueError(f"labels and groups must be (n,) alike, got {labels.shape} and {groups.shape}")
+    w = np.ones(len(labels))
+    _, group = np.unique(groups, return_inverse=True)
+    for c in np.unique(labels):
+        rows = labels == c
+        per_subject = np.bincount(group[rows])[group[rows]].astype(np.float64) ** -power
+        w[rows] = per_subject * rows.sum() / per_subject.sum()
+    return w.astype(np.float32)
 
 
 def _rows_of_class(labels: np.ndarray, rows: np.ndarray, class_code: int, share: float, gate: str) -> np.ndarray:
@@ -591,20 +619,29 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedu
     return twin
 
 
-def train_base(x, y, n_classes: int, cfg: TrainConfig,
-               on_epoch: EpochCallback | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
+def train_base(x, y, n_classes: int, cfg: TrainConfig, on_epoch: EpochCallback | None = None,
+               groups: np.ndarray | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train a base model from scratch; with ``cfg.ensemble = k > 1``, ``k`` of them, with seeds
     ``seed`` to ``seed + k - 1``, joined by :func:`ecg_mlflow.models.build_ensemble`.
 
     ``(x, y)`` is either a :class:`BeatSource` and the training row indices ``(n,)``, or beats
     ``(n, window, leads)`` and labels ``(n,)``. Returns the model and its history (``loss``,
     ``accuracy`` per epoch; member ``i >= 2`` of an ensemble as ``member<i>_loss`` ...).
+    ``groups``: the subject of every row of the source ``(len(source),)``, which
+    ``cfg.subject_balance`` > 0 needs (:func:`subject_weights`).
     """
     source, idx = _as_source(x, y)
     if len(idx) == 0:
         raise ValueError("need training beats, got none")
+    weights = None
+    if cfg.subject_balance > 0:
+        if groups is None or np.shape(groups) != (len(source),):
+            raise ValueError(f"subject_balance={cfg.subject_balance} needs the subject of every beat, "
+                             f"({len(source)},), got {None if groups is None else np.shape(groups)}")
+        weights = np.ones(len(source), np.float32)
+        weights[idx] = subject_weights(source.labels(idx), np.asarray(groups)[idx], cfg.subject_balance)
     return _each_member(cfg.ensemble, on_epoch,
-                        lambda i, hook: _train_one(source, idx, n_classes, cfg, cfg.seed + i, hook))
+                        lambda i, hook: _train_one(source, idx, n_classes, cfg, cfg.seed + i, hook, weights))
 
 
 TrainOne = Callable[[int, EpochCallback | None], tuple[keras.Model, dict[str, list[float]]]]
@@ -626,7 +663,8 @@ def _each_member(count: int, on_epoch: EpochCallback | None, train_one: TrainOne
 
 
 def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: TrainConfig, seed: int,
-               on_epoch: EpochCallback | None) -> tuple[keras.Model, dict[str, list[float]]]:
+               on_epoch: EpochCallback | None,
+               weights: np.ndarray | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     seed_everything(seed, deterministic_ops=not cfg.jit_compile)
     model = build_model(cfg.model, source.x_np.shape[1], source.x_np.shape[2], n_classes, source.x_np[idx],
                         source._array("rr", idx), dtype=compute_dtype(cfg.precision),
@@ -637,11 +675,13 @@ def _train_one(source: "BeatSource", idx: np.ndarray, n_classes: int, cfg: Train
     names = model_input_names(model)
     fitted = _compile(model, cfg.learning_rate, cfg.jit_compile, cfg.lr_schedule,
                       cfg.epochs * -(-len(idx) // cfg.batch_size), cfg.focal_gamma, cfg.ema)
+    per_class = class_weights(source.labels(idx), n_classes, cfg.class_weight)
+    if weights is not None and per_class is not None:  # Keras takes class or row weights, not both: fold them
+        weights = weights * np.array([per_class[c] for c in range(n_classes)], np.float32)[source.y_np]
     batches = source.dataset(idx, cfg.batch_size, seed, names, augment=cfg.augment, shift=cfg.augment_shift,
-                             one_hot=n_classes if cfg.focal_gamma > 0 else 0)
+                             one_hot=n_classes if cfg.focal_gamma > 0 else 0, weights=weights)
     hist = fitted.fit(batches, epochs=cfg.epochs, verbose=0, shuffle=False,
-                     class_weight=class_weights(source.labels(idx), n_classes, cfg.class_weight),
-                     callbacks=[_EpochHook(on_epoch, "")])
+                     class_weight=per_class if weights is None else None, callbacks=[_EpochHook(on_epoch, "")])
     return model, {k: [float(v) for v in vs] for k, vs in hist.history.items()}
 
 

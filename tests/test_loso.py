@@ -265,7 +265,7 @@ BAD_PARAMETERS = [
     (["--finetune-premature", "-5"], "finetune_premature"),
     (["--label-scheme", "raw", "--finetune-premature", "5"], "finetune_premature"),
     (["--focal-gamma", "-1"], "focal_gamma"),
-    (["--ema", "1"], "ema"),
+    (["--ema", "1"], "ema"), (["--subject-balance", "2"], "subject_balance"),
 ]
 
 

@@ -11,7 +11,7 @@ from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_c
                                transfer_copy)
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_normal_rows,
                                  early_threshold, fine_tune, irregular_threshold, predict_classes,
-                                 premature_rows, premature_threshold, replay_rows, train_base)
+                                 premature_rows, premature_threshold, replay_rows, subject_weights, train_base)
 
 WINDOW = 32
 
@@ -288,6 +288,53 @@ def test_ema_ends_each_training_on_the_moving_average_of_its_steps_weights(tmp_p
     assert not np.allclose(tuned.get_layer("logits").kernel.numpy(), tuned_plain.get_layer("logits").kernel.numpy(),
                            atol=1e-4)
     np.testing.assert_array_equal(tuned.get_layer("conv1").kernel.numpy(), averaged.get_layer("conv1").kernel.numpy())
+
+
+def test_subject_weights_even_out_subjects_inside_each_class():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 0])
+    g = np.array(["a", "a", "a", "b", "a", "a", "b", "b"])
+    # Class 0: a has 3 beats, b 2; power 1 gives each 1/3 and 1/2, scaled to add up to the class's 5.
+    np.testing.assert_allclose(subject_weights(y, g, 1.0), [5 / 6, 5 / 6, 5 / 6, 5 / 4, 3 / 4, 3 / 4, 3 / 2, 5 / 4],
+                               rtol=1e-6)
+    half = subject_weights(y, g, 0.5)
+    for c in (0, 1):
+        assert half[y == c].sum() == pytest.approx((y == c).sum())  # each class keeps its total
+    assert half[g == "a"][0] < 1 < half[3]  # the subject with more beats of the class weighs less a beat
+    np.testing.assert_array_equal(subject_weights(y, g, 0.0), np.ones(8))
+    with pytest.raises(ValueError, match="alike"):
+        subject_weights(y, g[:3], 1.0)
+
+
+def test_subject_balance_weights_each_training_beat_and_otherwise_trains_as_before():
+    x, y, rr = toy_beats()
+    source = BeatSource(x, y, rr)
+    # Each batch carries the weights of its own rows: weight = row number shows which rows they are.
+    for xb, yb, wb in source.dataset(np.arange(100), 32, seed=3, weights=np.arange(len(y), dtype=np.float32)):
+        rows = wb.numpy().astype(int)
+        np.testing.assert_array_equal(xb.numpy(), x[rows])
+        np.testing.assert_array_equal(yb.numpy(), y[rows])
+    # Two subjects with as many beats of each class as each other weigh 1 a beat: the run is the
+    # run without the option, to the bit, with and without class weights folded in.
+    idx = np.sort(np.concatenate([np.flatnonzero(y[:200] == c)[: 2 * ((y[:200] == c).sum() // 2)] for c in range(3)]))
+    alike = np.full(len(y), "z", dtype=object)
+    for c in range(3):
+        rows = idx[y[idx] == c]
+        alike[rows[::2]], alike[rows[1::2]] = "a", "b"
+    for class_weight in ("none", "sqrt"):
+        cfg = TrainConfig(**{**FAST.__dict__, "class_weight": class_weight})
+        plain, plain_hist = train_base(source, idx, 3, cfg)
+        balanced, hist = train_base(source, idx, 3, TrainConfig(**{**cfg.__dict__, "subject_balance": 1.0}),
+                                    groups=alike.astype(str))
+        assert hist["loss"] == plain_hist["loss"]
+        np.testing.assert_array_equal(balanced.get_layer("logits").kernel.numpy(),
+                                      plain.get_layer("logits").kernel.numpy())
+    # One subject with most of the beats: the weights act.
+    lopsided = np.where(np.arange(len(y)) < 150, "a", "b")
+    cfg = TrainConfig(**{**FAST.__dict__, "subject_balance": 1.0})
+    _, hist = train_base(source, idx, 3, cfg, groups=lopsided)
+    assert hist["loss"] != plain_hist["loss"]
+    with pytest.raises(ValueError, match="subject_balance=1.0 needs the subject of every beat"):
+        train_base(source, idx, 3, cfg)
 
 
 def test_width_multiplies_every_convolutions_filters_and_transfer_keeps_them():
@@ -981,6 +1028,8 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("focal_gamma", -0.5, "focal_gamma"), ("focal_gamma", 11, "focal_gamma"), ("focal_gamma", True, "focal_gamma"),
     ("ema", 1, "ema"), ("ema", -0.1, "ema"), ("ema", True, "ema"),
     # a bool is no rate, though Python counts True as 1
+    ("subject_balance", 1.5, "subject_balance"), ("subject_balance", -0.1, "subject_balance"),
+    ("subject_balance", True, "subject_balance"),
     ("learning_rate", True, "learning_rate"), ("finetune_learning_rate", True, "finetune_learning_rate"),
     ("finetune_learning_rate", "0.1", "finetune_learning_rate"), ("dropout", True, "dropout"),
 ])
