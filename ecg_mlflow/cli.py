@@ -132,6 +132,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    default=d.finetune_replay_early,
                    help="N beats that came early (previous RR under 0.9 of the local or five-minute mean), "
                         "from the base-training subjects, added to each fine-tune set (0 = none)")
+    p.add_argument("--finetune-replay-select", default=d.finetune_replay_select,
+                   help="random: each class's replayed beats drawn at random; nearest: those whose features in the "
+                        "base model lie nearest the mean of the patient's fine-tune beats'")
     p.add_argument("--lr-schedule", default=d.lr_schedule,
                    help="constant, or cosine: each training's rate decays from its learning rate to 0 over its epochs")
     p.add_argument("--precision", default=d.precision, help="auto (mixed on a GPU), float32 or mixed")
@@ -203,6 +206,7 @@ def train_config(a: argparse.Namespace):
                        finetune_layers=a.finetune_layers.strip().lower(), precision=a.precision.strip().lower(),
                        lr_schedule=a.lr_schedule.strip().lower(),
                        finetune_replay=a.finetune_replay, finetune_replay_early=a.finetune_replay_early,
+                       finetune_replay_select=a.finetune_replay_select.strip().lower(),
                        finetune_premature=a.finetune_premature, focal_gamma=a.focal_gamma, ema=a.ema,
                        subject_balance=a.subject_balance,
                        rr_features=a.rr_features.strip().lower(),

@@ -57,8 +57,9 @@ from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_bas
                                parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
 from ecg_mlflow.splits import Fold, group_fold, loso_folds, subject_groups, subject_of, validation_fold
 from ecg_mlflow.training import (BeatSource, atrial_threshold, early_normal_rows, early_threshold, fine_tune,
-                                 fit_atrial_detector, irregular_threshold, model_input_names, predict_logits,
-                                 premature_rows, premature_threshold, replay_rows, train_base, visible_gpus)
+                                 fit_atrial_detector, head_features, irregular_threshold, model_input_names,
+                                 nearest_replay_rows, predict_logits, premature_rows, premature_threshold,
+                                 replay_rows, train_base, visible_gpus)
 
 
 def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
@@ -308,7 +309,12 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     src, ft_idx = beat_source(ds, cfg.train.recent_reference), np.flatnonzero(fold.finetune[record])
     # Replayed beats come from the fold's base-training rows: other subjects only.
     train_idx = np.flatnonzero(fold.train)
-    replay = replay_rows(ds.label, train_idx, cfg.train.finetune_replay, cfg.train.seed)
+    if cfg.train.finetune_replay_select == "nearest":
+        centre = head_features(base.model, src, ft_idx).mean(axis=0)
+        replay = nearest_replay_rows(ds.label, train_idx, head_features(base.model, src, train_idx), centre,
+                                     cfg.train.finetune_replay)
+    else:
+        replay = replay_rows(ds.label, train_idx, cfg.train.finetune_replay, cfg.train.seed)
     n_replay = {"n_finetune_beats": len(ft_idx), "n_replay_beats": len(replay)}
     if cfg.train.finetune_replay_early > 0:
         early = early_normal_rows(ds.label, ds.early(), train_idx, ds.classes.index("N"),

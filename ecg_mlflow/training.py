@@ -26,6 +26,7 @@ CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "last", "all")
 PRECISIONS = ("auto", "float32", "mixed")
 LR_SCHEDULES = ("constant", "cosine")
+REPLAY_SELECTIONS = ("random", "nearest")
 MAX_HEART_RATE = 300  # beats a minute: early_sveb_rate above any ventricular rate is a typo
 RR_FEATURES = tuple(RR_COLUMNS)
 
@@ -96,6 +97,9 @@ class TrainConfig:
     subject_balance: float = 0.0  # > 0: in base training a beat's loss weight inside its class goes as its subject's
     # count of that class to the power -subject_balance (1: each subject weighs the same in each class), so a class
     # is not learnt as the look of the one or two subjects that hold most of its beats (232: half the S beats)
+    finetune_replay_select: str = "random"  # random: each class's replayed beats drawn at random (seeded); nearest:
+    # those whose features in the base model (the input of head_dense) lie nearest the mean of the patient's
+    # fine-tune beats', so the S beats replayed are other subjects' S beats that the base model sees as this patient
 
     def validated(self) -> "TrainConfig":
         def whole(name: str, lo: int) -> None:
@@ -137,7 +141,8 @@ class TrainConfig:
                expected=f"0 (any rate) or a heart rate in beats a minute, at most {MAX_HEART_RATE}")
         for name, options in (("model", MODELS), ("class_weight", CLASS_WEIGHTS), ("finetune_layers", FINETUNE_LAYERS),
                               ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("rr_features", RR_FEATURES),
-                              ("early_reference", EARLY_REFERENCES), ("recent_reference", RECENT_REFERENCES)):
+                              ("early_reference", EARLY_REFERENCES), ("recent_reference", RECENT_REFERENCES),
+                              ("finetune_replay_select", REPLAY_SELECTIONS)):
             one_of(name, options)
         if self.early_sveb_rate > 0 and self.early_sveb == 0:
             raise ValueError(f"early_sveb_rate={self.early_sveb_rate} acts only with early_sveb > 0, got early_sveb=0")
@@ -147,6 +152,10 @@ class TrainConfig:
         if self.recent_reference != "all" and self.model != "recent_cnn":
             raise ValueError(f"recent_reference={self.recent_reference!r} acts only on model=recent_cnn, "
                              f"got model={self.model!r}")
+        if self.finetune_replay_select != "random" and (self.finetune_replay == 0 or self.ensemble > 1):
+            raise ValueError(f"finetune_replay_select={self.finetune_replay_select!r} needs finetune_replay > 0 and "
+                             f"ensemble=1 (the features of one base model), got finetune_replay="
+                             f"{self.finetune_replay}, ensemble={self.ensemble}")
         if not isinstance(self.jit_compile, bool):
             raise ValueError(f"jit_compile must be true or false, got {self.jit_compile!r}")
         return self
@@ -159,7 +168,7 @@ class TrainConfig:
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
                                     "sveb_regular", "early_sveb", "early_sveb_rate", "early_reference", "sveb_af",
-                                    "finetune_replay_early", "finetune_premature")
+                                    "finetune_replay_early", "finetune_premature", "finetune_replay_select")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -523,6 +532,40 @@ def replay_rows(labels: np.ndarray, train_idx: np.ndarray, per_class: int, seed:
     picked = [rng.choice(train_idx[y == c], size=min(per_class, int((y == c).sum())), replace=False)
               for c in np.unique(y)]
     return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def nearest_replay_rows(labels: np.ndarray, train_idx: np.ndarray, features: np.ndarray, centre: np.ndarray,
+                        per_class: int) -> np.ndarray:
+    """Rows to mix into a patient's fine-tune set, chosen instead of drawn: of every class, the
+    ``per_class`` rows of ``train_idx`` whose ``features`` lie nearest (Euclidean) to ``centre``
+    (all of them where the class has fewer; ties to the earlier row). ``labels``: class code per
+    row of the whole table ``(n,)``; ``features``: one row per ``train_idx`` row ``(len(train_idx), d)``;
+    ``centre``: ``(d,)``, the mean features of the patient's fine-tune beats. Returns sorted rows.
+
+    Randomly drawn S beats are mostly 232's and 209's, whatever the patient's beats look like;
+    these are the other subjects' beats the base model sees as nearest to this patient's."""
+    train_idx = np.asarray(train_idx)
+    if per_class <= 0 or len(train_idx) == 0:
+        return np.zeros(0, dtype=np.int64)
+    features = np.asarray(features, dtype=np.float64)
+    if features.shape[0] != len(train_idx) or features.ndim != 2 or np.shape(centre) != features.shape[1:]:
+        raise ValueError(f"nearest_replay_rows: features {features.shape} must be (len(train_idx)={len(train_idx)}, d) "
+                         f"and centre (d,), got centre {np.shape(centre)}")
+    distance = np.linalg.norm(features - np.asarray(centre, dtype=np.float64), axis=1)
+    y = labels[train_idx]
+    picked = []
+    for c in np.unique(y):
+        mine = np.flatnonzero(y == c)
+        picked.append(train_idx[mine[np.argsort(distance[mine], kind="stable")[:per_class]]])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def head_features(model: keras.Model, source: "BeatSource", idx: np.ndarray) -> np.ndarray:
+    """What ``model``'s head reads for rows ``idx`` of ``source``: the input of its ``head_dense``
+    layer ``(len(idx), d)`` (beat features and, for the rr models, the normalised RR inputs), at
+    inference (no dropout)."""
+    features = keras.Model(model.input, model.get_layer("head_dense").input, name=f"{model.name}_features")
+    return predict_logits(features, source, idx)
 
 
 def early_normal_rows(labels: np.ndarray, early: np.ndarray, train_idx: np.ndarray, normal: int, count: int,

@@ -262,6 +262,8 @@ BAD_PARAMETERS = [
     (["--window", "256", "--core-window", "160", "--kernel-size", "23"], "kernel_size"),  # checked on the core
     (["--lr-schedule", "linear"], "lr_schedule"),
     (["--finetune-replay-early", "-5"], "finetune_replay_early"),
+    (["--finetune-replay-select", "closest"], "finetune_replay_select"),
+    (["--finetune-replay-select", "nearest", "--finetune-replay", "0"], "finetune_replay_select"),
     (["--finetune-premature", "-5"], "finetune_premature"),
     (["--label-scheme", "raw", "--finetune-premature", "5"], "finetune_premature"),
     (["--focal-gamma", "-1"], "focal_gamma"),

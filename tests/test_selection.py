@@ -121,10 +121,17 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
         assert r.data.params["n_premature_beats"] == ("3" if has_s else "0")
     assert not client.search_registered_models()  # validation models are not the experiment's
 
-    # A run that takes these group base models: each one is loaded for every record of its group.
-    again = run_loso(replace(cfg, base_run_id=parent_id, train=replace(cfg.train, finetune_epochs=2)))
+    # A run that takes these group base models: each one is loaded for every record of its group,
+    # and here its features choose the replayed beats.
+    again = run_loso(replace(cfg, base_run_id=parent_id,
+                             train=replace(cfg.train, finetune_epochs=2, finetune_replay_select="nearest")))
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{again}'")
     assert client.get_run(again).info.status == "FINISHED" and len(kids) == 6
+    assert client.get_run(again).data.params["finetune_replay_select"] == "nearest"
+    replayed = {r.data.tags["patient"]: r.data.params["n_replay_beats"] for r in transfer}
+    # Chosen, not drawn: as many of each class as before (up to 4), so the same count.
+    assert {r.data.tags["patient"]: r.data.params["n_replay_beats"] for r in kids
+            if r.data.tags["variant"] == "transfer"} == replayed
     assert {r.data.tags["ecg.role"] for r in kids} == {"variant"}
     assert {r.data.tags["base_run_id"] for r in kids} == {b.info.run_id for b in bases.values()}
 

@@ -10,8 +10,9 @@ from ecg_mlflow.models import (HEAD_LAYERS, build_ensemble, build_model, check_c
                                gate_irregular, gate_premature, lead_stats, model_input_names, promote_early,
                                transfer_copy)
 from ecg_mlflow.training import (BeatSource, TrainConfig, class_weights, compute_dtype, early_normal_rows,
-                                 early_threshold, fine_tune, irregular_threshold, predict_classes,
-                                 premature_rows, premature_threshold, replay_rows, subject_weights, train_base)
+                                 early_threshold, fine_tune, head_features, irregular_threshold,
+                                 nearest_replay_rows, predict_classes, predict_logits, premature_rows,
+                                 premature_threshold, replay_rows, subject_weights, train_base)
 
 WINDOW = 32
 
@@ -894,6 +895,46 @@ def test_replay_rows_come_only_from_training_rows_capped_per_class():
     assert len(replay_rows(labels, train_idx, 0, seed=0)) == 0
 
 
+def test_nearest_replay_rows_take_each_class_nearest_the_patient():
+    labels = np.array([0] * 6 + [1] * 4 + [2] * 2 + [1] * 3)  # rows 12+ are the patient's
+    train_idx = np.arange(12)
+    # One feature: the distance to the centre (0) is the value's size.
+    features = np.array([5, -1, 3, 0.5, -4, 2, 9, -0.2, 6, 1, 7, 8], dtype=float)[:, None]
+    rows = nearest_replay_rows(labels, train_idx, features, np.zeros(1), 2)
+    assert rows.tolist() == [1, 3, 7, 9, 10, 11]  # N: 0.5, -1; S: -0.2, 1; V: both it has
+    assert np.all(np.diff(rows) > 0) and set(rows) <= set(train_idx)
+    # Another centre, other rows: they follow the patient, not the table's order.
+    assert nearest_replay_rows(labels, train_idx, features, np.array([6.0]), 1).tolist() == [0, 8, 10]
+    # Ties go to the earlier row; a row's class, not its place, decides which list it is in.
+    assert nearest_replay_rows(labels, train_idx, np.zeros((12, 3)), np.ones(3), 1).tolist() == [0, 6, 10]
+    assert len(nearest_replay_rows(labels, train_idx, features, np.zeros(1), 0)) == 0
+    with pytest.raises(ValueError, match=r"features \(11, 1\) must be"):
+        nearest_replay_rows(labels, train_idx, features[:11], np.zeros(1), 2)
+    with pytest.raises(ValueError, match="centre"):
+        nearest_replay_rows(labels, train_idx, features, np.zeros(2), 2)
+
+
+@pytest.mark.parametrize("model", ["seed_cnn", "rr_cnn"])
+def test_head_features_are_what_the_head_reads(model):
+    x, y, rr = toy_beats(200)
+    src, idx = BeatSource(x, y, rr), np.arange(50, 200)
+    trained, _ = train_base(src, np.arange(150), 3, TrainConfig(model=model, epochs=1, batch_size=32, seed=2))
+    feats = head_features(trained, src, idx)
+    assert feats.shape[0] == len(idx) and feats.shape[1] > 3
+    # Through the head's two layers they give the model's logits: they are the head's input.
+    logits = trained.get_layer("logits")(trained.get_layer("head_dense")(feats)).numpy()
+    np.testing.assert_allclose(logits, predict_logits(trained, src, idx), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(feats[y[idx] == 0].mean(axis=0), feats[y[idx] == 2].mean(axis=0), atol=1e-3)
+
+
+def test_nearest_replay_needs_replay_and_one_base_model():
+    TrainConfig(finetune_replay_select="nearest").validated()
+    for bad in ({"finetune_replay": 0}, {"ensemble": 2}):
+        with pytest.raises(ValueError, match="finetune_replay_select='nearest' needs finetune_replay > 0 and "
+                                             "ensemble=1"):
+            TrainConfig(finetune_replay_select="nearest", **bad).validated()
+
+
 def test_early_normal_rows_are_early_normal_training_rows_not_yet_replayed():
     labels = np.array([0] * 60 + [1] * 20 + [0] * 20)  # rows 80+ are the patient's
     early = np.zeros(100, dtype=bool)
@@ -1025,6 +1066,7 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("core_window", -1, "core_window"), ("core_window", 1.5, "core_window"), ("core_window", True, "core_window"),
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
     ("finetune_premature", -1, "finetune_premature"), ("finetune_premature", 2.5, "finetune_premature"),
+    ("finetune_replay_select", "closest", "finetune_replay_select"),
     ("focal_gamma", -0.5, "focal_gamma"), ("focal_gamma", 11, "focal_gamma"), ("focal_gamma", True, "focal_gamma"),
     ("ema", 1, "ema"), ("ema", -0.1, "ema"), ("ema", True, "ema"),
     # a bool is no rate, though Python counts True as 1
