@@ -6,6 +6,10 @@ a base model's training step on a 2-core CPU, more than any convolution (docs/sp
 first maximum of each window, as ``MaxPoolGrad`` gives it) from elementwise ops, which cost a few
 microseconds a beat.
 
+It pays only where ``MaxPoolGrad`` is slow: on the AVX2 machine a LOSO's base training ran 16 %
+faster through it, while on the AVX-512 machine oneDNN's own kernel is faster and the twin cost
+15-20 % (docs/speed.md). :func:`twin_pays` tells which, from the CPU's instruction sets.
+
 It is for training only and is never saved: :func:`training_twin` gives a model whose max-pooling
 layers are ``WindowMax1D`` and whose every other layer *is* the model's own (shared, not copied),
 so fitting the twin trains the model, and the model that is saved and served keeps built-in
@@ -13,6 +17,8 @@ layers only.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import keras
 import tensorflow as tf
@@ -92,3 +98,24 @@ def training_twin(model: keras.Model) -> keras.Model:
         return layer if pool is None else WindowMax1D(pool, name=layer.name, dtype=layer.dtype_policy)
 
     return keras.models.clone_model(model, clone_function=swap)
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of the first CPU in ``cpuinfo`` (Linux); empty where it cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def twin_pays(flags: set[str] | None = None, gpus: int | None = None) -> bool:
+    """Whether training should go through :func:`training_twin`: on a CPU without AVX-512.
+
+    With a GPU cuDNN's pooling gradient is fast. With AVX-512 (``avx512f``) oneDNN's ``MaxPoolGrad``
+    was faster than the twin (docs/speed.md); without it, the twin. Either way the numbers are the
+    same to the bit. ``flags``, ``gpus``: this machine's when not given."""
+    gpus = len(tf.config.list_physical_devices("GPU")) if gpus is None else gpus
+    flags = cpu_flags() if flags is None else flags
+    return gpus == 0 and "avx512f" not in flags

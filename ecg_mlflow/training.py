@@ -20,7 +20,7 @@ from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
 from ecg_mlflow.models import (ATRIAL_INPUTS, EARLY_REFERENCES, MODELS, RR_COLUMNS, RHYTHM_WIDTHS, RR_INPUTS,
                                build_atrial_detector, build_ensemble, build_model, check_width, ensemble_members,
                                model_input_names, transfer_copy)
-from ecg_mlflow.pooling import training_twin
+from ecg_mlflow.pooling import training_twin, twin_pays
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
 FINETUNE_LAYERS = ("head", "last", "all")
@@ -644,8 +644,9 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedu
     weights (momentum ``ema``, from the first step's weights on), and ``fit`` leaves the weights at
     that average when it ends.
 
-    Returns the model to fit: :func:`ecg_mlflow.pooling.training_twin` of ``model``, compiled with
-    the same optimizer, so that fitting it trains ``model`` with the same numbers, faster on a CPU."""
+    Returns the model to fit: where it pays (:func:`ecg_mlflow.pooling.twin_pays`: a CPU without
+    AVX-512) :func:`ecg_mlflow.pooling.training_twin` of ``model``, compiled with the same optimizer,
+    so that fitting it trains ``model`` with the same numbers, faster; else ``model`` itself."""
     if schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(steps), 1))
     optimizer = keras.optimizers.Adam(learning_rate, use_ema=ema > 0, ema_momentum=ema or 0.99)  # 0.99 unused when off
@@ -656,7 +657,7 @@ def _compile(model: keras.Model, learning_rate: float, jit_compile: bool, schedu
     settings = dict(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile,
                     steps_per_execution=STEPS_PER_EXECUTION)
     model.compile(**settings)  # the model keeps the compile configuration and the optimizer it saves
-    twin = training_twin(model)
+    twin = training_twin(model) if twin_pays() else model
     if twin is not model:
         twin.compile(**settings)
     return twin

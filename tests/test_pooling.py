@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 from ecg_mlflow.models import build_model
-from ecg_mlflow.pooling import WindowMax1D, training_twin, window_max
+from ecg_mlflow.pooling import WindowMax1D, cpu_flags, training_twin, twin_pays, window_max
 from ecg_mlflow.training import STEPS_PER_EXECUTION, BeatSource, TrainConfig, seed_everything, train_base
 
 from test_training import WINDOW, toy_beats
@@ -53,11 +53,30 @@ def test_twin_swaps_the_max_pools_and_shares_every_other_layer():
     assert training_twin(strided) is strided
 
 
-def test_training_through_the_twin_gives_the_plain_models_weights_and_saves_built_in_layers(tmp_path):
+def test_the_twin_pays_on_a_cpu_without_avx512_only(tmp_path):
+    assert twin_pays({"avx2", "fma"}, gpus=0)
+    assert not twin_pays({"avx2", "fma", "avx512f", "avx512bw"}, gpus=0)
+    assert not twin_pays({"avx2", "fma"}, gpus=1)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "avx512f"}
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_training_through_the_twin_gives_the_plain_models_weights_and_saves_built_in_layers(tmp_path, monkeypatch,
+                                                                                              pays):
+    import ecg_mlflow.training as training
+
+    # Whichever this machine's CPU would take: through the twin, and through the model itself.
+    made = []
+    monkeypatch.setattr(training, "twin_pays", lambda: pays)
+    monkeypatch.setattr(training, "training_twin", lambda model: made.append(training_twin(model)) or made[-1])
     x, y, rr = toy_beats()
     cfg = TrainConfig(model="rr_cnn", class_weight="none", epochs=2, batch_size=32, seed=3, dropout=0.5)
     source, rows = BeatSource(x, y, rr), np.arange(400)
-    trained, hist = train_base(source, rows, 3, cfg)  # fits the twin
+    trained, hist = train_base(source, rows, 3, cfg)
+    assert len(made) == pays and all(any(isinstance(layer, WindowMax1D) for layer in t.layers) for t in made)
     # The same model, seed and batches, fitted the plain way: MaxPool1D and its own gradient.
     seed_everything(cfg.seed)
     plain = build_model("rr_cnn", WINDOW, 2, 3, x[rows], rr[rows], dropout=0.5)
