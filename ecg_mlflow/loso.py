@@ -144,7 +144,7 @@ def fit_base(ds: BeatDataset, fold: Fold, cfg: LosoConfig, loso_run_id: str | No
     mlflow.set_tags({tracking.ROLE_TAG: "base", "subject": fold.subject,
                      "heldout_records": ",".join(fold.records), "train_records": ",".join(train_records)})
     mlflow.log_params({"n_train_beats": len(train_idx), "n_train_records": len(train_records)})
-    groups = np.array([subject_of(r) for r in ds.record]) if cfg.train.subject_balance > 0 else None
+    groups = ds.subject if cfg.train.subject_balance > 0 else None
     model, _ = train_base(src, train_idx, len(ds.classes), cfg.train,
                           on_epoch=_epoch_printer(cfg.train.epochs, f"base {fold.subject}"), groups=groups)
     model_uri = tracking.log_keras_model(model, src.inputs(train_idx[:8], model_input_names(model)))

@@ -18,6 +18,7 @@ layers only.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import keras
@@ -100,17 +101,18 @@ def training_twin(model: keras.Model) -> keras.Model:
     return keras.models.clone_model(model, clone_function=swap)
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+@functools.cache  # read once: every training asks (twin_pays), and the CPU does not change
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The instruction-set flags of the first CPU in ``cpuinfo`` (Linux); empty where it cannot be read."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
-def twin_pays(flags: set[str] | None = None, gpus: int | None = None) -> bool:
+def twin_pays(flags: frozenset[str] | set[str] | None = None, gpus: int | None = None) -> bool:
     """Whether training should go through :func:`training_twin`: on a CPU without AVX-512.
 
     With a GPU cuDNN's pooling gradient is fast. With AVX-512 (``avx512f``) oneDNN's ``MaxPoolGrad``
