@@ -742,6 +742,41 @@ def test_recent_reference_ontime_reaches_training_and_evaluation(sequential, mit
         mlflow.set_tracking_uri(None)
 
 
+def test_subject_balance_weighs_base_training_by_subject_not_by_record(tmp_path, mitdb_dir, cache_root, monkeypatch):
+    from dataclasses import replace
+
+    from ecg_mlflow.dataset import prepare
+    from ecg_mlflow.loso import beat_source
+    from ecg_mlflow.training import train_base
+
+    # 100 held out; its base model trains on 103 and on 201 and 202, two records of one subject: weighing
+    # by record (three groups) would train another model than weighing by subject (two).
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    cfg = replace(config(mitdb_dir, cache_root), holdout="100",
+                  prepare=PrepareConfig(data_dir=str(mitdb_dir), records="100,103,201,202",
+                                        cache_dir=str(cache_root / "beats")),
+                  train=TrainConfig(epochs=EPOCHS, finetune_epochs=1, seed=SEED, subject_balance=1.0))
+    try:
+        got = snapshot(uri, run_loso(cfg))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert got["parent"].info.status == "FINISHED" and got["parent"].data.params["subject_balance"] == "1.0"
+    logged = got["bases"]["100"]
+    ds = prepare(cfg.prepare)
+    train_idx, src = np.flatnonzero(ds.subject != "100"), beat_source(ds, "all")
+    assert set(ds.record[train_idx]) == {"103", "201", "202"}
+
+    def loss(groups, power=1.0):
+        train = replace(cfg.train, subject_balance=power)
+        return train_base(src, train_idx, len(ds.classes), train, groups=groups)[1]["loss"]
+
+    assert logged == loss(ds.subject)  # the LOSO run's base model is the one weighed by subject, to the bit
+    assert logged != loss(ds.record)
+    assert logged != loss(None, power=0.0)
+
+
 @pytest.mark.parametrize("change, culprit", [
     ({"train": TrainConfig(epochs=2, seed=SEED)}, r"trained with epochs=1; this run asks for epochs=2"),
     ({"holdout": "100,103"}, r"no finished base model for \['103'\]"),
