@@ -161,6 +161,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sveb-regular", type=number("sveb_regular"), default=d.sveb_regular,
                    help="0 = off; q in (0, 1): transfer calls S only for beats whose rhythm before is no more "
                         "irregular than that before q of the training subjects' S beats")
+    p.add_argument("--regular-measure", default=d.regular_measure,
+                   help="the irregularity sveb_regular reads: successive (the change between successive RR "
+                        "intervals) or lagged (the smallest over lags 1-3, which ectopic beats raise less)")
     p.add_argument("--early-sveb", type=number("early_sveb"), default=d.early_sveb,
                    help="0 = off; q in (0, 1): transfer calls S instead of N for beats in regular rhythm that come "
                         "earlier than all but q of the training subjects' N beats in regular rhythm "
@@ -212,7 +215,8 @@ def train_config(a: argparse.Namespace):
                        rr_features=a.rr_features.strip().lower(),
                        dropout=a.dropout, ensemble=a.ensemble,
                        finetune_blend=a.finetune_blend, augment=a.augment, augment_shift=a.augment_shift,
-                       sveb_gate=a.sveb_gate, sveb_regular=a.sveb_regular, early_sveb=a.early_sveb,
+                       sveb_gate=a.sveb_gate, sveb_regular=a.sveb_regular,
+                       regular_measure=a.regular_measure.strip().lower(), early_sveb=a.early_sveb,
                        early_sveb_rate=a.early_sveb_rate, early_reference=a.early_reference.strip().lower(),
                        sveb_af=a.sveb_af,
                        recent_reference=a.recent_reference.strip().lower(), kernel_size=a.kernel_size,

@@ -49,7 +49,7 @@ from ecg_mlflow.beats import ATRIAL_RHYTHMS, REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import BeatDataset, log_to_mlflow, prepare
 from ecg_mlflow.executors import FoldOutcome, FoldTask
 from ecg_mlflow.experiment import HEADLINE, VARIANTS, BaseModel, LosoConfig, PatientResult
-from ecg_mlflow.models import EARLY_REFERENCES, gate_irregular, gate_premature, promote_early, veto_atrial
+from ecg_mlflow.models import EARLY_REFERENCES, REGULAR_MEASURES, gate_irregular, gate_premature, promote_early, veto_atrial
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, check_not_running,
@@ -216,16 +216,16 @@ def gate_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float)
     return gate_premature(model, threshold, code)
 
 
-def gate_irregular_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float):
+def gate_irregular_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float,
+                        measure: str = "successive"):
     """``model`` behind :func:`ecg_mlflow.models.gate_irregular` (no S calls where the rhythm before a
     beat is irregular), its threshold the ``share`` quantile of the irregularity before the fold's
     training S beats (other subjects only); the threshold is logged to the active run as
-    ``sveb_regular_threshold``."""
-    code = ds.classes.index("S")
-    threshold = irregular_threshold(src.rhythm_np["rr_irregular"][:, 0], ds.label, np.flatnonzero(fold.train),
-                                    code, share)
+    ``sveb_regular_threshold``. ``measure``: the irregularity read (:data:`ecg_mlflow.models.REGULAR_MEASURES`)."""
+    code, name = ds.classes.index("S"), REGULAR_MEASURES[measure]
+    threshold = irregular_threshold(src.rhythm_np[name][:, 0], ds.label, np.flatnonzero(fold.train), code, share)
     mlflow.log_param("sveb_regular_threshold", round(threshold, 4))
-    return gate_irregular(model, threshold, code)
+    return gate_irregular(model, threshold, code, measure=name)
 
 
 def promote_early_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share: float, rate: float = 0.0,
@@ -335,7 +335,7 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     if cfg.train.sveb_gate > 0:
         model = gate_sveb(ds, src, fold, model, cfg.train.sveb_gate)
     if cfg.train.sveb_regular > 0:
-        model = gate_irregular_sveb(ds, src, fold, model, cfg.train.sveb_regular)
+        model = gate_irregular_sveb(ds, src, fold, model, cfg.train.sveb_regular, cfg.train.regular_measure)
     if cfg.train.early_sveb > 0:
         model = promote_early_sveb(ds, src, fold, model, cfg.train.early_sveb, cfg.train.early_sveb_rate,
                                    cfg.train.early_reference)

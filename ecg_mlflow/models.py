@@ -415,21 +415,31 @@ def gate_premature(model: keras.Model, threshold: float, class_index: int) -> ke
 IRREGULAR_GATED_NAME = "irregular_gate"
 
 
-def gate_irregular(model: keras.Model, threshold: float, class_index: int) -> keras.Model:
+# What gate_irregular reads the irregularity from, by the name of the regular_measure option: the change
+# between successive RR intervals (rr_irregular), or the smallest over lags 1-3 (rr_lagged), which
+# bigeminy, trigeminy and isolated ectopic pairs raise less and atrial fibrillation still raises.
+REGULAR_MEASURES: dict[str, str] = {"successive": "rr_irregular", "lagged": "rr_lagged"}
+
+
+def gate_irregular(model: keras.Model, threshold: float, class_index: int,
+                   measure: str = "rr_irregular") -> keras.Model:
     """``model`` with class ``class_index`` (SVEB) ruled out for every beat whose rhythm before is
-    more irregular than ``threshold`` (``rr_irregular`` above it): that class's logit is lowered by
+    more irregular than ``threshold`` (``measure``, ``rr_irregular`` or ``rr_lagged``, above it): that
+    class's logit is lowered by
     1e4, so the beat takes the best of the other classes. In atrial fibrillation and flutter a short
     RR is ordinary and the annotators call the beats N; this is where most false S calls of the
     transfer models are (README, "errors by rhythm").
 
-    The returned model reads ``model``'s inputs plus ``rr_irregular`` ``(1,)`` and gives logits
+    The returned model reads ``model``'s inputs plus ``measure`` ``(1,)`` and gives logits
     ``(batch, n_classes)``; built from built-in layers with fixed weights, it saves, loads and serves
     as any other model."""
     n_classes = int(model.output.shape[-1])
     if not 0 <= class_index < n_classes:
         raise ValueError(f"class_index must be in [0, {n_classes}), got {class_index}")
-    inputs, logits = _wrapped(model, {"rr_irregular": 1})
-    out = _ruled_out_above(logits, inputs["rr_irregular"], threshold, class_index,
+    if measure not in REGULAR_MEASURES.values():
+        raise ValueError(f"measure must be one of {list(REGULAR_MEASURES.values())}, got {measure!r}")
+    inputs, logits = _wrapped(model, {measure: 1})
+    out = _ruled_out_above(logits, inputs[measure], threshold, class_index,
                            ("irregular_step", "irregular_gate_on", "irregular_penalty", "irregular_gated_logits"))
     return keras.Model(inputs, out, name=IRREGULAR_GATED_NAME)
 

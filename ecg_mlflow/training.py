@@ -17,9 +17,9 @@ import keras
 import tensorflow as tf
 
 from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
-from ecg_mlflow.models import (ATRIAL_INPUTS, EARLY_REFERENCES, MODELS, RR_COLUMNS, RHYTHM_WIDTHS, RR_INPUTS,
-                               build_atrial_detector, build_ensemble, build_model, check_width, ensemble_members,
-                               model_input_names, transfer_copy)
+from ecg_mlflow.models import (ATRIAL_INPUTS, EARLY_REFERENCES, MODELS, REGULAR_MEASURES, RR_COLUMNS,
+                               RHYTHM_WIDTHS, RR_INPUTS, build_atrial_detector, build_ensemble, build_model, check_width,
+                               ensemble_members, model_input_names, transfer_copy)
 from ecg_mlflow.pooling import training_twin, twin_pays
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
@@ -68,6 +68,8 @@ class TrainConfig:
     sveb_gate: float = 0.0  # > 0: transfer calls S only for beats earlier than this share of training S beats
     sveb_regular: float = 0.0  # > 0: transfer calls S only for beats whose rhythm before is no more irregular
     # than this share of the training subjects' S beats (no S calls in atrial fibrillation or flutter)
+    regular_measure: str = "successive"  # the irregularity sveb_regular reads: the change between successive RR
+    # intervals, or the smallest over lags 1-3 (lagged), which ectopic beats raise less (models.REGULAR_MEASURES)
     early_sveb: float = 0.0  # > 0: transfer calls S instead of N for beats in regular rhythm earlier than all but
     # this share of the training subjects' N beats in regular rhythm
     early_sveb_rate: float = 0.0  # > 0 (beats a minute): early_sveb acts only where the local heart rate is at
@@ -142,13 +144,16 @@ class TrainConfig:
         for name, options in (("model", MODELS), ("class_weight", CLASS_WEIGHTS), ("finetune_layers", FINETUNE_LAYERS),
                               ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("rr_features", RR_FEATURES),
                               ("early_reference", EARLY_REFERENCES), ("recent_reference", RECENT_REFERENCES),
-                              ("finetune_replay_select", REPLAY_SELECTIONS)):
+                              ("finetune_replay_select", REPLAY_SELECTIONS), ("regular_measure", REGULAR_MEASURES)):
             one_of(name, options)
         if self.early_sveb_rate > 0 and self.early_sveb == 0:
             raise ValueError(f"early_sveb_rate={self.early_sveb_rate} acts only with early_sveb > 0, got early_sveb=0")
         if self.early_reference != "mean" and self.early_sveb == 0:
             raise ValueError(f"early_reference={self.early_reference!r} acts only with early_sveb > 0, "
                              f"got early_sveb=0")
+        if self.regular_measure != "successive" and self.sveb_regular == 0:
+            raise ValueError(f"regular_measure={self.regular_measure!r} acts only with sveb_regular > 0, "
+                             f"got sveb_regular=0")
         if self.recent_reference != "all" and self.model != "recent_cnn":
             raise ValueError(f"recent_reference={self.recent_reference!r} acts only on model=recent_cnn, "
                              f"got model={self.model!r}")
@@ -167,7 +172,7 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "sveb_regular", "early_sveb", "early_sveb_rate", "early_reference", "sveb_af",
+                                    "sveb_regular", "regular_measure", "early_sveb", "early_sveb_rate", "early_reference", "sveb_af",
                                     "finetune_replay_early", "finetune_premature", "finetune_replay_select")
 
 EpochCallback = Callable[[int, dict[str, float]], None]

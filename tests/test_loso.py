@@ -245,6 +245,8 @@ BAD_PARAMETERS = [
     (["--label-scheme", "raw", "--sveb-gate", "0.99"], "sveb_gate"),  # raw labels have no S class to gate
     (["--sveb-regular", "1"], "sveb_regular"),
     (["--label-scheme", "raw", "--sveb-regular", "0.99"], "sveb_regular"),
+    (["--sveb-regular", "0.99", "--regular-measure", "median"], "regular_measure"),
+    (["--regular-measure", "lagged"], "regular_measure"),  # without sveb_regular it would do nothing
     (["--early-sveb", "1"], "early_sveb"),
     (["--label-scheme", "raw", "--early-sveb", "0.01"], "early_sveb"),
     (["--early-sveb", "0.002", "--early-sveb-rate", "-100"], "early_sveb_rate"),

@@ -605,22 +605,24 @@ def test_sveb_gate_keeps_transfer_from_calling_s_on_beats_that_are_not_early(seq
         assert late.sum() > 100 and not (pred[late] == s).any()
 
 
-def test_sveb_regular_keeps_transfer_from_calling_s_after_an_irregular_rhythm(sequential, mitdb_dir, cache_root,
-                                                                               monkeypatch):
+@pytest.mark.parametrize("measure, reads", [("successive", "rr_irregular"), ("lagged", "rr_lagged")])
+def test_sveb_regular_keeps_transfer_from_calling_s_after_an_irregular_rhythm(measure, reads, sequential, mitdb_dir,
+                                                                               cache_root, monkeypatch):
     import keras
 
     from ecg_mlflow.loso import beat_source
     from ecg_mlflow.models import model_input_names
 
     share = 0.5  # a gate that many test beats fail, so it shows
-    ds, transfers = _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, sveb_regular=share)
-    irregular = ds.rr_irregular()[:, 0]
+    ds, transfers = _transfer_on_same_bases(sequential, mitdb_dir, cache_root, monkeypatch, sveb_regular=share,
+                                            regular_measure=measure)
+    irregular = getattr(ds, reads)()[:, 0]
     s = ds.classes.index("S")
     for patient, params, model, rows in transfers:
         # the threshold comes from the other subjects' S beats
         train = (ds.record != patient) & (ds.label == s)
         assert float(params["sveb_regular_threshold"]) == pytest.approx(np.quantile(irregular[train], share), abs=1e-4)
-        assert "rr_irregular" in model_input_names(model)
+        assert reads in model_input_names(model)
         logits = model.predict(beat_source(ds).inputs(rows, model_input_names(model)), verbose=0)
         threshold = float(params["sveb_regular_threshold"])
         gated, open_ = irregular[rows] > threshold + 1e-3, irregular[rows] < threshold - 1e-3

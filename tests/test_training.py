@@ -697,15 +697,19 @@ def test_premature_gate_rules_out_s_only_for_beats_that_are_not_early(model_name
 
 
 @pytest.mark.parametrize("model_name, members", [("seed_cnn", 1), ("rr_cnn", 2)])
-def test_irregular_gate_rules_out_s_only_for_beats_after_an_irregular_rhythm(model_name, members, tmp_path):
+@pytest.mark.parametrize("measure", ["rr_irregular", "rr_lagged"])
+def test_irregular_gate_rules_out_s_only_for_beats_after_an_irregular_rhythm(model_name, members, measure, tmp_path):
     import keras
 
     x, y, rr = toy_beats(200)
-    irregular = np.random.default_rng(4).uniform(0.0, 0.3, (len(x), 1)).astype(np.float32)
+    rng = np.random.default_rng(4)
+    irregular, other = rng.uniform(0.0, 0.3, (2, len(x), 1)).astype(np.float32)
     plain = build_ensemble([build_model(model_name, WINDOW, 2, 3, x, rr, dropout=0.1 * i) for i in range(members)])
-    gated = gate_irregular(plain, 0.1, class_index=1)
-    assert set(model_input_names(gated)) == set(model_input_names(plain)) | {"rr_irregular"}
-    src = BeatSource(x, y, rr, rhythm={"rr_irregular": irregular})
+    gated = gate_irregular(plain, 0.1, class_index=1, measure=measure)
+    assert set(model_input_names(gated)) == set(model_input_names(plain)) | {measure}
+    # the source holds both measures, the other one drawn apart: the gate must read the one it was given
+    unread = ({"rr_irregular", "rr_lagged"} - {measure}).pop()
+    src = BeatSource(x, y, rr, rhythm={measure: irregular, unread: other})
     want = plain.predict(src.inputs(np.arange(len(x)), model_input_names(plain)), verbose=0)
     got = gated.predict(src.inputs(np.arange(len(x)), model_input_names(gated)), verbose=0)
     regular = irregular[:, 0] <= 0.1
@@ -720,6 +724,8 @@ def test_irregular_gate_rules_out_s_only_for_beats_after_an_irregular_rhythm(mod
     np.testing.assert_array_equal(predict_classes(keras.models.load_model(path), src, np.arange(len(x))), pred)
     with pytest.raises(ValueError, match="class_index"):
         gate_irregular(plain, 0.1, class_index=3)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        gate_irregular(plain, 0.1, class_index=1, measure="rr_long")
 
 
 def test_irregular_threshold_is_a_quantile_over_the_given_rows_of_the_class_only():
@@ -1067,6 +1073,8 @@ def test_dropout_drops_beat_features_in_training_only_and_never_the_rr_features(
     ("finetune_replay_early", -1, "finetune_replay_early"), ("finetune_replay_early", 7.5, "finetune_replay_early"),
     ("finetune_premature", -1, "finetune_premature"), ("finetune_premature", 2.5, "finetune_premature"),
     ("finetune_replay_select", "closest", "finetune_replay_select"),
+    ("regular_measure", "median", "regular_measure"),
+    ("regular_measure", "lagged", "regular_measure='lagged' acts only with sveb_regular > 0"),
     ("focal_gamma", -0.5, "focal_gamma"), ("focal_gamma", 11, "focal_gamma"), ("focal_gamma", True, "focal_gamma"),
     ("ema", 1, "ema"), ("ema", -0.1, "ema"), ("ema", True, "ema"),
     # a bool is no rate, though Python counts True as 1
