@@ -445,17 +445,49 @@ class RunDifferences:
     (share of resamples where this run is higher), and ``diff_without_one`` with ``without_subject``
     (the difference without the one subject it rests on most, :func:`uncertainty.without_one`).
     skipped: why a run has no rows.
+    by_patient: where each difference comes from (:func:`patient_differences`), the runs stacked.
     """
 
     table: pd.DataFrame
     skipped: list[str]
+    by_patient: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+# The counts patient_differences compares: V and S beats found (tp) and called falsely (fp).
+MOVED_COUNTS: tuple[str, ...] = ("veb_tp", "veb_fp", "sveb_tp", "sveb_fp")
+
+
+def patient_differences(first: LosoRun, this: LosoRun, variant: str) -> pd.DataFrame:
+    """Where a difference between two runs on the same patients comes from: per patient (index
+    ``patient``) with any change, ``subject``, ``veb`` and ``sveb`` (the patient's V and S beats,
+    tp + fn, as in ``first``), and for each of :data:`MOVED_COUNTS` ``<count>_first``,
+    ``<count>_this`` (``variant``'s EC57 counts) and ``<count>_diff``; ``moved``, the sum of the
+    absolute differences, orders the rows (largest first, then by patient). A gain in SVEB Se that
+    is one record's, or false S calls that move in one record's fibrillation, show at the top."""
+    def counts(run: LosoRun) -> pd.DataFrame:
+        c = run.children[run.children.variant == variant].set_index("patient")
+        return c[["subject", *EC57_COUNTS]]
+
+    a, b = counts(first), counts(this)
+    if set(a.index) != set(b.index):
+        raise ValueError(f"the runs hold other patients: {sorted(set(a.index) ^ set(b.index), key=patient_key)}")
+    b = b.reindex(a.index)
+    out = pd.DataFrame({"subject": a.subject, "veb": (a.veb_tp + a.veb_fn).astype(np.int64),
+                        "sveb": (a.sveb_tp + a.sveb_fn).astype(np.int64)}, index=pd.Index(a.index, name="patient"))
+    for k in MOVED_COUNTS:
+        out[f"{k}_first"], out[f"{k}_this"] = a[k].astype(np.int64), b[k].astype(np.int64)
+        out[f"{k}_diff"] = out[f"{k}_this"] - out[f"{k}_first"]
+    out["moved"] = out[[f"{k}_diff" for k in MOVED_COUNTS]].abs().sum(axis=1)
+    out = out[out.moved > 0]
+    order = sorted(out.index, key=lambda p: (-out.at[p, "moved"], patient_key(p)))
+    return out.loc[order]
 
 
 def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int = 0,
                     level: float = CI_LEVEL) -> RunDifferences:
     """Gross statistics of each later run minus those of ``analyses[0]``, with paired
     subject-bootstrap CIs; only runs that hold exactly the first run's patients are compared."""
-    rows, skipped = [], []
+    rows, skipped, moved = [], [], []
     if len(analyses) < 2:
         return RunDifferences(pd.DataFrame(rows), skipped)
     first = analyses[0]
@@ -477,7 +509,10 @@ def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int 
                              "ci_high": d["ci_high"], "share_higher": d["share_b_higher"],
                              "diff_without_one": d["without_one"],
                              "without_subject": _subject_at(subjects, d["without_one_at"])})
-    return RunDifferences(pd.DataFrame(rows), skipped)
+            moved.append(patient_differences(first.run, a.run, v).reset_index()
+                         .assign(run=i, loso_run_id=a.run.run_id, variant=v))
+    by_patient = pd.concat(moved, ignore_index=True) if moved else pd.DataFrame()
+    return RunDifferences(pd.DataFrame(rows), skipped, by_patient)
 
 
 def rank_biserial(d: np.ndarray) -> float:

@@ -36,6 +36,7 @@ from ecg_mlflow.metrics import SUMMARY_STATS
 from ecg_mlflow.predictions import PREDICTIONS_FILE
 
 WORST_SOURCES = 10  # (record, rhythm) pairs the report lists as where most transfer errors are
+MOVED_PATIENTS = 10  # patients per later run and variant that the report lists as where its difference comes from
 
 # Published patient-specific results on the AAMI classes, in percent, as commonly cited (gross
 # statistics). Their protocols differ from ours (our base model is trained leave-one-subject-out
@@ -194,6 +195,24 @@ def display_run_differences(d: RunDifferences, analyses: list[Analysis]) -> pd.D
     }).set_index(["run", "variant", "statistic"])
 
 
+def display_patient_differences(d: RunDifferences, analyses: list[Analysis], n: int = MOVED_PATIENTS) -> pd.DataFrame:
+    """Where each later run's difference comes from: per (run, variant) the ``n`` patients whose V
+    and S counts moved most (``d.by_patient``), each count as ``first → this (±diff)``."""
+    t = d.by_patient
+    if t.empty:
+        return pd.DataFrame()
+    t = t.groupby(["run", "variant"], sort=True, group_keys=False).head(n)
+
+    def moved(k: str) -> list[str]:
+        return [f"{a} → {b} ({b - a:+d})" if a != b else f"{a}" for a, b in zip(t[f"{k}_first"], t[f"{k}_this"])]
+
+    return pd.DataFrame({
+        "run": [f"[{i}] {analyses[i].run.name}" for i in t.run], "variant": [LABELS[v] for v in t.variant],
+        "patient": t.patient, "S beats": t.sveb, "S found": moved("sveb_tp"), "false S": moved("sveb_fp"),
+        "V beats": t.veb, "V found": moved("veb_tp"), "false V": moved("veb_fp"),
+    }).set_index(["run", "variant", "patient"])
+
+
 def side_by_side(analyses: list[Analysis]) -> pd.DataFrame:
     """Gross and average statistics (fractions) of each LOSO run (columns = run labels)."""
     data = {}
@@ -290,6 +309,11 @@ def render_html(analyses: list[Analysis], n_boot: int, seed: int, differences: R
                   "An interval that spans zero says that the subjects drawn decide the sign.</p>"]
         if not differences.table.empty:
             parts.append(_table_html(display_run_differences(differences, analyses)))
+        if not differences.by_patient.empty:
+            parts += [f"<h3>Where the differences come from</h3><p>The {MOVED_PATIENTS} patients per run and "
+                      "variant whose V and S beats found and false calls moved most against run [0] "
+                      "(all of them in <code>tables/run_differences_by_patient.csv</code>).</p>",
+                      _table_html(display_patient_differences(differences, analyses))]
         parts += [f"<p class='note'>{e(n)}</p>" for n in differences.skipped]
     for i, a in enumerate(analyses):
         r = a.run
@@ -364,6 +388,8 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int,
     stacked("gross_ci").to_csv(out / "tables" / "gross_ci.csv", index=False)
     if not differences.table.empty:
         differences.table.to_csv(out / "tables" / "run_differences.csv", index=False)
+    if not differences.by_patient.empty:
+        differences.by_patient.to_csv(out / "tables" / "run_differences_by_patient.csv", index=False)
     for attr, name in (("by_rhythm", "errors_by_rhythm"), ("by_record_rhythm", "errors_by_record_rhythm")):
         pd.concat([getattr(a, attr).assign(loso_run_id=a.run.run_id) for a in analyses],
                   ignore_index=True).to_csv(out / "tables" / f"{name}.csv", index=False)
@@ -384,6 +410,7 @@ def write_report(analyses: list[Analysis], out: Path, n_boot: int, seed: int,
         } for a in analyses],
         "run_differences": differences.table.to_dict(orient="records"),
         "run_differences_skipped": differences.skipped,
+        "run_differences_by_patient": differences.by_patient.to_dict(orient="records"),
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1, ensure_ascii=False))
     for i, a in enumerate(analyses):
@@ -412,6 +439,10 @@ def summary_text(analyses: list[Analysis], differences: RunDifferences | None = 
             parts.append("=== Against run [0], paired subject bootstrap ===")
             if not differences.table.empty:
                 parts.append(display_run_differences(differences, analyses).to_string())
+            if not differences.by_patient.empty:
+                parts += ["", f"Where the differences come from: the {MOVED_PATIENTS} patients per run and variant "
+                              "whose counts moved most (all in tables/run_differences_by_patient.csv):",
+                          display_patient_differences(differences, analyses).to_string()]
             parts += [f"note: {n}" for n in differences.skipped] + [""]
         parts += ["=== Published (as commonly cited) and ours, gross (%) ===",
                   published_table(analyses).drop(columns="protocol").to_string()]

@@ -28,7 +28,7 @@ from ecg_mlflow import compare as C
 from ecg_mlflow import figures
 from ecg_mlflow import uncertainty as U
 from ecg_mlflow.metrics import EC57_COUNTS, SUMMARY_STATS, ec57_counts, ec57_stats, metrics_from_cm
-from loso_runs import CLASSES, RHYTHMS, N, S, log_loso, patient_cms, predictions_of
+from loso_runs import CLASSES, RHYTHMS, N, S, V, log_loso, patient_cms, predictions_of
 
 REPO = Path(__file__).resolve().parents[1]
 N_BOOT = 2000  # fewer resamples than the default keeps the tests fast; the code path is the same
@@ -261,6 +261,41 @@ def test_runs_on_the_same_patients_are_compared_with_the_first(tracking_uri, cms
     assert "Against run [0]" in report and "[2] holds other patients" in report
     out = capsys.readouterr().out
     assert "Against run [0], paired subject bootstrap" in out and "[1] candidate" in out
+
+
+def test_each_difference_is_traced_to_the_patients_whose_counts_moved(tracking_uri, cms, capsys):
+    first = log_loso(cms, name="pick")
+    moved = {p: {v: m.copy() for v, m in d.items()} for p, d in cms.items()}
+    p_big, p_small = "105", "208"
+    assert moved[p_big]["transfer"][S, S] >= 5 and moved[p_small]["transfer"][N, N] >= 3
+    moved[p_big]["transfer"][S, S] -= 5  # five S beats found in the first run are called N
+    moved[p_big]["transfer"][S, N] += 5
+    moved[p_small]["transfer"][N, N] -= 3  # three more false V calls
+    moved[p_small]["transfer"][N, V] += 3
+    second = log_loso(moved, name="candidate")
+    res = C.compare(loso_runs=f"{first},{second}", n_boot=N_BOOT)
+    t = res.differences.by_patient
+    # only the two patients that moved, larger move first, counts as logged by each run
+    assert list(t.patient) == [p_big, p_small] and set(t.variant) == {"transfer"} and set(t.run) == {1}
+    big, small = t.iloc[0], t.iloc[1]
+    assert (big.sveb_tp_first, big.sveb_tp_this, big.sveb_tp_diff) == (cms[p_big]["transfer"][S, S],
+                                                                       cms[p_big]["transfer"][S, S] - 5, -5)
+    counted = ec57_counts(cms[p_big]["transfer"], CLASSES)
+    assert big.sveb == counted["sveb_tp"] + counted["sveb_fn"] and big.subject == p_big
+    assert (big.veb_tp_diff, big.veb_fp_diff, big.sveb_fp_diff, big.moved) == (0, 0, 0, 5)
+    assert (small.veb_fp_diff, small.moved) == (3, 3) and small.veb_fp_first == ec57_counts(
+        cms[p_small]["transfer"], CLASSES)["veb_fp"]
+    shown = C.display_patient_differences(res.differences, res.analyses)
+    first_s = cms[p_big]["transfer"][S, S]
+    assert shown.loc[("[1] candidate", "transfer", p_big), "S found"] == f"{first_s} → {first_s - 5} (-5)"
+    csv = pd.read_csv(_artifact(res.run_id, "tables/run_differences_by_patient.csv"), dtype={"patient": str})
+    assert list(csv.patient) == [p_big, p_small] and list(csv.moved) == [5, 3]
+    assert "Where the differences come from" in _artifact(res.run_id, "report.html").read_text()
+    assert "Where the differences come from" in capsys.readouterr().out
+    # the same runs the other way round: the same patients, the signs turned
+    back = A.patient_differences(res.analyses[1].run, res.analyses[0].run, "transfer")
+    assert list(back.index) == [p_big, p_small] and back.at[p_big, "sveb_tp_diff"] == 5
+    assert A.patient_differences(res.analyses[0].run, res.analyses[0].run, "transfer").empty
 
 
 # --------------------------------------------------------------------------------------------
