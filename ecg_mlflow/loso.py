@@ -49,7 +49,8 @@ from ecg_mlflow.beats import ATRIAL_RHYTHMS, REGULAR_IRREGULARITY
 from ecg_mlflow.dataset import BeatDataset, log_to_mlflow, prepare
 from ecg_mlflow.executors import FoldOutcome, FoldTask
 from ecg_mlflow.experiment import HEADLINE, VARIANTS, BaseModel, LosoConfig, PatientResult
-from ecg_mlflow.models import EARLY_REFERENCES, REGULAR_MEASURES, gate_irregular, gate_premature, promote_early, veto_atrial
+from ecg_mlflow.models import (EARLY_REFERENCES, REGULAR_MEASURES, gate_irregular, gate_premature, promote_early,
+                               veto_atrial)
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, check_not_running,

@@ -425,10 +425,9 @@ def gate_irregular(model: keras.Model, threshold: float, class_index: int,
                    measure: str = "rr_irregular") -> keras.Model:
     """``model`` with class ``class_index`` (SVEB) ruled out for every beat whose rhythm before is
     more irregular than ``threshold`` (``measure``, ``rr_irregular`` or ``rr_lagged``, above it): that
-    class's logit is lowered by
-    1e4, so the beat takes the best of the other classes. In atrial fibrillation and flutter a short
-    RR is ordinary and the annotators call the beats N; this is where most false S calls of the
-    transfer models are (README, "errors by rhythm").
+    class's logit is lowered by 1e4, so the beat takes the best of the other classes. In atrial
+    fibrillation and flutter a short RR is ordinary and the annotators call the beats N; this is
+    where most false S calls of the transfer models are (README, "errors by rhythm").
 
     The returned model reads ``model``'s inputs plus ``measure`` ``(1,)`` and gives logits
     ``(batch, n_classes)``; built from built-in layers with fixed weights, it saves, loads and serves

@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from ecg_mlflow.beats import RECENT_REFERENCES, REGULAR_IRREGULARITY
 from ecg_mlflow.models import (ATRIAL_INPUTS, EARLY_REFERENCES, MODELS, REGULAR_MEASURES, RR_COLUMNS,
-                               RHYTHM_WIDTHS, RR_INPUTS, build_atrial_detector, build_ensemble, build_model, check_width,
-                               ensemble_members, model_input_names, transfer_copy)
+                               RHYTHM_WIDTHS, RR_INPUTS, build_atrial_detector, build_ensemble, build_model,
+                               check_width, ensemble_members, model_input_names, transfer_copy)
 from ecg_mlflow.pooling import training_twin, twin_pays
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt")
@@ -172,8 +172,9 @@ class TrainConfig:
 # The fields that act only on transfer; every other field shapes the base model too.
 FINETUNE_FIELDS: tuple[str, ...] = ("finetune_epochs", "finetune_batch_size", "finetune_learning_rate",
                                     "finetune_layers", "finetune_replay", "finetune_blend", "sveb_gate",
-                                    "sveb_regular", "regular_measure", "early_sveb", "early_sveb_rate", "early_reference", "sveb_af",
-                                    "finetune_replay_early", "finetune_premature", "finetune_replay_select")
+                                    "sveb_regular", "regular_measure", "early_sveb", "early_sveb_rate",
+                                    "early_reference", "sveb_af", "finetune_replay_early", "finetune_premature",
+                                    "finetune_replay_select")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
