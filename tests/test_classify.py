@@ -47,7 +47,8 @@ def store(tmp_path_factory, mitdb_dir, cache_root):
                                            finetune_minutes=FINETUNE_MINUTES, cache_dir=str(cache_root / "beats"),
                                            signal_filter="bandpass", window_offset=16),
                      train=TrainConfig(model="recent_cnn", rr_features="sequence", recent_reference="ontime",
-                                       sveb_gate=0.99, sveb_regular=0.99, early_sveb=0.002, early_sveb_rate=60,
+                                       sveb_gate=0.99, sveb_regular=0.99, regular_measure="lagged",
+                                       early_sveb=0.002, early_sveb_rate=60,
                                        early_reference="median", augment_shift=8, core_window=128, epochs=1,
                                        finetune_epochs=1, seed=3))
     with loso_in_fresh_store(tmp_path_factory.mktemp("classify"), "classify-test", cfg) as store:
@@ -91,10 +92,10 @@ def test_reference_beats_get_the_calls_of_the_loso_run(store, mitdb_dir, record)
     assert client.get_run(loso_run).data.params["window_offset"] == "16"  # and its windows not centred
     for uri, variant in ((f"models:/ecg-transfer-{record}@newest", "transfer"),
                          (f"models:/ecg-base-{record}@newest", "no_transfer")):
-        if variant == "transfer":  # the model reads every input classify makes but rr_features=lagged's,
-            # which excludes sequence (test_prepare checks it is made as LOSO makes it), and sveb_af's, which
-            # needs records with atrial fibrillation (test_atrial's classify test reads both)
-            assert set(model_input_names(load_model(uri).model)) == set(INPUTS) - {"rr_lagged", "atrial"}
+        if variant == "transfer":  # the model reads every input classify makes but sveb_af's, which needs
+            # records with atrial fibrillation (test_atrial's classify test reads it); rr_lagged through
+            # sveb_regular's gate (regular_measure=lagged), rr_irregular through early_sveb's
+            assert set(model_input_names(load_model(uri).model)) == set(INPUTS) - {"atrial"}
             assert _nested_layer(load_model(uri).model, "core_crop").cropping == (32, 0)  # samples 32..159
             assert load_model(uri).model.get_layer("promote_fast_step")  # early_sveb's rate bound is saved in
             assert "rr_median" in model_input_names(load_model(uri).model)  # and it reads the five-minute median
