@@ -457,23 +457,19 @@ class RunDifferences:
 MOVED_COUNTS: tuple[str, ...] = ("veb_tp", "veb_fp", "sveb_tp", "sveb_fp")
 
 
-def patient_differences(first: LosoRun, this: LosoRun, variant: str) -> pd.DataFrame:
-    """Where a difference between two runs on the same patients comes from: per patient (index
-    ``patient``) with any change, ``subject``, ``veb`` and ``sveb`` (the patient's V and S beats,
-    tp + fn, as in ``first``), and for each of :data:`MOVED_COUNTS` ``<count>_first``,
-    ``<count>_this`` (``variant``'s EC57 counts) and ``<count>_diff``; ``moved``, the sum of the
-    absolute differences, orders the rows (largest first, then by patient). A gain in SVEB Se that
-    is one record's, or false S calls that move in one record's fibrillation, show at the top."""
-    def counts(run: LosoRun) -> pd.DataFrame:
-        c = run.children[run.children.variant == variant].set_index("patient")
-        return c[["subject", *EC57_COUNTS]]
-
-    a, b = counts(first), counts(this)
-    if set(a.index) != set(b.index):
-        raise ValueError(f"the runs hold other patients: {sorted(set(a.index) ^ set(b.index), key=patient_key)}")
-    b = b.reindex(a.index)
-    out = pd.DataFrame({"subject": a.subject, "veb": (a.veb_tp + a.veb_fn).astype(np.int64),
-                        "sveb": (a.sveb_tp + a.sveb_fn).astype(np.int64)}, index=pd.Index(a.index, name="patient"))
+def count_differences(first: pd.DataFrame, this: pd.DataFrame) -> pd.DataFrame:
+    """Where a difference between two tables of EC57 counts comes from: ``first`` and ``this`` hold
+    :data:`~ecg_mlflow.metrics.EC57_COUNTS` on the same index (patients or subjects). Per index
+    entry with any change: ``veb`` and ``sveb`` (its V and S beats, tp + fn, as in ``first``), and for
+    each of :data:`MOVED_COUNTS` ``<count>_first``, ``<count>_this`` and ``<count>_diff``; ``moved``,
+    the sum of the absolute differences, orders the rows (largest first, then by
+    :func:`~ecg_mlflow.splits.patient_key`). ``ValueError`` when the indexes differ."""
+    if set(first.index) != set(this.index):
+        raise ValueError(f"the tables hold other patients or subjects: "
+                         f"{sorted(set(first.index) ^ set(this.index), key=patient_key)}")
+    a, b = first, this.reindex(first.index)
+    out = pd.DataFrame({"veb": (a.veb_tp + a.veb_fn).astype(np.int64),
+                        "sveb": (a.sveb_tp + a.sveb_fn).astype(np.int64)}, index=a.index)
     for k in MOVED_COUNTS:
         out[f"{k}_first"], out[f"{k}_this"] = a[k].astype(np.int64), b[k].astype(np.int64)
         out[f"{k}_diff"] = out[f"{k}_this"] - out[f"{k}_first"]
@@ -481,6 +477,31 @@ def patient_differences(first: LosoRun, this: LosoRun, variant: str) -> pd.DataF
     out = out[out.moved > 0]
     order = sorted(out.index, key=lambda p: (-out.at[p, "moved"], patient_key(p)))
     return out.loc[order]
+
+
+def patient_differences(first: LosoRun, this: LosoRun, variant: str) -> pd.DataFrame:
+    """Where a difference between two runs on the same patients comes from: :func:`count_differences`
+    of ``variant``'s EC57 counts per patient (index ``patient``), with each patient's ``subject``. A
+    gain in SVEB Se that is one record's, or false S calls that move in one record's fibrillation,
+    show at the top."""
+    def counts(run: LosoRun) -> pd.DataFrame:
+        return run.children[run.children.variant == variant].set_index("patient")
+
+    a = counts(first)
+    out = count_differences(a[list(EC57_COUNTS)], counts(this)[list(EC57_COUNTS)]).rename_axis("patient")
+    out.insert(0, "subject", a.subject.reindex(out.index))
+    return out
+
+
+def moved_columns(t: pd.DataFrame) -> dict[str, list]:
+    """The display columns of :func:`count_differences` rows: each patient's or subject's V and S
+    beats, and each count of :data:`MOVED_COUNTS` as ``first → this (±diff)`` (the count alone where
+    it did not move)."""
+    def moved(k: str) -> list[str]:
+        return [f"{a} → {b} ({b - a:+d})" if a != b else f"{a}" for a, b in zip(t[f"{k}_first"], t[f"{k}_this"])]
+
+    return {"S beats": list(t.sveb), "S found": moved("sveb_tp"), "false S": moved("sveb_fp"),
+            "V beats": list(t.veb), "V found": moved("veb_tp"), "false V": moved("veb_fp")}
 
 
 def run_differences(analyses: list["Analysis"], n_boot: int = N_BOOT, seed: int = 0,

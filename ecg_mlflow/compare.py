@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from ecg_mlflow import tracking
 from ecg_mlflow.analysis import (CI_LEVEL, HEADLINE, KEY_PARAMS, LABELS, N_BOOT, VARIANTS, Analysis, CompareError,
                                  RunDifferences, analyse, default_loso_run, load_loso_run, parse_run_ids, pool,
-                                 run_differences)
+                                 moved_columns, run_differences)
 from ecg_mlflow.metrics import SUMMARY_STATS
 from ecg_mlflow.predictions import PREDICTIONS_FILE
 
@@ -202,14 +202,9 @@ def display_patient_differences(d: RunDifferences, analyses: list[Analysis], n: 
     if t.empty:
         return pd.DataFrame()
     t = t.groupby(["run", "variant"], sort=True, group_keys=False).head(n)
-
-    def moved(k: str) -> list[str]:
-        return [f"{a} → {b} ({b - a:+d})" if a != b else f"{a}" for a, b in zip(t[f"{k}_first"], t[f"{k}_this"])]
-
     return pd.DataFrame({
         "run": [f"[{i}] {analyses[i].run.name}" for i in t.run], "variant": [LABELS[v] for v in t.variant],
-        "patient": t.patient, "S beats": t.sveb, "S found": moved("sveb_tp"), "false S": moved("sveb_fp"),
-        "V beats": t.veb, "V found": moved("veb_tp"), "false V": moved("veb_fp"),
+        "patient": t.patient, **moved_columns(t),
     }).set_index(["run", "variant", "patient"])
 
 

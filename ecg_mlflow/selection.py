@@ -71,8 +71,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ecg_mlflow import tracking, uncertainty
-from ecg_mlflow.analysis import CI_LEVEL, N_BOOT, CompareError, LosoRun, load_loso_run, parse_run_ids, pool, \
-    subject_count_table
+from ecg_mlflow.analysis import CI_LEVEL, N_BOOT, CompareError, LosoRun, count_differences, load_loso_run, \
+    moved_columns, parse_run_ids, pool, subject_count_table
 from ecg_mlflow.metrics import EC57_COUNTS
 from ecg_mlflow.records import RECORD_SETS
 from ecg_mlflow.splits import patient_key, subject_groups, subject_of
@@ -81,6 +81,7 @@ RULE = uncertainty.SMALLEST  # the statistic a choice maximises
 VARIANT = "transfer"  # the targets are on the transfer variant
 FOLD_SCHEMES = ("subject", "halves")
 FEW_FOLDS = 8  # up to this many folds the summary names each fold's subjects and blind runs
+MOVED_SUBJECTS = 10  # subjects the summary lists as where the choice's difference from [0] comes from
 
 
 class SelectError(CompareError):
@@ -529,7 +530,31 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict
                          f"resamples (median {100 * kept.median():.0f}%)")
     if kept is not None:
         lines.append("intervals of the cross-fitted choice: each fold's choice made again on every resample")
+    lines += ["", *choice_differences_text(choice_differences(sel), len(seeds))]
     return "\n".join(lines)
+
+
+def choice_differences(sel: Selection) -> pd.DataFrame:
+    """Where the cross-fitted choice differs from candidate [0]: :func:`ecg_mlflow.analysis.count_differences`
+    of each subject's counts under [0] against those under the candidate it took (both summed over
+    the replicas), index ``subject``, with ``chosen``. Subjects that took [0] never appear; one that
+    took another candidate appears where that candidate's V or S counts differ from [0]'s."""
+    first = pd.DataFrame(sel.counts[0], index=sel.per_subject.index, columns=list(EC57_COUNTS))
+    out = count_differences(first, sel.per_subject[list(EC57_COUNTS)])
+    out.insert(0, "chosen", sel.per_subject.chosen.reindex(out.index))
+    return out
+
+
+def choice_differences_text(moved: pd.DataFrame, replicas: int = 1, n: int = MOVED_SUBJECTS) -> list[str]:
+    """The summary's lines on :func:`choice_differences`: the ``n`` subjects whose counts moved most."""
+    if moved.empty:
+        return ["the cross-fitted choice counts as candidate [0] on every subject"]
+    head = moved.head(n)
+    shown = pd.DataFrame({"subject": head.index, "chosen": [f"[{i}]" for i in head.chosen],
+                          **moved_columns(head)}).set_index("subject")
+    return [f"where the choice differs from [0] ([0] → the choice; the {min(n, len(moved))} of {len(moved)} "
+            f"subjects whose V and S counts moved most" + (f", summed over the {replicas} seeds" if replicas > 1 else "")
+            + "):", shown.to_string()]
 
 
 @dataclass
@@ -641,7 +666,8 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     ``min_share``: the share of paired subject resamples a candidate must be higher in as well
     (:func:`cross_fitted_choice`; 0 = no such clause). Logs a ``select`` run (tag
     ``ecg.role=select``) with ``choices.csv``, ``per_subject.csv``, ``estimate.csv``,
-    ``estimate.json`` and ``summary.txt``. Everything is validated before the run is written."""
+    ``estimate.json``, ``choice_vs_first_by_subject.csv`` (:func:`choice_differences`) and
+    ``summary.txt``. Everything is validated before the run is written."""
     if not isinstance(n_boot, int) or n_boot < 1:
         raise SelectError(f"bootstrap must be a positive whole number of resamples, got {n_boot!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -717,6 +743,8 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
         sel.folds.to_csv(out / "choices.csv")
         sel.per_subject.to_csv(out / "per_subject.csv")
         table.to_csv(out / "estimate.csv", index=False)
+        moved = choice_differences(sel)
+        moved.to_csv(out / "choice_vs_first_by_subject.csv")
         doc = {"folds": folds, "rule": rule_text(seeds, min_share), "seeds": seeds if len(seeds) > 1 else None,
                "min_share": min_share,
                "candidates": labels, "scored_on": score_ids,
@@ -725,6 +753,8 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
                "records_without_fold": blind_to,
                "estimate": {k: _finite(last[k]) for k in uncertainty.STATISTICS},
                "counts": dict(zip(EC57_COUNTS, sel.pooled.sum(axis=0).tolist())),
+               "choice_vs_first_by_subject": [{"subject": s, **{k: int(v) for k, v in r.items()}}
+                                              for s, r in moved.iterrows()],
                "estimate_per_seed": {sd: {k: _finite(v) for k, v in replica_rates(sel, k).items()}
                                      for k, sd in enumerate(seeds)} if len(seeds) > 1 else None}
         (out / "estimate.json").write_text(json.dumps(doc, indent=1))
@@ -734,5 +764,5 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
     if echo:
         print(text)
         print(f"\nselect run {run_id}: artifacts estimate.csv, estimate.json, choices.csv, per_subject.csv, "
-              "summary.txt")
+              "choice_vs_first_by_subject.csv, summary.txt")
     return SelectResult(run_id, sel, table)

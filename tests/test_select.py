@@ -418,6 +418,28 @@ def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
     assert "Cross-fitted choice over 5 folds (subject)" in out
     assert "made again in" in out and "each fold's choice made again in" not in out  # few folds: one line each
 
+    # Where the choice differs from [0], recomputed: each subject that took another candidate whose
+    # V or S counts differ there, by how much, largest move first.
+    at = {k: EC57_COUNTS.index(k) for k in ("veb_tp", "veb_fp", "sveb_tp", "sveb_fp")}
+    want = {s: counts[expected[s]][s] - counts[0][s] for s in subjects if expected[s] != 0}
+    want = {s: d for s, d in want.items() if any(d[i] for i in at.values())}
+    assert want, "the candidates must give the choice something to differ by"
+    moved = S.choice_differences(res.selection)
+    assert set(moved.index) == set(want)
+    for s, d in want.items():
+        assert moved.at[s, "chosen"] == expected[s]
+        assert {k: moved.at[s, f"{k}_diff"] for k in at} == {k: d[i] for k, i in at.items()}
+        assert moved.at[s, "sveb_tp_first"] == counts[0][s][at["sveb_tp"]]
+    assert list(moved.moved) == sorted((sum(abs(d[i]) for i in at.values()) for d in want.values()), reverse=True)
+    logged = pd.read_csv(path / "choice_vs_first_by_subject.csv", dtype={"subject": str}).set_index("subject")
+    assert logged.index.tolist() == moved.index.tolist() and (logged.to_numpy() == moved.to_numpy()).all()
+    assert [r["subject"] for r in doc["choice_vs_first_by_subject"]] == moved.index.tolist()
+    top = moved.index[0]
+    line = next(x for x in out.splitlines() if x.startswith(f"{top} ") and "[" in x)
+    a, b = moved.at[top, "sveb_tp_first"], moved.at[top, "sveb_tp_this"]
+    assert f"[{expected[top]}]" in line and (f"{a} → {b} ({b - a:+d})" if a != b else f" {a} ") in line
+    assert "where the choice differs from [0]" in out
+
 
 def test_halves_and_pooled_candidates(tracking_uri):
     cands = _candidates()
