@@ -46,13 +46,13 @@ from ecg_mlflow import executors
 from ecg_mlflow import metrics as metrics_mod
 from ecg_mlflow import registry, tracking
 from ecg_mlflow.beats import ATRIAL_RHYTHMS, REGULAR_IRREGULARITY
-from ecg_mlflow.dataset import BeatDataset, log_to_mlflow, prepare
+from ecg_mlflow.dataset import BeatDataset, PrepareConfig, log_to_mlflow, prepare, select_records
 from ecg_mlflow.executors import FoldOutcome, FoldTask
 from ecg_mlflow.experiment import HEADLINE, VARIANTS, BaseModel, LosoConfig, PatientResult
 from ecg_mlflow.models import (EARLY_REFERENCES, REGULAR_MEASURES, gate_irregular, gate_premature, promote_early,
                                veto_atrial)
 from ecg_mlflow.predictions import log_predictions, predictions_table, softmax
-from ecg_mlflow.records import RECORD_SETS
+from ecg_mlflow.records import RECORD_SETS, resolve_data_dir
 from ecg_mlflow.resume import (EXECUTION_TAG, FAILED_TAG, THREADS_TAG, check_base_settings, check_not_running,
                                claim, config_for_resume, end_orphaned_runs, end_stale_children, loso_run,
                                parent_run, public_uri, ran_threads, resume_command, resume_plan, reused_bases)
@@ -63,18 +63,24 @@ from ecg_mlflow.training import (BeatSource, atrial_threshold, early_normal_rows
                                  replay_rows, train_base, visible_gpus)
 
 
-def holdout_subjects(ds: BeatDataset, holdout: str | None) -> list[str]:
-    """Subjects to hold out: all of the dataset's, those named (a record id names its subject), or
-    those of a record set (``half1``, ``half2``: :data:`ecg_mlflow.records.RECORD_SETS`)."""
-    available = list(dict.fromkeys(subject_of(r) for r in ds.records))
+def holdout_subjects(records: list[str], holdout: str | None) -> list[str]:
+    """Subjects to hold out among those of ``records``: all of them, those named (a record id names
+    its subject), or those of a record set (``half1``, ``half2``: :data:`ecg_mlflow.records.RECORD_SETS`)."""
+    available = list(dict.fromkeys(subject_of(r) for r in records))
     if holdout is None or holdout.strip().lower() in ("", "all"):
         return available
     names = RECORD_SETS.get(holdout.strip().lower()) or holdout.replace(",", " ").split()
     named = [subject_of(s) for s in names]
     unknown = [s for s in named if s not in available]
     if unknown:
-        raise ValueError(f"holdout names subjects {unknown} that are not in the prepared records {ds.records}")
+        raise ValueError(f"holdout names subjects {unknown} that are not in the prepared records {list(records)}")
     return list(dict.fromkeys(named))
+
+
+def records_to_prepare(cfg: PrepareConfig) -> list[str]:
+    """The records ``prepare`` reads for ``cfg``, known before any is read or downloaded: the checks
+    that need only their names (two subjects, ``holdout``, ``patient``) run on them first."""
+    return select_records(cfg, resolve_data_dir(cfg.data_dir))[0]
 
 
 def plan_folds(ds: BeatDataset, cfg: LosoConfig, only: str | None = None) -> list[Fold]:
@@ -82,7 +88,7 @@ def plan_folds(ds: BeatDataset, cfg: LosoConfig, only: str | None = None) -> lis
     base model; with ``evaluate_on=validation`` each evaluates on the second half of the fine-tune
     minutes instead of the test part (see :mod:`ecg_mlflow.splits`). ``only``: just the fold of
     that name (a worker builds its own fold's masks, not every fold's)."""
-    subjects = holdout_subjects(ds, cfg.holdout)
+    subjects = holdout_subjects(ds.records, cfg.holdout)
     if cfg.base_folds:
         groups = subject_groups(subjects, cfg.base_folds)
         folds = [group_fold(ds.record, ds.part, name, members) for name, members in groups.items()
@@ -437,12 +443,15 @@ def _print_record(record: str, results: list[PatientResult]) -> None:
 
 
 def preflight(cfg: LosoConfig, verbose: bool = False) -> tuple[BeatDataset, list[Fold]]:
-    """The prepared dataset and folds of a validated ``cfg``, after the checks that need the data
-    (record files, at least two subjects, thresholds that need training beats); ``ValueError`` or
-    :class:`DataError` naming the culprit. Trains nothing."""
+    """The prepared dataset and folds of a validated ``cfg``, after the checks: first those that need
+    only the records' names (at least two subjects, ``holdout``), before any record is read or
+    downloaded, then those that need the data (record files, thresholds that need training beats);
+    ``ValueError`` or :class:`DataError` naming the culprit. Trains nothing."""
+    records = records_to_prepare(cfg.prepare)
+    if len({subject_of(r) for r in records}) < 2:
+        raise ValueError(f"LOSO needs at least two subjects' records, got {records}")
+    holdout_subjects(records, cfg.holdout)
     ds = prepare(cfg.prepare, verbose=verbose)
-    if len({subject_of(r) for r in ds.records}) < 2:
-        raise ValueError(f"LOSO needs at least two subjects' records, got {ds.records}")
     folds = plan_folds(ds, cfg)
     check_sveb_gate(cfg, ds, folds)
     return ds, folds
@@ -606,10 +615,10 @@ def run_train_base(cfg: LosoConfig, holdout: str) -> BaseModel:
     """Entry point ``train_base``: the base model for one held-out subject, in the active (or a new) run."""
     cfg = cfg.validated()
     tracking.check_tracking_server()
-    ds = prepare(cfg.prepare, verbose=True)
-    subjects = holdout_subjects(ds, holdout)
+    subjects = holdout_subjects(records_to_prepare(cfg.prepare), holdout)
     if len(subjects) != 1:
         raise ValueError(f"holdout must name exactly one subject for train_base, got {holdout!r}")
+    ds = prepare(cfg.prepare, verbose=True)
     (fold,) = loso_folds(ds.record, ds.part, subjects)
     if not fold.train.any():
         raise ValueError(f"no training beats left after holding out subject {fold.subject}: add records")
@@ -657,9 +666,10 @@ def run_transfer(cfg: LosoConfig, base_model_uri: str, patient: str) -> list[Pat
     """
     cfg = cfg.validated()
     tracking.check_tracking_server()
+    records = records_to_prepare(cfg.prepare)
+    if patient not in records:
+        raise ValueError(f"patient {patient!r} is not among the prepared records {records}")
     ds = prepare(cfg.prepare, verbose=True)
-    if patient not in ds.records:
-        raise ValueError(f"patient {patient!r} is not among the prepared records {ds.records}")
     base = load_base(base_model_uri, patient)
     trained = base_training_param(base.run_id, "recent_reference", "all")
     if trained != cfg.train.recent_reference:

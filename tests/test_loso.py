@@ -302,6 +302,28 @@ def test_bad_parameters_exit_2_from_a_real_process(args, culprit, tmp_path, mitd
     _assert_refused(proc.returncode, proc.stderr, culprit, uri)
 
 
+@pytest.mark.parametrize("entry, records, culprit", [
+    ("loso", "100", "two subjects"), ("loso", "100,101", "105"), ("train_base", "100,101", "105"),
+    ("transfer", "100,101", "105")])
+def test_record_names_are_checked_before_any_record_is_read(entry, records, culprit, tracking_uri, tmp_path):
+    from ecg_mlflow import loso
+    from ecg_mlflow.experiment import LosoConfig
+
+    # No record files and no download: a check made after reading the records would stop at the
+    # first missing file (or, on a user's machine, download the database first) instead.
+    empty = tmp_path / "no-records"
+    empty.mkdir()
+    cfg = LosoConfig(prepare=PrepareConfig(data_dir=str(empty), records=records, download=False),
+                     holdout="105" if entry == "loso" and records != "100" else None)
+    call = {"loso": lambda: loso.preflight(cfg), "train_base": lambda: loso.run_train_base(cfg, "105"),
+            "transfer": lambda: loso.run_transfer(cfg, "models:/ecg-base-105/1", "105")}[entry]
+    with pytest.raises(ValueError, match=culprit):
+        call()
+    client = MlflowClient(tracking_uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not list(empty.iterdir())
+
+
 def test_unreachable_tracking_server_is_named_before_work(tmp_path, mitdb_dir, cache_root):
     uri = f"http://127.0.0.1:{_closed_port()}"
     proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "loso.py"), "--records", "100,101"],

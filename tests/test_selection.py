@@ -137,17 +137,15 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
 
 
 def test_holdout_takes_a_record_set_as_its_subjects():
-    from types import SimpleNamespace
-
     from ecg_mlflow.loso import holdout_subjects
     from ecg_mlflow.records import RECORD_SETS
 
-    every = SimpleNamespace(records=list(RECORD_SETS["half1"] + RECORD_SETS["half2"]))
+    every = list(RECORD_SETS["half1"] + RECORD_SETS["half2"])
     half1 = holdout_subjects(every, "half1")
     assert len(half1) == 22 and "201" in half1 and "202" not in half1  # 202 is subject 201
     assert not set(half1) & set(holdout_subjects(every, "half2"))
     with pytest.raises(ValueError, match="not in the prepared records"):
-        holdout_subjects(SimpleNamespace(records=list(RECORD_SETS["half2"])), "half1")
+        holdout_subjects(list(RECORD_SETS["half2"]), "half1")
 
 
 def test_a_resumed_run_that_never_logged_replay_keeps_running_without_it():
