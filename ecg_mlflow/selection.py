@@ -552,9 +552,9 @@ def choice_differences_text(moved: pd.DataFrame, replicas: int = 1, n: int = MOV
     head = moved.head(n)
     shown = pd.DataFrame({"subject": head.index, "chosen": [f"[{i}]" for i in head.chosen],
                           **moved_columns(head)}).set_index("subject")
+    summed = f", summed over the {replicas} seeds" if replicas > 1 else ""
     return [f"where the choice differs from [0] ([0] → the choice; the {min(n, len(moved))} of {len(moved)} "
-            f"subjects whose V and S counts moved most" + (f", summed over the {replicas} seeds" if replicas > 1 else "")
-            + "):", shown.to_string()]
+            f"subjects whose V and S counts moved most{summed}):", shown.to_string()]
 
 
 @dataclass

@@ -548,6 +548,14 @@ def test_select_over_seeds_applies_the_rule_and_reports_each_seed(tracking_uri, 
         assert doc["estimate_per_seed"][sd]["smallest"] == pytest.approx(float(alone["smallest"]))
     out = capsys.readouterr().out
     assert "pooled over the 2 seeds' runs" in out and "cross-fitted choice under seed 7 alone: " in out
+    # the trace of the choice against [0]: group1of2's subjects, counts summed over both seeds
+    moved = S.choice_differences(res.selection)
+    members = set(plan["group1of2"])
+    assert set(moved.index) <= members and (moved.chosen == 2).all() and len(moved)
+    for s in moved.index:
+        both = [counts[sd][i][s] for sd in ("42", "7") for i in (0, 2)]
+        assert moved.at[s, "sveb_fp_diff"] == (both[1] + both[3] - both[0] - both[2])[EC57_COUNTS.index("sveb_fp")]
+    assert "moved most, summed over the 2 seeds):" in out
 
     def selects() -> int:
         return len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.`ecg.role` = 'select'"))
