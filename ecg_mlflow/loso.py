@@ -36,6 +36,7 @@ import shlex
 import time
 import traceback
 from dataclasses import replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -260,15 +261,33 @@ def veto_atrial_sveb(ds: BeatDataset, src: BeatSource, fold: Fold, model, share:
     as ``sveb_af_threshold``. Folds with the same training subjects (``base_folds``) share one
     detector, trained once per process."""
     train = np.flatnonzero(fold.train)
-    cache = src.__dict__.setdefault("_atrial_detectors", {})
-    key = (train.tobytes(), seed)
-    if key not in cache:
-        cache.clear()  # one base fold's detector at a time: folds of one group come one after another
-        cache[key] = fit_atrial_detector(src, train, np.isin(ds.rhythm, ATRIAL_RHYTHMS), seed)
+    detector = _per_base_fold(src, "_atrial_detectors", (train.tobytes(), seed),
+                              lambda: fit_atrial_detector(src, train, np.isin(ds.rhythm, ATRIAL_RHYTHMS), seed))
     code = ds.classes.index("S")
-    threshold = atrial_threshold(cache[key], src, ds.label, train, code, share)
+    threshold = atrial_threshold(detector, src, ds.label, train, code, share)
     mlflow.log_param("sveb_af_threshold", round(threshold, 4))
-    return veto_atrial(model, cache[key], threshold, code)
+    return veto_atrial(model, detector, threshold, code)
+
+
+def _per_base_fold(src: BeatSource, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+    """What ``make()`` gives for ``key``, made once per process and kept on ``src`` under ``name``:
+    the records of a base fold (``base_folds``) share its base model and training rows and come one
+    after another in one process, so each of them reads what the first made. One key at a time, so
+    a process never holds more than one base fold's worth."""
+    cache = src.__dict__.setdefault(name, {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+def training_features(base: BaseModel, src: BeatSource, train_idx: np.ndarray) -> np.ndarray:
+    """:func:`ecg_mlflow.training.head_features` of ``base`` over the fold's training rows
+    ``train_idx``, ``(len(train_idx), d)``: what ``finetune_replay_select=nearest`` measures each
+    patient's distance on. Computed once per base model and process (:func:`_per_base_fold`): about
+    ``4 * d`` bytes a row, 0.1 to 0.2 GB for a base model trained on half the records or more."""
+    return _per_base_fold(src, "_head_features", (base.model_uri, train_idx.tobytes()),
+                          lambda: head_features(base.model, src, train_idx))
 
 
 def check_sveb_gate(cfg: LosoConfig, ds: BeatDataset, folds: list[Fold]) -> None:
@@ -318,7 +337,7 @@ def fit_transfer(ds: BeatDataset, fold: Fold, record: str, base: BaseModel, cfg:
     train_idx = np.flatnonzero(fold.train)
     if cfg.train.finetune_replay_select == "nearest":
         centre = head_features(base.model, src, ft_idx).mean(axis=0)
-        replay = nearest_replay_rows(ds.label, train_idx, head_features(base.model, src, train_idx), centre,
+        replay = nearest_replay_rows(ds.label, train_idx, training_features(base, src, train_idx), centre,
                                      cfg.train.finetune_replay)
     else:
         replay = replay_rows(ds.label, train_idx, cfg.train.finetune_replay, cfg.train.seed)

@@ -19,7 +19,9 @@ from mlflow import MlflowClient
 
 from ecg_mlflow.dataset import PrepareConfig, prepare
 from ecg_mlflow.executors import ExecConfig
+from ecg_mlflow import loso as loso_mod
 from ecg_mlflow.loso import LosoConfig, run_loso
+from ecg_mlflow.training import head_features
 from ecg_mlflow.splits import FINETUNE, TEST, grouped_folds, loso_folds, subject_of, time_split, validation_fold
 from ecg_mlflow.training import TrainConfig
 
@@ -76,7 +78,7 @@ def test_validation_fold_splits_the_finetune_minutes_and_never_selects_test_beat
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minutes(tracking_uri, mitdb_dir,
-                                                                                   dataset_cache):
+                                                                                   dataset_cache, monkeypatch):
     prep = PrepareConfig(data_dir=str(mitdb_dir), records="100,101,103", finetune_minutes=5,
                          cache_dir=str(dataset_cache))
     cfg = LosoConfig(prepare=prep, train=TrainConfig(epochs=1, finetune_epochs=1, seed=3, finetune_replay=4,
@@ -122,9 +124,22 @@ def test_quick_validation_run_trains_group_bases_and_scores_only_finetune_minute
     assert not client.search_registered_models()  # validation models are not the experiment's
 
     # A run that takes these group base models: each one is loaded for every record of its group,
-    # and here its features choose the replayed beats.
-    again = run_loso(replace(cfg, base_run_id=parent_id,
-                             train=replace(cfg.train, finetune_epochs=2, finetune_replay_select="nearest")))
+    # and here its features choose the replayed beats. A base model's features over its training rows
+    # are computed once, not once per record of its group (two groups, three records).
+    computed = []  # the rows of each feature computation
+
+    def counted(model, source, idx):
+        computed.append(len(idx))
+        return head_features(model, source, idx)
+
+    with monkeypatch.context() as m:
+        m.setattr(loso_mod, "head_features", counted)
+        again = run_loso(replace(cfg, base_run_id=parent_id,
+                                 train=replace(cfg.train, finetune_epochs=2, finetune_replay_select="nearest")))
+    train_rows = sorted(int(b.data.params["n_train_beats"]) for b in bases.values())
+    assert sorted(n for n in computed if n in train_rows) == train_rows  # once per base model
+    assert sorted(n for n in computed if n not in train_rows) == sorted(
+        int(r.data.params["n_finetune_beats"]) for r in transfer)  # each patient's own beats
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{again}'")
     assert client.get_run(again).info.status == "FINISHED" and len(kids) == 6
     assert client.get_run(again).data.params["finetune_replay_select"] == "nearest"
