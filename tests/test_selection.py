@@ -17,13 +17,12 @@ import pytest
 
 from mlflow import MlflowClient
 
+from ecg_mlflow import loso as loso_mod
 from ecg_mlflow.dataset import PrepareConfig, prepare
 from ecg_mlflow.executors import ExecConfig
-from ecg_mlflow import loso as loso_mod
 from ecg_mlflow.loso import LosoConfig, run_loso
-from ecg_mlflow.training import head_features
 from ecg_mlflow.splits import FINETUNE, TEST, grouped_folds, loso_folds, subject_of, time_split, validation_fold
-from ecg_mlflow.training import TrainConfig
+from ecg_mlflow.training import TrainConfig, head_features
 
 
 def toy_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
