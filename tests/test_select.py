@@ -356,8 +356,10 @@ def _candidates() -> list[dict[str, dict[str, np.ndarray]]]:
     return [first, second, third]
 
 
-def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
+def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys, monkeypatch):
     cands = _candidates()
+    traced = []  # the per-subject trace is made once and serves the artifacts and the summary
+    monkeypatch.setattr(S, "choice_differences", lambda sel, f=S.choice_differences: traced.append(1) or f(sel))
     # Spelled as `mlflow run` logs them (1, auto, '') or as a run that nested started does (1.0, ''):
     # the same options.
     spelled = [("1", "auto", "5", "''"), ("1.0", "", "5.0", ""), ("1", "auto", "5", "''")]
@@ -367,6 +369,7 @@ def test_select_logs_the_cross_fitted_estimate(tracking_uri, capsys):
                                                 "data_dir": data_dir})
            for i, (c, gate, (blend, paced, minutes, data_dir)) in enumerate(zip(cands, ("0", "0.99", "0.99"), spelled))]
     res = S.select(",".join(ids), n_boot=N_BOOT, seed=1)
+    assert len(traced) == 1
     # Candidates are named by the options they differ in (not by where they ran, nor by spelling).
     assert res.table.candidate.iloc[:3].tolist() == [f"{ids[0]} sveb_gate=0", f"{ids[1]} sveb_gate=0.99",
                                                       f"{ids[2]} sveb_gate=0.99"]
