@@ -483,11 +483,11 @@ def replica_rates(sel: Selection, k: int) -> dict[str, float]:
 
 
 def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict[str, list[str]] | None = None,
-                 seeds: list[str] | None = None, moved: pd.DataFrame | None = None) -> str:
+                 seeds: list[str] | None = None, *, moved: pd.DataFrame) -> str:
     """The terminal summary: candidates and the cross-fitted estimate (%), then the choice per fold.
     ``blind_to`` (:func:`blind_records`) is listed where a fold was not scored blind to its subjects;
     with several replicas (``seeds``) the figures are pooled over them and the estimate is also given per seed.
-    ``moved``: :func:`choice_differences` of ``sel`` where the caller has it already (else made here)."""
+    ``moved``: :func:`choice_differences` of ``sel``, made once by the caller for its artifacts too."""
     seeds = seeds or [""]
     lines = [f"=== Cross-fitted choice over {len(sel.folds)} folds ({folds}), rule: "
              f"{rule_text(seeds, sel.min_share)} ===",
@@ -531,7 +531,7 @@ def summary_text(table: pd.DataFrame, sel: Selection, folds: str, blind_to: dict
                          f"resamples (median {100 * kept.median():.0f}%)")
     if kept is not None:
         lines.append("intervals of the cross-fitted choice: each fold's choice made again on every resample")
-    lines += ["", *choice_differences_text(choice_differences(sel) if moved is None else moved, len(seeds))]
+    lines += ["", *choice_differences_text(moved, len(seeds))]
     return "\n".join(lines)
 
 
@@ -759,7 +759,7 @@ def select(loso_runs: str, folds: str = "subject", n_boot: int = N_BOOT, seed: i
                "estimate_per_seed": {sd: {k: _finite(v) for k, v in replica_rates(sel, k).items()}
                                      for k, sd in enumerate(seeds)} if len(seeds) > 1 else None}
         (out / "estimate.json").write_text(json.dumps(doc, indent=1))
-        text = summary_text(table, sel, folds, blind_to, seeds, moved)
+        text = summary_text(table, sel, folds, blind_to, seeds, moved=moved)
         (out / "summary.txt").write_text(text + "\n")
         mlflow.log_artifacts(tmp)
     if echo:
