@@ -10,6 +10,8 @@ The convolutional layers form the *feature extractor*; the layers named in
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 import keras
@@ -245,13 +247,28 @@ def _feature_length(window: int, kernel_size: int) -> int:
     return n
 
 
-def check_kernel_size(kernel_size: int, window: int) -> None:
+def _least_window(kernel_size: int) -> int:
+    """The shortest beat that the three rounds of convolution (kernel ``kernel_size``) and pooling
+    leave a position of."""
+    return next(w for w in itertools.count(1) if _feature_length(w, kernel_size) >= 1)
+
+
+def check_kernel_size(kernel_size: int, window: int, window_name: str = "window") -> None:
     """``ValueError`` naming ``kernel_size`` unless it is a whole number >= 1 small enough that the
-    three rounds of convolution and pooling leave a position of a ``window``-sample beat."""
+    three rounds of convolution and pooling leave a position of a ``window``-sample beat; naming
+    the window (``window_name``: ``window``, or ``core_window`` when the convolutions see only
+    that) when it is too short for any kernel."""
     most = max([k for k in range(1, window + 1) if _feature_length(window, k) >= 1], default=0)
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)) or not 1 <= kernel_size <= most:
+    valid = not isinstance(kernel_size, bool) and isinstance(kernel_size, (int, np.integer)) and kernel_size >= 1
+    if most == 0:
+        needs = f", {_least_window(kernel_size)} with kernel_size {kernel_size}" if valid and kernel_size > 1 else ""
+        raise ValueError(f"{window_name} must be at least {_least_window(1)} samples for the three rounds of "
+                         f"convolution and pooling{needs}, got {window}")
+    if not valid or kernel_size > most:
+        needs = f"; kernel_size {kernel_size} needs a {window_name} of at least {_least_window(kernel_size)} samples" \
+            if valid else ""
         raise ValueError(f"kernel_size must be a whole number from 1 to {most} (for window {window}), "
-                         f"got {kernel_size!r}")
+                         f"got {kernel_size!r}{needs}")
 
 
 # Wider than this the convolutions hold 64 times the seed's weights in their last layer and train
@@ -290,7 +307,7 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
         raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
     r_peak = window // 2 if r_peak is None else r_peak
     check_core_window(core_window, window, r_peak)
-    check_kernel_size(kernel_size, core_window or window)
+    check_kernel_size(kernel_size, core_window or window, "core_window" if core_window else "window")
     check_width(width)
     core = core_crop(window, r_peak, core_window) if core_window else None
     mean, variance = lead_stats(train_x)

@@ -262,6 +262,8 @@ BAD_PARAMETERS = [
     (["--core-window", "160"], "core_window"),  # the whole 160-sample window: nothing left for the context
     (["--window", "256", "--window-offset", "48", "--core-window", "161"], "core_window"),  # past the window's end
     (["--window", "256", "--core-window", "160", "--kernel-size", "23"], "kernel_size"),  # checked on the core
+    (["--window", "7"], "window must be at least 8"),  # too short for any kernel: the window is the culprit
+    (["--core-window", "6"], "core_window must be at least 8"),  # the same for the core the convolutions see
     (["--lr-schedule", "linear"], "lr_schedule"),
     (["--finetune-replay-early", "-5"], "finetune_replay_early"),
     (["--finetune-replay-select", "closest"], "finetune_replay_select"),

@@ -137,6 +137,15 @@ def test_kernel_size_sets_every_convolution_and_is_checked_against_the_window():
     for bad in (5, 0, 2.0):
         with pytest.raises(ValueError, match=r"kernel_size must be a whole number from 1 to 4 \(for window 32\)"):
             check_kernel_size(bad, WINDOW)
+    with pytest.raises(ValueError, match=r"got 5; kernel_size 5 needs a window of at least 36 samples$"):
+        check_kernel_size(5, WINDOW)
+    # A window too short for any kernel is the culprit, not the kernel: 7 samples leave no position
+    # even at kernel 1 (7 -> 3 -> 1 -> 0), 8 do, and kernel 3 needs 22 (22 -> 10 -> 4 -> 1).
+    with pytest.raises(ValueError, match=r"^window must be at least 8 samples for the three rounds of convolution "
+                                         r"and pooling, 22 with kernel_size 3, got 7$"):
+        check_kernel_size(3, 7)
+    check_kernel_size(1, 8)
+    check_kernel_size(3, 22)
     with pytest.raises(ValueError, match="kernel_size"):
         build_model("seed_cnn", WINDOW, 2, 3, x, kernel_size=5)
 
@@ -201,6 +210,8 @@ def test_core_window_is_checked_against_the_window_and_the_r_peak():
     build_model("seed_cnn", 64, 2, 3, x, core_window=32, r_peak=40, kernel_size=4)
     with pytest.raises(ValueError, match=r"kernel_size must be a whole number from 1 to 4 \(for window 32\)"):
         build_model("seed_cnn", 64, 2, 3, x, core_window=32, r_peak=40, kernel_size=5)
+    with pytest.raises(ValueError, match=r"^core_window must be at least 8 samples .*, got 6$"):
+        build_model("seed_cnn", 64, 2, 3, x, core_window=6, r_peak=40, kernel_size=3)
     with pytest.raises(ValueError, match="core_window"):
         build_model("rr_cnn", 64, 2, 3, x, rr, core_window=32, r_peak=56)
 
