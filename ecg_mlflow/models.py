@@ -267,7 +267,7 @@ def check_kernel_size(kernel_size: int, window: int, window_name: str = "window"
     if not valid or kernel_size > most:
         needs = f"; kernel_size {kernel_size} needs a {window_name} of at least {_least_window(kernel_size)} samples" \
             if valid else ""
-        raise ValueError(f"kernel_size must be a whole number from 1 to {most} (for window {window}), "
+        raise ValueError(f"kernel_size must be a whole number from 1 to {most} (for {window_name} {window}), "
                          f"got {kernel_size!r}{needs}")
 
 

@@ -208,7 +208,8 @@ def test_core_window_is_checked_against_the_window_and_the_r_peak():
     check_core_window(20, 46, 23)  # 46 -> 10 -> 1
     # The kernel is checked against what the convolutions see: 32 samples take kernel 4, not 5.
     build_model("seed_cnn", 64, 2, 3, x, core_window=32, r_peak=40, kernel_size=4)
-    with pytest.raises(ValueError, match=r"kernel_size must be a whole number from 1 to 4 \(for window 32\)"):
+    with pytest.raises(ValueError, match=r"kernel_size must be a whole number from 1 to 4 \(for core_window 32\), "
+                                         r"got 5; kernel_size 5 needs a core_window of at least 36 samples$"):
         build_model("seed_cnn", 64, 2, 3, x, core_window=32, r_peak=40, kernel_size=5)
     with pytest.raises(ValueError, match=r"^core_window must be at least 8 samples .*, got 6$"):
         build_model("seed_cnn", 64, 2, 3, x, core_window=6, r_peak=40, kernel_size=3)
