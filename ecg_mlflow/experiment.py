@@ -45,8 +45,7 @@ class LosoConfig:
         # The core window needs the R peak's place, which the data's window and offset give.
         check_core_window(self.train.core_window, self.prepare.window,
                           r_index(self.prepare.window, self.prepare.window_offset))
-        check_kernel_size(self.train.kernel_size, self.train.core_window or self.prepare.window,
-                          "core_window" if self.train.core_window else "window")
+        check_kernel_size(self.train.kernel_size, self.prepare.window, self.train.core_window)
         if self.train.augment_shift > self.prepare.window // 4:
             raise ValueError(f"augment_shift must be at most a quarter of the window ({self.prepare.window // 4} "
                              f"samples for window {self.prepare.window}), got {self.train.augment_shift!r}")

@@ -253,11 +253,12 @@ def _least_window(kernel_size: int) -> int:
     return next(w for w in itertools.count(1) if _feature_length(w, kernel_size) >= 1)
 
 
-def check_kernel_size(kernel_size: int, window: int, window_name: str = "window") -> None:
+def check_kernel_size(kernel_size: int, window: int, core_window: int = 0) -> None:
     """``ValueError`` naming ``kernel_size`` unless it is a whole number >= 1 small enough that the
-    three rounds of convolution and pooling leave a position of a ``window``-sample beat; naming
-    the window (``window_name``: ``window``, or ``core_window`` when the convolutions see only
-    that) when it is too short for any kernel."""
+    three rounds of convolution and pooling leave a position of what they see: the
+    ``window``-sample beat, or its ``core_window`` samples when that is > 0. When that is too short
+    for any kernel, the error names it (``window`` or ``core_window``) instead."""
+    window_name, window = ("core_window", core_window) if core_window else ("window", window)
     most = max([k for k in range(1, window + 1) if _feature_length(window, k) >= 1], default=0)
     valid = not isinstance(kernel_size, bool) and isinstance(kernel_size, (int, np.integer)) and kernel_size >= 1
     if most == 0:
@@ -307,7 +308,7 @@ def build_model(name: str, window: int, n_leads: int, n_classes: int, train_x: n
         raise ValueError(f"rr_features must be one of {list(RR_COLUMNS)}, got {rr_features!r}")
     r_peak = window // 2 if r_peak is None else r_peak
     check_core_window(core_window, window, r_peak)
-    check_kernel_size(kernel_size, core_window or window, "core_window" if core_window else "window")
+    check_kernel_size(kernel_size, window, core_window)
     check_width(width)
     core = core_crop(window, r_peak, core_window) if core_window else None
     mean, variance = lead_stats(train_x)
